@@ -1,0 +1,47 @@
+// Counter-based random numbers shared by the CPU loops and the CUDA kernels.
+//
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) with the
+// counter/key layout of Triton's tl.randint4x: counter = (index_lo, index_hi, 0, 0) and
+// key = (seed_lo, seed_hi). Every backend that draws element `index` under `seed` therefore gets
+// the same four words, whatever the thread count, block size or device.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DDPS_HD __host__ __device__ __forceinline__
+#else
+#define DDPS_HD inline
+#endif
+
+namespace ddps {
+
+struct Philox4 {
+  uint32_t w0, w1, w2, w3;
+};
+
+DDPS_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+DDPS_HD Philox4 philox4x32_10(uint64_t index, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
+  uint32_t c2 = 0u, c3 = 0u;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
+    const uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * c2;
+    c3 = 0xD2511F53u * c0;
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{c0, c1, c2, c3};
+}
+
+// Uniform integer in [0, n) from one 32-bit word (multiply-shift; bias <= n / 2^32).
+DDPS_HD uint32_t uniform_below(uint32_t word, uint32_t n) { return mulhi32(word, n); }
+
+}  // namespace ddps

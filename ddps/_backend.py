@@ -1,0 +1,132 @@
+"""Backend discovery and choice for the ddps ops.
+
+One resolver for every op: an explicit ``backend=`` argument, else the ``DDPS_BACKEND`` environment
+variable, else the compiled extension for the tensor's device (``cpu`` / ``cuda``), else Triton
+(CUDA tensors only: on CPU tensors Triton runs only under ``TRITON_INTERPRET=1``, and only when
+asked for), else ``reference``. The extension is imported lazily; a missing or broken build gives
+one warning and the ops fall back, ``import ddps`` never fails because of it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+_FAKES: dict[str, object] = {}
+
+
+def register_fake(op_name: str):
+    """Record the fake (meta) implementation of ``ddps::<op_name>``; it is registered with
+    torch.library as soon as the extension that defines the schema is loaded."""
+
+    def wrap(fn):
+        _FAKES[op_name] = fn
+        return fn
+
+    return wrap
+
+
+@functools.cache
+def _load_extension():
+    """Return (module or None, reason)."""
+    if os.environ.get("DDPS_NO_EXTENSION") == "1":
+        return None, "DDPS_NO_EXTENSION=1 is set"
+    try:
+        module = importlib.import_module("ddps._C")
+    except Exception as exc:  # ImportError, or an OSError from a stale .so built for another torch
+        return None, f"ddps._C failed to import ({type(exc).__name__}: {exc})"
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"ddps::{name}")(fn)
+    return module, "compiled extension ddps._C loaded"
+
+
+@functools.cache
+def extension():
+    """The loaded ``ddps._C`` module, or None (warning once, naming the reason)."""
+    module, reason = _load_extension()
+    if module is None:
+        warnings.warn(
+            f"ddps: compiled kernels unavailable, falling back to slower backends: {reason}. "
+            "Reinstall with `pip install --no-build-isolation -e .` to build them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return module
+
+
+@functools.cache
+def _triton_status():
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, f"triton {triton.__version__} (interpreter, TRITON_INTERPRET=1)"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    return False, "no CUDA device, and TRITON_INTERPRET=1 is not set"
+
+
+def backends() -> dict[str, dict]:
+    """What each backend can do here: ``{name: {"available": bool, "reason": str}}``."""
+    module, reason = _load_extension()
+    if module is None:
+        cpu, cuda = (False, reason), (False, reason)
+    else:
+        cpu = (True, reason)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("ddps::q_sample", "CUDA"):
+            cuda = (False, "ddps._C was built without CUDA kernels")
+        elif not torch.cuda.is_available():
+            cuda = (False, "CUDA kernels built, but no CUDA device is visible")
+        else:
+            cuda = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+    triton_ok = _triton_status()
+    return {
+        "cpu": {"available": cpu[0], "reason": cpu[1]},
+        "cuda": {"available": cuda[0], "reason": cuda[1]},
+        "triton": {"available": triton_ok[0], "reason": triton_ok[1]},
+        "reference": {"available": True, "reason": "eager PyTorch, always available"},
+    }
+
+
+def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
+    """The backend that runs ``op`` on ``device``. ``implemented``: the backends the op has."""
+    requested = backend if backend is not None else os.environ.get("DDPS_BACKEND") or None
+    if requested is not None:
+        source = "backend=" if backend is not None else "DDPS_BACKEND="
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {source}{requested!r}; choose one of {BACKENDS}")
+        if requested not in implemented:
+            raise ValueError(f"{op}: backend {source}{requested!r} does not implement this op "
+                             f"(it has {implemented})")
+        _check_runnable(op, requested, device, source)
+        return requested
+    if device.type == "cpu" and "cpu" in implemented and extension() is not None:
+        return "cpu"
+    if device.type == "cuda":
+        if "cuda" in implemented and extension() is not None and backends()["cuda"]["available"]:
+            return "cuda"
+        if "triton" in implemented and _triton_status()[0]:
+            return "triton"
+    return "reference"
+
+
+def _check_runnable(op: str, backend: str, device: torch.device, source: str) -> None:
+    if backend == "reference":
+        return
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"{op}: {source}{backend!r} cannot run on {device.type} tensors")
+        status = backends()[backend]
+        if not status["available"]:
+            raise ValueError(f"{op}: {source}{backend!r} is unavailable: {status['reason']}")
+        return
+    ok, reason = _triton_status()
+    if not ok:
+        raise ValueError(f"{op}: {source}'triton' is unavailable: {reason}")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{op}: {source}'triton' on CPU tensors needs TRITON_INTERPRET=1")

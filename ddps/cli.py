@@ -1,0 +1,111 @@
+"""The ``ddps`` command line. ``ddps demo``: the DDPS sampling loop on random features, with the
+sampling op timed on every available backend."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from . import __version__, backends
+from .nn import DDPSHead
+from .ops import q_sample
+from .schedule import DiffusionSchedule
+
+
+def machine_line(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores"
+    return (f"device: {name} | torch {torch.__version__} | ddps {__version__} | "
+            f"torch threads {torch.get_num_threads()} | python {platform.python_version()}")
+
+
+def _time(fn, repeats: int, device: torch.device) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def demo(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("ddps demo: --device cuda needs a visible CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    print(machine_line(device))
+    for name, entry in backends().items():
+        print(f"  backend {name:9s} {'yes' if entry['available'] else 'no ':3s}  {entry['reason']}")
+
+    schedule = DiffusionSchedule(args.timesteps, args.classes).to(device)
+    x0 = torch.randint(0, args.classes, (args.batch, args.size, args.size), device=device)
+    print(f"\nq_sample: x_t ~ q(x_t | x_0), B={args.batch}, K={args.classes}, {args.size}x{args.size} labels")
+    usable = ["reference"] + [b for b in ("cpu", "cuda") if backends()[b]["available"] and b == device.type]
+    baseline = None
+    for backend in usable:
+        times = _time(lambda: q_sample(x0, args.timesteps // 2, schedule, backend=backend), args.repeats, device)
+        median = statistics.median(times)
+        baseline = baseline or median
+        print(f"  {backend:9s} median {median * 1e3:9.3f} ms   speedup vs reference {baseline / median:8.1f}x")
+
+    head = DDPSHead(num_classes=args.classes, cond_channels=args.cond_channels, dim=args.dim, out_dim=args.dim,
+                    dim_mults=(1, 1, 1), embed_dim=16, num_timesteps=args.timesteps, inference_steps=args.steps,
+                    collect_timesteps=(args.timesteps - 1,), guidance_scale=args.guidance).to(device).eval()
+    cond = torch.randn(args.batch, args.cond_channels, args.size, args.size, device=device)
+    print(f"\nDDPSHead.sample: T={args.timesteps}, {args.steps} inference steps, guidance {args.guidance}, "
+          f"dim {args.dim}, cond [{args.batch}, {args.cond_channels}, {args.size}, {args.size}] (random weights)")
+    times = _time(lambda: head.sample(cond), max(1, args.repeats // 10), device)
+    final, _ = head.sample(cond)
+    print(f"  reference median {statistics.median(times) * 1e3:9.1f} ms   final logits {tuple(final.shape)}, "
+          f"{final.argmax(1).unique().numel()} classes predicted")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddps", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ddps {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run the DDPS sampling loop on random features and time the sampling op",
+                       description="Run the DDPS sampling loop on random features; time q_sample on every "
+                                   "available backend against the reference.")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to run on (default: cpu)")
+    p.add_argument("--batch", type=int, default=4, help="batch size B (default: 4)")
+    p.add_argument("--classes", type=int, default=151, help="number of classes K (default: 151, ADE20K)")
+    p.add_argument("--size", type=int, default=128, help="mask height and width (default: 128)")
+    p.add_argument("--timesteps", type=int, default=20, help="diffusion steps T (default: 20)")
+    p.add_argument("--steps", type=int, default=2, help="inference steps (default: 2, as released)")
+    p.add_argument("--guidance", type=float, default=0.4, help="guidance scale (default: 0.4, as released)")
+    p.add_argument("--dim", type=int, default=32, help="denoiser width (default: 32; the ADE20K head uses 256)")
+    p.add_argument("--cond-channels", type=int, default=64, help="condition channels (default: 64)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (default: 0)")
+    p.set_defaults(func=demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("batch", "classes", "size", "timesteps", "steps", "dim", "cond_channels", "repeats"):
+        if getattr(args, name) < 1:
+            build_parser().error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Drop-in modules of the DDPS denoiser and head (original state-dict keys)."""
+from .head import DDPSHead, inference_timesteps
+from .unet import Attention, LinearAttention, UNet
+
+__all__ = ["Attention", "DDPSHead", "LinearAttention", "UNet", "inference_timesteps"]

@@ -1,0 +1,166 @@
+"""DDPSHead: the diffusion mask-prior head on top of a frozen segmentor's features (SPEC §4-6).
+
+State-dict keys match the original head's (``unet.*``, ``conv_seg_new.*``, ``embed.weight`` and
+the four schedule buffers), so converted original checkpoints load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks, reference
+from ..schedule import DiffusionSchedule
+from .unet import UNet, check_backend
+
+MODES = ("renoise", "posterior")
+SCHEDULE_BUFFERS = ("log_cumprod_at", "log_cumprod_bt", "log_at", "log_bt")
+
+
+def inference_timesteps(num_timesteps: int, inference_steps: int | None) -> list[int]:
+    """The denoiser timesteps visited at inference (0 = noisiest), ending with T - 1."""
+    steps = num_timesteps if inference_steps is None else min(num_timesteps, inference_steps)
+    timesteps = list(range(0, num_timesteps, num_timesteps // steps))
+    if timesteps[-1] != num_timesteps - 1:
+        timesteps.append(num_timesteps - 1)
+    return timesteps
+
+
+class DDPSHead(nn.Module):
+    """Denoising-diffusion mask head.
+
+    ``sample(cond)``: cond [B, cond_channels, H, W] -> (final logits [B, K, H, W], list of logits
+    at each ``collect_timesteps`` step, in step order). ``forward_train(cond, gt)``: one training
+    forward with diffusion on first prediction; gt [B, 1, H', W'] or [B, H', W'] labels ->
+    (logits [B, K, H, W], t [B]).
+
+    mode "renoise" re-noises each step's argmax with q(x_t | x_0) ("free re-noising"); "posterior"
+    samples q(x_{t-1} | x_t, x_0) (the original applies no guidance there, so guidance_scale must
+    be 1 in that mode).
+    """
+
+    def __init__(self, num_classes: int, cond_channels: int, dim: int, out_dim: int, dim_mults,
+                 embed_dim: int, num_timesteps: int, inference_steps: int | None = None,
+                 collect_timesteps=(), guidance_scale: float = 1.0, schedule: str = "linear",
+                 mode: str = "renoise", dropout_ratio: float = 0.1, cond_dropout: float = 0.0,
+                 backend: str = "reference"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not a sampling mode; choose one of {MODES}")
+        if mode == "posterior" and guidance_scale != 1:
+            raise ValueError(f"guidance_scale={guidance_scale} needs mode='renoise': the original "
+                             "posterior loop applies no guidance (use guidance_scale=1.0)")
+        if inference_steps is not None and inference_steps < 1:
+            raise ValueError(f"inference_steps={inference_steps} must be >= 1 (or None for all steps)")
+        if not 0 <= dropout_ratio < 1:
+            raise ValueError(f"dropout_ratio={dropout_ratio} must lie in [0, 1)")
+        if not 0 <= cond_dropout <= 1:
+            raise ValueError(f"cond_dropout={cond_dropout} must lie in [0, 1]")
+        bad = [c for c in collect_timesteps if not 0 <= c < num_timesteps]
+        if bad:
+            raise ValueError(f"collect_timesteps {bad} are outside [0, num_timesteps={num_timesteps})")
+        self.num_classes = num_classes
+        self.cond_channels = cond_channels
+        self.num_timesteps = num_timesteps
+        self.inference_steps = inference_steps
+        self.collect_timesteps = sorted(collect_timesteps)
+        self.guidance_scale = guidance_scale
+        self.mode = mode
+        self.cond_dropout = cond_dropout
+        self.unet = UNet(dim, out_dim, cond_channels + embed_dim, dim_mults, backend=backend)
+        self.conv_seg_new = nn.Conv2d(out_dim, num_classes, kernel_size=1)
+        self.embed = nn.Embedding(num_classes, embed_dim)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
+        self.schedule = DiffusionSchedule(num_timesteps, num_classes, schedule)
+        for name in SCHEDULE_BUFFERS:
+            self.register_buffer(name, getattr(self.schedule, name).clone())
+        self._register_load_state_dict_pre_hook(self._check_schedule_buffers)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.schedule = self.schedule.to(self.log_at.device)
+        return self
+
+    def _check_schedule_buffers(self, state_dict, prefix, *args):
+        # The buffers are a function of (T, K, schedule kind); a checkpoint whose buffers differ
+        # was trained with another schedule, which strict key matching alone would not reveal.
+        for name in SCHEDULE_BUFFERS:
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape == getattr(self, name).shape:
+                if not torch.allclose(state_dict[key].float().cpu(), getattr(self.schedule, name).cpu(),
+                                      rtol=1e-5, atol=1e-6, equal_nan=True):
+                    raise ValueError(f"checkpoint buffer {key!r} does not match schedule="
+                                     f"{self.schedule.kind!r} with T={self.num_timesteps}, K={self.num_classes}")
+
+    def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            feat = self.dropout(feat)
+        return self.conv_seg_new(feat)
+
+    def denoise(self, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K, H, W] of the clean mask from cond, the noisy mask and timesteps [B]."""
+        mask_embedding = self.embed(mask).permute(0, 3, 1, 2)
+        return self.cls_seg(self.unet(torch.cat([cond, mask_embedding], dim=1), t))
+
+    def _check_cond(self, cond) -> None:
+        _checks.tensor(cond, "cond")
+        if cond.dim() != 4 or cond.shape[1] != self.cond_channels:
+            raise ValueError(f"cond must be [B, cond_channels={self.cond_channels}, H, W], got shape {tuple(cond.shape)}")
+        if not cond.dtype.is_floating_point:
+            raise TypeError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
+        _checks.same_device(cond, "cond", self.log_at.device, "the head")
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor):
+        self._check_cond(cond)
+        b, _, h, w = cond.shape
+        T = self.num_timesteps
+        mask = torch.randint(0, self.num_classes, [b, h, w], device=cond.device).long()
+        collected = []
+        prev = None
+        for i in inference_timesteps(T, self.inference_steps):
+            t = (torch.ones([b], device=cond.device) * i).long()
+            noise_level = (torch.ones([b], device=cond.device) * (T - i - 1)).long()
+            if i != 0:
+                if self.mode == "renoise":
+                    mask = reference.q_pred(prev, noise_level, self.schedule)
+                else:
+                    mask = reference.q_posterior(prev, mask, noise_level, self.schedule)
+            out = self.denoise(cond, mask, t)
+            if self.guidance_scale != 1:
+                g = self.guidance_scale
+                out = out * (1 + g) - g * self.denoise(torch.zeros_like(cond), mask, t)
+            if i in self.collect_timesteps:
+                collected.append(out)
+            if i != T - 1:
+                prev = out.argmax(dim=1)
+        return out, collected
+
+    def forward_train(self, cond: torch.Tensor, gt: torch.Tensor):
+        self._check_cond(cond)
+        _checks.labels(gt, "gt", self.num_classes)
+        if gt.dim() == 3:
+            gt = gt[:, None]
+        if gt.dim() != 4 or gt.shape[1] != 1 or gt.shape[0] != cond.shape[0]:
+            raise ValueError(f"gt must be [B={cond.shape[0]}, 1, H, W] or [B, H, W] labels, got shape {tuple(gt.shape)}")
+        _checks.same_device(gt, "gt", cond.device, "cond")
+        b, _, h, w = cond.shape
+        device = cond.device
+        if self.training and self.cond_dropout > 0:
+            keep = torch.rand(size=(b, 1, 1, 1), device=device) >= self.cond_dropout
+            cond = cond * keep.float()
+        t = torch.randint(0, self.num_timesteps, [b], device=device)
+        multi_step = t != 0
+        source = F.interpolate(gt.float(), [h, w], mode="nearest").long().squeeze(1)
+        if multi_step.sum() > 0:
+            with torch.no_grad():
+                # "Diffusion on first prediction": the noised source is the model's own
+                # prediction from a random mask, not the ground truth.
+                cond_sel = cond[multi_step].clone().detach()
+                n = cond_sel.shape[0]
+                mask_rand = torch.randint(0, self.num_classes, [n, h, w], device=device).long()
+                logits = self.denoise(cond_sel, mask_rand, torch.zeros([n], device=device).long())
+                source[multi_step] = logits.softmax(dim=1).argmax(dim=1).long()
+        mask = reference.q_pred(source, (self.num_timesteps - t - 1).long(), self.schedule)
+        return self.denoise(cond, mask, t), t

@@ -1,0 +1,258 @@
+"""The DDPS denoiser: a UNet with a time embedding, linear attention at every level and full
+attention in the middle (SPEC §4). Module and attribute names follow the original so that its
+state dicts load with ``strict=True``.
+
+``backend=`` selects the kernels of the module's ops; only ``"reference"`` (eager PyTorch, the
+original's op sequence) exists so far.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODULE_BACKENDS = ("reference",)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in MODULE_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a module backend; choose one of {MODULE_BACKENDS}")
+    return backend
+
+
+def _eps(x: torch.Tensor) -> float:
+    return 1e-5 if x.dtype == torch.float32 else 1e-3
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Timesteps [B] -> [B, dim] sinusoidal features."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half_dim = self.dim // 2
+        freq = math.log(10000) / (half_dim - 1)
+        freq = torch.exp(torch.arange(half_dim, device=t.device) * -freq)
+        emb = t[:, None] * freq[None, :]
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """Conv2d whose weight is standardised per output channel (biased variance) on every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = _eps(x)
+        weight = self.weight
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = torch.var(weight, dim=(1, 2, 3), unbiased=False, keepdim=True)
+        normalized = (weight - mean) * (var + eps).rsqrt()
+        return F.conv2d(x, normalized, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel dim of [B, C, H, W], gain only (no bias)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = _eps(x)
+        var = torch.var(x, dim=1, unbiased=False, keepdim=True)
+        mean = torch.mean(x, dim=1, keepdim=True)
+        return (x - mean) * (var + eps).rsqrt() * self.g
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.norm = LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def _split_heads(qkv: torch.Tensor, heads: int):
+    """[B, 3 * heads * d, H, W] -> three [B, heads, d, H * W] views."""
+    b, _, h, w = qkv.shape
+    return (part.reshape(b, heads, -1, h * w) for part in qkv.chunk(3, dim=1))
+
+
+class LinearAttention(nn.Module):
+    """Linear attention: softmax over d for q, over tokens for k; [B, dim, H, W] -> same."""
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        hidden_dim = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = _split_heads(self.to_qkv(x), self.heads)
+        q = q.softmax(dim=-2)
+        k = k.softmax(dim=-1)
+        q = q * self.scale
+        v = v / (h * w)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        return self.to_out(out.reshape(b, -1, h, w))
+
+
+class Attention(nn.Module):
+    """Full softmax attention over the H * W tokens; [B, dim, H, W] -> same."""
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        hidden_dim = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = _split_heads(self.to_qkv(x), self.heads)
+        q = q * self.scale
+        sim = torch.einsum("bhdi,bhdj->bhij", q, k)
+        attn = sim.softmax(dim=-1)
+        out = torch.einsum("bhij,bhdj->bhid", attn, v)
+        out = out.permute(0, 1, 3, 2).reshape(b, -1, h, w)
+        return self.to_out(out)
+
+
+class Block(nn.Module):
+    """WS-conv 3x3 -> GroupNorm -> optional FiLM (x * (scale + 1) + shift) -> SiLU."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+        super().__init__()
+        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return self.act(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int, groups: int = 8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
+        self.block1 = Block(dim, dim_out, groups=groups)
+        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        scale_shift = self.mlp(time_emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.block1(x, scale_shift=scale_shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+def _upsample(dim: int, dim_out: int) -> nn.Module:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
+
+
+class UNet(nn.Module):
+    """The denoiser: x [B, channels, H, W], timesteps [B] -> [B, out_dim, H, W].
+
+    H and W must be divisible by 2 ** (len(dim_mults) - 1). Timestep i = 0 is the noisiest.
+    """
+
+    def __init__(self, dim: int, out_dim: int, channels: int, dim_mults=(1, 2, 4),
+                 resnet_block_groups: int = 8, backend: str = "reference"):
+        super().__init__()
+        self.backend = check_backend(backend)
+        if dim % resnet_block_groups or any(dim * m % resnet_block_groups for m in dim_mults):
+            raise ValueError(f"dim={dim} and dim * dim_mults={[dim * m for m in dim_mults]} must be "
+                             f"multiples of resnet_block_groups={resnet_block_groups}")
+        if dim < 4:
+            raise ValueError(f"dim={dim} must be >= 4 (the sinusoidal embedding needs dim // 2 >= 2)")
+        self.channels = channels
+        self.out_dim = out_dim
+        self.num_levels = len(dim_mults)
+        self.init_conv = nn.Conv2d(channels, dim, 7, padding=3)
+        dims = [dim, *(dim * m for m in dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        time_dim = dim * 4
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_dim), nn.GELU(),
+                                      nn.Linear(time_dim, time_dim))
+
+        def resnet(d_in, d_out):
+            return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, groups=resnet_block_groups)
+
+        def attention(d, cls):
+            return Residual(PreNorm(d, cls(d, backend=backend)))
+
+        self.downs = nn.ModuleList()
+        for ind, (d_in, d_out) in enumerate(in_out):
+            is_last = ind == len(in_out) - 1
+            self.downs.append(nn.ModuleList([
+                resnet(d_in, d_in), resnet(d_in, d_in), attention(d_in, LinearAttention),
+                nn.Conv2d(d_in, d_out, 3, padding=1) if is_last else nn.Conv2d(d_in, d_out, 4, 2, 1),
+            ]))
+        mid_dim = dims[-1]
+        self.mid_block1 = resnet(mid_dim, mid_dim)
+        self.mid_attn = attention(mid_dim, Attention)
+        self.mid_block2 = resnet(mid_dim, mid_dim)
+        self.ups = nn.ModuleList()
+        for ind, (d_in, d_out) in enumerate(reversed(in_out)):
+            is_last = ind == len(in_out) - 1
+            self.ups.append(nn.ModuleList([
+                resnet(d_out + d_in, d_out), resnet(d_out + d_in, d_out), attention(d_out, LinearAttention),
+                nn.Conv2d(d_out, d_in, 3, padding=1) if is_last else _upsample(d_out, d_in),
+            ]))
+        self.final_res_block = resnet(dim * 2, dim)
+        self.final_conv = nn.Conv2d(dim, out_dim, 1)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be [B, channels={self.channels}, H, W], got shape {tuple(x.shape)}")
+        factor = 2 ** (self.num_levels - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x spatial size {tuple(x.shape[2:])} must be divisible by {factor}")
+        if time.dim() != 1 or time.shape[0] != x.shape[0]:
+            raise ValueError(f"time must have shape [{x.shape[0]}], got {tuple(time.shape)}")
+        x = self.init_conv(x)
+        r = x.clone()
+        t = self.time_mlp(time)
+        skips = []
+        for block1, block2, attn, downsample in self.downs:
+            x = block1(x, t)
+            skips.append(x)
+            x = block2(x, t)
+            x = attn(x)
+            skips.append(x)
+            x = downsample(x)
+        x = self.mid_block1(x, t)
+        x = self.mid_attn(x)
+        x = self.mid_block2(x, t)
+        for block1, block2, attn, upsample in self.ups:
+            x = block1(torch.cat((x, skips.pop()), dim=1), t)
+            x = block2(torch.cat((x, skips.pop()), dim=1), t)
+            x = attn(x)
+            x = upsample(x)
+        x = self.final_res_block(torch.cat((x, r), dim=1), t)
+        return self.final_conv(x)

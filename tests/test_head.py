@@ -1,0 +1,106 @@
+"""DDPSHead: sampling loop and training forward against the original head's golden outputs."""
+import pytest
+import torch
+
+import ddps
+from ddps.nn import DDPSHead, inference_timesteps
+
+MODES = {"q_pred": "renoise", "q_posterior": "posterior"}
+
+
+def make_head(config, **overrides):
+    kwargs = dict(num_classes=config["K"], cond_channels=config["cond_ch"], dim=config["dim"],
+                  out_dim=config["out_dim"], dim_mults=config["dim_mults"], embed_dim=config["emb_dim"],
+                  num_timesteps=config["T"], inference_steps=config["inference_timesteps"],
+                  collect_timesteps=config["collect"], guidance_scale=config["guidance_scale"],
+                  schedule=config["schedule"], mode=MODES[config["mode"]])
+    kwargs.update(overrides)
+    return DDPSHead(**kwargs)
+
+
+@pytest.fixture(params=["head0", "head1", "head2"])
+def golden_head(request, official_heads):
+    golden = official_heads[request.param]
+    head = make_head(golden["config"])
+    head.load_state_dict(golden["state_dict"], strict=True)
+    return head, golden
+
+
+def test_sample_reproduces_original(golden_head):
+    head, golden = golden_head
+    head.eval()
+    torch.manual_seed(golden["torch_seed"])
+    final, collected = head.sample(golden["cond"])
+    assert (final - golden["final"]).abs().max() <= 1e-4
+    assert len(collected) == len(golden["collected"])
+    for ours, theirs in zip(collected, golden["collected"]):
+        assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_forward_train_reproduces_original(golden_head):
+    head, golden = golden_head
+    train = golden["train"]
+    head.train()
+    torch.manual_seed(train["torch_seed"])
+    logits, t = head.forward_train(train["cond"], train["gt"])
+    assert torch.equal(t, train["t"])
+    assert (logits - train["logits"]).abs().max() <= 1e-4
+    logits.square().mean().backward()
+    assert head.unet.init_conv.weight.grad is not None
+
+
+def test_state_dict_keys(official_heads):
+    golden = official_heads["head0"]
+    head = make_head(golden["config"])
+    assert set(head.state_dict()) == set(golden["state_dict"])
+
+
+def test_checkpoint_of_another_schedule_is_refused(official_heads):
+    golden = official_heads["head0"]  # trained with the linear schedule
+    head = make_head(golden["config"], schedule="cos")
+    with pytest.raises(ValueError, match="log_cumprod_at.*schedule='cos'"):
+        head.load_state_dict(golden["state_dict"])
+
+
+def test_schedule_follows_the_module_device():
+    head = make_head({"K": 5, "cond_ch": 3, "dim": 8, "out_dim": 8, "dim_mults": [1], "emb_dim": 4, "T": 4,
+                      "inference_timesteps": None, "collect": [], "guidance_scale": 1.0, "schedule": "linear",
+                      "mode": "q_pred"})
+    head.to("meta")
+    assert head.schedule.device.type == "meta" and head.log_at.device.type == "meta"
+
+
+def test_inference_timesteps():
+    assert inference_timesteps(20, 2) == [0, 10, 19]
+    assert inference_timesteps(20, 5) == [0, 4, 8, 12, 16, 19]
+    assert inference_timesteps(3, None) == [0, 1, 2]
+    assert inference_timesteps(20, 50) == list(range(20))
+
+
+BASE = {"K": 5, "cond_ch": 3, "dim": 8, "out_dim": 8, "dim_mults": [1], "emb_dim": 4, "T": 4,
+        "inference_timesteps": None, "collect": [], "guidance_scale": 1.0, "schedule": "linear", "mode": "q_pred"}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"mode": "ddim"}, "mode='ddim'"),
+    ({"mode": "posterior", "guidance_scale": 0.4}, "guidance_scale=0.4 needs mode='renoise'"),
+    ({"collect_timesteps": [4]}, r"collect_timesteps \[4\]"),
+    ({"inference_steps": 0}, "inference_steps=0"),
+    ({"dropout_ratio": 1.0}, "dropout_ratio=1.0"),
+    ({"backend": "cuda"}, "backend='cuda'"),
+])
+def test_bad_head_arguments(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_head(BASE, **overrides)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda h: h.sample(torch.randn(1, 4, 8, 8)), ValueError, r"cond must be \[B, cond_channels=3"),
+    (lambda h: h.sample(torch.ones(1, 3, 8, 8, dtype=torch.long)), TypeError, "cond must be a floating-point"),
+    (lambda h: h.forward_train(torch.randn(2, 3, 4, 4), torch.full((2, 1, 16, 16), 5)), ValueError, "gt holds label 5"),
+    (lambda h: h.forward_train(torch.randn(2, 3, 4, 4), torch.zeros(3, 1, 16, 16, dtype=torch.long)), ValueError, r"gt must be \[B=2"),
+    (lambda h: h.forward_train(torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 16, 16)), TypeError, "gt must hold integer"),
+])
+def test_bad_head_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(make_head(BASE))

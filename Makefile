@@ -28,16 +28,16 @@ $(STAMP): $(SOURCES)
 
 # Compile-only check of every CUDA source (sm_80 and sm_90), for machines without a GPU. A CPU
 # build of torch ships no c10/cuda/impl/cuda_cmake_macros.h (CMake generates it for CUDA builds),
-# so the check supplies its one-line content.
+# so the check supplies its one-line content. Flags as torch's own CUDA extension build uses.
 NVCC ?= nvcc
 NVCC_SHIM := build/nvcc-shim
 nvcc-check: $(STAMP)
 	mkdir -p $(NVCC_SHIM)/c10/cuda/impl build/nvcc-check
 	echo '#define C10_CUDA_BUILD_SHARED_LIBS' > $(NVCC_SHIM)/c10/cuda/impl/cuda_cmake_macros.h
-	set -e; inc="$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))")"; \
+	set -e; flags="$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join(c.COMMON_NVCC_FLAGS + ['-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]]))")"; \
 	for f in $$(find csrc -name '*.cu'); do \
 	  echo "nvcc -c $$f"; \
-	  $(NVCC) -std=c++20 -O3 -c $$f -o build/nvcc-check/$$(basename $$f).o -Icsrc -I$(NVCC_SHIM) $$inc -DDDPS_WITH_CUDA \
+	  $(NVCC) -std=c++20 -O3 -c $$f -o build/nvcc-check/$$(basename $$f).o -Icsrc -I$(NVCC_SHIM) $$flags -DDDPS_WITH_CUDA \
 	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90; \
 	done
 

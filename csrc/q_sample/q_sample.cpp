@@ -2,6 +2,8 @@
 #include "q_sample/q_sample_op.h"
 
 #include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <torch/library.h>
 
 #include "common/labels.h"
@@ -43,11 +45,18 @@ at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t_in,
     const scalar_t* src = x0.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const uint64_t keep_threshold = static_cast<uint64_t>(kp[tp[i / plane]]);
-        const Philox4 r = philox4x32_10(static_cast<uint64_t>(i), seed);
-        dst[i] = static_cast<scalar_t>(
-            q_sample_label(static_cast<int64_t>(src[i]), keep_threshold, k, r));
+      // Walk the chunk one sample at a time so the inner loop has a constant threshold and no
+      // per-element division (it then vectorises).
+      for (int64_t row_start = begin; row_start < end;) {
+        const int64_t b = row_start / plane;
+        const int64_t row_end = std::min(end, (b + 1) * plane);
+        const uint64_t keep_threshold = static_cast<uint64_t>(kp[tp[b]]);
+        for (int64_t i = row_start; i < row_end; ++i) {
+          const Philox4 r = philox4x32_10(static_cast<uint64_t>(i), seed);
+          dst[i] = static_cast<scalar_t>(
+              q_sample_label(static_cast<int64_t>(src[i]), keep_threshold, k, r));
+        }
+        row_start = row_end;
       }
     });
   });

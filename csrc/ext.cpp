@@ -5,8 +5,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(ddps, m) {
-  // x_t ~ q(x_t | x_0) for the uniform transition; seed: CPU int64 scalar tensor.
-  m.def("q_sample(Tensor x0, Tensor t, Tensor keep_threshold, Tensor seed, int num_classes) -> Tensor");
+  // Sampling ops (ddps/ops/): t = noise level per sample (int64 [B]); table = the per-level
+  // lookup table of ddps/ops/_tables.py; seed = CPU int64 scalar tensor (Philox key);
+  // mask_index = the [MASK] label (-1: none).
+  m.def("q_sample(Tensor x0, Tensor t, Tensor table, Tensor seed, int num_classes, int mask_index, "
+        "int? ignore_index) -> Tensor");
+  m.def("q_posterior_sample(Tensor x0, Tensor x_t, Tensor t, Tensor table, Tensor seed, int num_classes, "
+        "int mask_index, int? ignore_index) -> Tensor");
+  m.def("p_posterior_sample(Tensor logits, Tensor x_t, Tensor t, Tensor table, Tensor seed, int num_classes, "
+        "int mask_index, int? ignore_index) -> Tensor");
+  m.def("renoise(Tensor logits, Tensor t, Tensor table, Tensor seed, int num_classes, int mask_index) -> Tensor");
 }
 
 static PyModuleDef ddps_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

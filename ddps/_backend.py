@@ -16,7 +16,7 @@ import warnings
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
-_FAKES: dict[str, object] = {}
+FAKES: dict[str, object] = {}
 
 
 def register_fake(op_name: str):
@@ -24,7 +24,7 @@ def register_fake(op_name: str):
     torch.library as soon as the extension that defines the schema is loaded."""
 
     def wrap(fn):
-        _FAKES[op_name] = fn
+        FAKES[op_name] = fn
         return fn
 
     return wrap
@@ -39,7 +39,7 @@ def _load_extension():
         module = importlib.import_module("ddps._C")
     except Exception as exc:  # ImportError, or an OSError from a stale .so built for another torch
         return None, f"ddps._C failed to import ({type(exc).__name__}: {exc})"
-    for name, fn in _FAKES.items():
+    for name, fn in FAKES.items():
         torch.library.register_fake(f"ddps::{name}")(fn)
     return module, "compiled extension ddps._C loaded"
 
@@ -93,6 +93,9 @@ def backends() -> dict[str, dict]:
     }
 
 
+# torch.compile runs the resolver once at trace time and keeps its answer: the choice depends on
+# the environment and the installed build, not on tensor data.
+@torch.compiler.assume_constant_result
 def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
     """The backend that runs ``op`` on ``device``. ``implemented``: the backends the op has."""
     requested = backend if backend is not None else os.environ.get("DDPS_BACKEND") or None

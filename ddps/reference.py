@@ -4,10 +4,18 @@
 checked against the golden fixtures). This is the oracle every fused op is tested against, the
 baseline of every benchmark and the fallback backend: do not "improve" the numerics here.
 
-Labels are integer tensors [B, *spatial]; log-space tensors are [B, K, *spatial] (class dim 1);
-``t`` is the noise level s per sample (int64 [B] or an int), s in [0, T).
+Labels are integer tensors [B, *spatial]; log-space tensors are [B, S, *spatial] (class dim 1;
+S = K, or K + 1 with the [MASK] state of the mask transitions); ``t`` is the noise level s per
+sample (int64 [B] or an int), s in [0, T).
+
+The original has the uniform transition only. For the "absorbing" and "mask_and_replace"
+transitions, and for the soft-x0 posterior ``p_posterior_log`` (D3PM x0-parameterisation, not in
+the original head), this module computes the exact distributions densely from the transition
+matrices in float64: slow, simple, and the oracle of the fused kernels.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +24,7 @@ from . import _checks
 from .schedule import DiffusionSchedule
 
 __all__ = ["index_to_log_onehot", "log_add_exp", "sample_categorical", "q_pred_log", "q_pred",
-           "q_posterior_log", "q_posterior"]
+           "q_posterior_log", "q_posterior", "transition_matrix", "p_posterior_log", "p_posterior"]
 
 
 def _log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -50,6 +58,9 @@ def _extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _q_pred_log(log_x0, t, schedule: DiffusionSchedule):
+    if schedule.transition != "uniform":
+        probs = torch.einsum("bin,bij->bjn", _flat(_onehot_probs(log_x0)), transition_matrix(schedule, t, True))
+        return _log(probs).float().reshape(log_x0.shape)
     # Level -1 wraps to T, the identity (q_posterior asks for s - 1 at s = 0).
     t = (t + (schedule.num_timesteps + 1)) % (schedule.num_timesteps + 1)
     log_cumprod_at = _extract(schedule.log_cumprod_at, t, log_x0.dim())
@@ -63,12 +74,55 @@ def _q_pred_log_one_step(log_x, t, schedule: DiffusionSchedule):
     return log_add_exp(log_x + log_at, log_bt)
 
 
+def transition_matrix(schedule: DiffusionSchedule, t: torch.Tensor, cumulative: bool) -> torch.Tensor:
+    """float64 [B, S, S]: row k -> column j is q(x_s = j | x_{s-1} = k) (one step, level t) or
+    q(x_s = j | x_0 = k) (cumulative, level t; -1 wraps to the identity level T)."""
+    if cumulative:
+        t = (t + (schedule.num_timesteps + 1)) % (schedule.num_timesteps + 1)
+        keep, uniform, mask = schedule.att, schedule.btt, schedule.ctt
+    else:
+        keep, uniform, mask = schedule.at, schedule.bt, schedule.ct
+    K, S = schedule.num_classes, schedule.num_states
+    a, b, c = (v.double()[t][:, None, None] for v in (keep, uniform, mask))
+    q = torch.zeros(t.shape[0], S, S, dtype=torch.float64, device=t.device)
+    q[:, :K, :K] = a * torch.eye(K, dtype=torch.float64, device=t.device) + b
+    if S > K:
+        q[:, :K, K:] = c
+        q[:, K, K] = 1
+    return q
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, *spatial] -> float64 [B, S, N]."""
+    return x.double().reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _onehot_probs(log_x: torch.Tensor) -> torch.Tensor:
+    """exp of a log one-hot, with index_to_log_onehot's floor (1e-30) read as the zero it stands for."""
+    x = log_x.exp()
+    return x.where(x > 1e-29, 0.0)
+
+
+def _log(w: torch.Tensor) -> torch.Tensor:
+    # log with log(0) = -inf and a zero (not NaN) gradient there.
+    positive = w > 0
+    return torch.where(positive, w.where(positive, 1.0).log(), float("-inf"))
+
+
+def _dense_posterior_log(x0_probs, log_x_t, t, schedule):
+    # q(x_{t-1} = k | x_t, x0) ∝ q(x_t | x_{t-1} = k) * sum_i p(x0 = i) q(x_{t-1} = k | x0 = i).
+    prior = torch.einsum("bin,bik->bkn", _flat(x0_probs), transition_matrix(schedule, t - 1, True))
+    likelihood = torch.einsum("bkj,bjn->bkn", transition_matrix(schedule, t, False), _flat(_onehot_probs(log_x_t)))
+    log_w = _log(prior * likelihood)
+    return (log_w - torch.logsumexp(log_w, dim=1, keepdim=True)).float().reshape(log_x_t.shape)
+
+
 def _check_log(log_x, name: str, schedule: DiffusionSchedule) -> None:
     _checks.tensor(log_x, name)
     if not log_x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point log-probability tensor, got dtype {log_x.dtype}")
-    if log_x.dim() < 2 or log_x.shape[1] != schedule.num_classes:
-        raise ValueError(f"{name} must be [B, K={schedule.num_classes}, *spatial], got shape {tuple(log_x.shape)}")
+    if log_x.dim() < 2 or log_x.shape[1] != schedule.num_states:
+        raise ValueError(f"{name} must be [B, S={schedule.num_states}, *spatial], got shape {tuple(log_x.shape)}")
     _checks.same_device(log_x, name, schedule.device, "the schedule")
 
 
@@ -86,12 +140,16 @@ def q_pred_log(log_x0: torch.Tensor, t, schedule: DiffusionSchedule) -> torch.Te
 
 
 def q_posterior_log(log_x0: torch.Tensor, log_x_t: torch.Tensor, t, schedule: DiffusionSchedule) -> torch.Tensor:
-    """log q(x_{t-1} | x_t, x_0), unnormalised and clamped to [-70, 0] as in the original."""
+    """log q(x_{t-1} | x_t, x_0). Uniform transition: the original's formula, unnormalised and
+    clamped to [-70, 0] (it divides by q(x_t = k | x_0) per class k, not by the constant
+    q(x_t | x_0)). Mask transitions: the exact normalised posterior."""
     _check_schedule(schedule)
     _check_log(log_x0, "log_x0", schedule)
     _check_log(log_x_t, "log_x_t", schedule)
     _checks.same_shape(log_x0, log_x_t, "log_x0", "log_x_t")
     t = _checks.timesteps(t, "t", log_x0.shape[0], schedule.num_timesteps, log_x0.device)
+    if schedule.transition != "uniform":
+        return _dense_posterior_log(_onehot_probs(log_x0), log_x_t, t, schedule)
     log_xt_given_x0 = _q_pred_log(log_x0, t, schedule)
     log_xt_given_xtm1 = _q_pred_log_one_step(log_x_t, t, schedule)
     log_xtm1_given_x0 = _q_pred_log(log_x0, t - 1, schedule)
@@ -99,9 +157,9 @@ def q_posterior_log(log_x0: torch.Tensor, log_x_t: torch.Tensor, t, schedule: Di
     return torch.clamp(log_probs, -70, 0)
 
 
-def _check_label_input(x, name: str, schedule) -> None:
+def _check_label_input(x, name: str, schedule, num_labels: int | None = None) -> None:
     _checks.same_device(_checks.tensor(x, name), name, schedule.device, "the schedule")
-    _checks.labels(x, name, schedule.num_classes)
+    _checks.labels(x, name, num_labels or schedule.num_classes)
 
 
 def q_pred(x0: torch.Tensor, t, schedule: DiffusionSchedule,
@@ -111,7 +169,7 @@ def q_pred(x0: torch.Tensor, t, schedule: DiffusionSchedule,
     _check_schedule(schedule)
     _check_label_input(x0, "x0", schedule)
     t = _checks.timesteps(t, "t", x0.shape[0], schedule.num_timesteps, x0.device)
-    log_x0 = _log_onehot(x0, schedule.num_classes)
+    log_x0 = _log_onehot(x0, schedule.num_states)
     return sample_categorical(_q_pred_log(log_x0, t, schedule), generator)
 
 
@@ -121,8 +179,34 @@ def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t, schedule: DiffusionSched
     argmax): labels [B, *] -> int64 labels [B, *]."""
     _check_schedule(schedule)
     _check_label_input(x0, "x0", schedule)
-    _check_label_input(x_t, "x_t", schedule)
+    _check_label_input(x_t, "x_t", schedule, schedule.num_states)
     _checks.same_shape(x0, x_t, "x0", "x_t")
-    log_x0 = _log_onehot(x0, schedule.num_classes)
-    log_x_t = _log_onehot(x_t, schedule.num_classes)
+    log_x0 = _log_onehot(x0, schedule.num_states)
+    log_x_t = _log_onehot(x_t, schedule.num_states)
     return sample_categorical(q_posterior_log(log_x0, log_x_t, t, schedule), generator)
+
+
+def p_posterior_log(logits: torch.Tensor, x_t: torch.Tensor, t, schedule: DiffusionSchedule) -> torch.Tensor:
+    """Normalised log p(x_{t-1} | x_t) [B, S, *] with soft x0 = softmax(logits) [B, K, *]: for the
+    uniform transition log((a [k = x_t] + b) (c p_k + d)) normalised (SPEC §3); differentiable."""
+    _check_schedule(schedule)
+    _checks.tensor(logits, "logits")
+    if not logits.dtype.is_floating_point or logits.dim() < 2 or logits.shape[1] != schedule.num_classes:
+        raise ValueError(f"logits must be floating-point [B, K={schedule.num_classes}, *spatial], "
+                         f"got {logits.dtype} {tuple(logits.shape)}")
+    _check_label_input(x_t, "x_t", schedule, schedule.num_states)
+    if x_t.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)} but logits {tuple(logits.shape)} need "
+                         f"{tuple(logits.shape[:1] + logits.shape[2:])}")
+    t = _checks.timesteps(t, "t", x_t.shape[0], schedule.num_timesteps, x_t.device)
+    probs = logits.double().softmax(dim=1)
+    extra = schedule.num_states - schedule.num_classes
+    if extra:
+        probs = torch.cat([probs, probs.new_zeros(probs.shape[0], extra, *probs.shape[2:])], dim=1)
+    return _dense_posterior_log(probs, _log_onehot(x_t, schedule.num_states), t, schedule)
+
+
+def p_posterior(logits: torch.Tensor, x_t: torch.Tensor, t, schedule: DiffusionSchedule,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample x_{t-1} ~ p(x_{t-1} | x_t) with soft x0 = softmax(logits): int64 labels [B, *]."""
+    return sample_categorical(p_posterior_log(logits, x_t, t, schedule), generator)

@@ -1,8 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before Triton
+# is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -17,6 +17,8 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: f
         obs[big] += obs[-1]
         exp[big] += exp[-1]
         obs, exp = obs[:-1], exp[:-1]
-    stat = ((obs - exp) ** 2 / exp).sum()
     dof = obs.numel() - 1
+    if dof == 0:  # a single outcome carries all the mass: nothing to test beyond the support
+        return 1.0
+    stat = ((obs - exp) ** 2 / exp).sum()
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))

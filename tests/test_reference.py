@@ -75,7 +75,7 @@ X = torch.randint(0, 7, (2, 4, 4))
     (lambda: reference.q_pred(X, 3, S.to("meta")), ValueError, "x0 is on cpu but the schedule is on meta"),
     (lambda: reference.q_pred(X, torch.tensor([1, 2], device="meta"), S), ValueError, "t is on meta"),
     (lambda: reference.index_to_log_onehot(torch.tensor([[3, 9]]), 7), ValueError, "label 9"),
-    (lambda: reference.q_pred_log(torch.zeros(2, 6, 3), 3, S), ValueError, r"log_x0 must be \[B, K=7"),
+    (lambda: reference.q_pred_log(torch.zeros(2, 6, 3), 3, S), ValueError, r"log_x0 must be \[B, S=7"),
     (lambda: reference.q_pred_log(torch.zeros(2, 7, 3, dtype=torch.long), 3, S), TypeError, "floating-point"),
     (lambda: reference.q_posterior_log(torch.zeros(2, 7, 3), torch.zeros(2, 7, 4), 3, S), ValueError, "log_x_t has shape"),
 ])

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ddps import DiffusionSchedule
+from ddps import DiffusionSchedule, reference
+from ddps.ops import _tables
 
 CASES = [(kind, T, K) for kind in ("linear", "cos") for T, K in ((20, 151), (100, 151), (100, 20))]
 
@@ -20,11 +21,34 @@ def test_schedule_matches_original(official, kind, T, K):
     assert schedule.log_cumprod_bt[-1] == float("-inf") and schedule.att[-1] == 1
 
 
-def test_keep_threshold_is_att_in_units_of_2_pow_minus_32():
-    s = DiffusionSchedule(20, 151)
-    assert s.keep_threshold.dtype == torch.int64
-    assert s.keep_threshold[-1] == 2**32  # identity level: always keep
-    assert torch.allclose(s.keep_threshold.double() / 2**32, s.att.double(), atol=2**-32)
+@pytest.mark.parametrize("transition", ["uniform", "absorbing", "mask_and_replace"])
+@pytest.mark.parametrize("kind", ["linear", "cos"])
+def test_transitions_are_markov_chains(kind, transition):
+    schedule = DiffusionSchedule(20, 9, kind, transition)
+    levels = torch.arange(20)
+    one_step = reference.transition_matrix(schedule, levels, cumulative=False)
+    cumulative = reference.transition_matrix(schedule, levels, cumulative=True)
+    previous = reference.transition_matrix(schedule, levels - 1, cumulative=True)
+    for q in (one_step, cumulative):
+        assert torch.allclose(q.sum(-1), torch.ones_like(q.sum(-1)), atol=1e-6)
+        assert (q >= 0).all()
+    # q(x_s | x_0) = q(x_{s-1} | x_0) q(x_s | x_{s-1}), with the identity level before s = 0.
+    assert torch.allclose(previous @ one_step, cumulative, atol=1e-6)
+    assert torch.equal(previous[0], torch.eye(schedule.num_states, dtype=torch.float64))
+    if transition != "uniform":
+        assert schedule.mask_index == 9 and schedule.num_states == 10
+        assert (schedule.ctt[:-1].diff() >= 0).all()  # masks only accumulate
+
+
+def test_sampler_tables_reach_the_extremes():
+    schedule = DiffusionSchedule(20, 151)
+    table = _tables.q_sample_table(schedule)
+    assert table.dtype == torch.int64 and table.shape == (21, 2)
+    assert table[20].tolist() == [2**32, 2**32]  # identity level: always keep
+    assert torch.allclose(table[:, 0].double() / 2**32, schedule.att.double(), atol=2**-32)
+    posterior = _tables.q_posterior_table(schedule)
+    assert posterior.shape == (20, 3, 2)
+    assert posterior[0, 0].tolist() == [2**32, 2**32] and posterior[0, 1, 1] == 2**32  # s = 0 returns x0
 
 
 def test_to_moves_every_tensor_and_keeps_the_original():
@@ -37,6 +61,7 @@ def test_to_moves_every_tensor_and_keeps_the_original():
 
 @pytest.mark.parametrize("args,exc,match", [
     ((20, 151, "cosine"), ValueError, "kind='cosine'"),
+    ((20, 151, "cos", "masked"), ValueError, "transition='masked'"),
     ((1, 151, "linear"), ValueError, "num_timesteps=1"),
     ((20, 1), ValueError, "num_classes=1"),
     ((20.0, 151), TypeError, "num_timesteps"),

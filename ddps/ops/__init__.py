@@ -1,5 +1,10 @@
-"""Fused DDPS ops. Each op takes ``backend=None`` (see ``ddps.backends()``) and, where it samples,
-``generator=None``."""
+"""Fused DDPS ops. Each takes ``backend=None`` (see ``ddps.backends()``); the samplers also take
+``generator=None`` (the Philox seed is drawn from it: same generator state, same samples, on
+every backend and for any thread count)."""
+from .p_posterior_sample import p_posterior_sample
+from .posterior_log_probs import posterior_log_probs
+from .q_posterior_sample import q_posterior_sample
 from .q_sample import q_sample
+from .renoise import renoise
 
-__all__ = ["q_sample"]
+__all__ = ["p_posterior_sample", "posterior_log_probs", "q_posterior_sample", "q_sample", "renoise"]

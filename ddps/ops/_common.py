@@ -1,17 +1,53 @@
-"""Pieces every sampling op shares: input checks and the seed drawn from a torch generator."""
+"""Pieces every sampling op shares: input checks, the seed drawn from a torch generator, the
+dispatch to a backend, and ignore_index handling for the reference backend."""
 from __future__ import annotations
+
+import functools
+import importlib
 
 import torch
 
-from .. import _checks
+from .. import _backend, _checks
 from ..schedule import DiffusionSchedule
 
+LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def check_schedule(schedule, device: torch.device) -> DiffusionSchedule:
+
+def check_schedule(schedule, device: torch.device, name: str) -> DiffusionSchedule:
     if not isinstance(schedule, DiffusionSchedule):
         raise TypeError(f"schedule must be a ddps.schedule.DiffusionSchedule, got {type(schedule).__name__}")
-    _checks.same_device(schedule.att, "schedule", device, "x0")
+    _checks.same_device(schedule.att, "schedule", device, name)
     return schedule
+
+
+def check_labels(x, name: str, schedule: DiffusionSchedule, ignore_index, allow_mask: bool) -> torch.Tensor:
+    """Label tensor of an accepted dtype on the schedule's device, values in [0, K) ([0, K] where
+    [MASK] may appear) or equal to ignore_index."""
+    _checks.same_device(_checks.tensor(x, name), name, schedule.device, "the schedule")
+    _checks.labels(x, name, schedule.num_states if allow_mask else schedule.num_classes, ignore_index)
+    if x.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be int64, int32 or uint8 labels, got dtype {x.dtype}")
+    return x
+
+
+def check_logits(logits, schedule: DiffusionSchedule) -> torch.Tensor:
+    _checks.tensor(logits, "logits")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got dtype {logits.dtype}")
+    if logits.dim() < 2 or logits.shape[1] != schedule.num_classes:
+        raise ValueError(f"logits must be [B, K={schedule.num_classes}, *spatial], got shape {tuple(logits.shape)}")
+    return logits
+
+
+def check_ignore_index(ignore_index, schedule: DiffusionSchedule):
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if 0 <= ignore_index < schedule.num_states:
+        raise ValueError(f"ignore_index={ignore_index} is a class of the schedule (0..{schedule.num_states - 1})")
+    return ignore_index
 
 
 def draw_seed(generator: torch.Generator | None) -> torch.Tensor:
@@ -20,3 +56,45 @@ def draw_seed(generator: torch.Generator | None) -> torch.Tensor:
     every backend."""
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator).cpu()
+
+
+def mask_index(schedule: DiffusionSchedule) -> int:
+    return -1 if schedule.mask_index is None else schedule.mask_index
+
+
+def triton_kernel(module: str, name: str):
+    """A Triton launcher from ddps.kernels, imported on first use (importing Triton is slow)."""
+    return getattr(importlib.import_module(f"ddps.kernels.{module}"), name)
+
+
+def keep_ignored(sample, labels: torch.Tensor, ignore_index, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run the reference ``sample(*inputs)`` with ignored pixels set to class 0, then put
+    ``labels``' value back where any input was ignored."""
+    if ignore_index is None:
+        return sample(*inputs)
+    ignored = torch.zeros_like(labels, dtype=torch.bool)
+    for x in inputs:
+        if not x.dtype.is_floating_point:
+            ignored |= x == ignore_index
+    cleaned = [x.masked_fill(ignored, 0) if not x.dtype.is_floating_point else x for x in inputs]
+    return torch.where(ignored, labels, sample(*cleaned).to(labels.dtype))
+
+
+@functools.cache
+def _triton_op(op: str):
+    # Registered on first use: importing Triton is slow and it may be absent.
+    launcher = triton_kernel(op, f"{op}_fwd")
+    custom = torch.library.triton_op(f"ddps_triton::{op}", launcher, mutates_args=())
+    # The same shapes as the compiled op's fake; explicit, because the traced default would run
+    # the kernel on fake tensors under the Triton interpreter.
+    custom.register_fake(_backend.FAKES[op])
+    return custom
+
+
+def launch(op: str, backend: str, *args):
+    """Run a sampling op's compiled (``cpu``/``cuda``) or Triton kernel. ``args``: the schema's
+    arguments, the seed as a CPU int64 scalar tensor (the Triton launchers take it as an int)."""
+    if backend == "triton":
+        return _triton_op(op)(*(int(a) if isinstance(a, torch.Tensor) and a.dim() == 0 and a.device.type == "cpu"
+                                and not a.dtype.is_floating_point else a for a in args))
+    return getattr(torch.ops.ddps, op)(*args)

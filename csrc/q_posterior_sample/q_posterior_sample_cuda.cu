@@ -1,0 +1,21 @@
+// ddps::q_posterior_sample on CUDA: the same per-element functor as the CPU loop.
+#include <torch/library.h>
+
+#include "common/launch_cuda.cuh"
+#include "q_posterior_sample/q_posterior_sample_op.h"
+
+namespace ddps {
+namespace {
+
+at::Tensor q_posterior_sample_cuda(const at::Tensor& x0, const at::Tensor& xt, const at::Tensor& t,
+                                   const at::Tensor& table, const at::Tensor& seed, int64_t num_classes,
+                                   int64_t mask_index, c10::optional<int64_t> ignore_index) {
+  return q_posterior_sample_impl(x0, xt, t, table, seed, num_classes, mask_index, ignore_index,
+                                 [&](int64_t n, int64_t plane, const auto& fn) { cuda_for_each(xt.device(), n, plane, fn); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddps, CUDA, m) { m.impl("q_posterior_sample", &q_posterior_sample_cuda); }
+
+}  // namespace ddps

@@ -64,16 +64,23 @@ def demo(args) -> int:
         baseline = baseline or median
         print(f"  {backend:9s} median {median * 1e3:9.3f} ms   speedup vs reference {baseline / median:8.1f}x")
 
-    head = DDPSHead(num_classes=args.classes, cond_channels=args.cond_channels, dim=args.dim, out_dim=args.dim,
-                    dim_mults=(1, 1, 1), embed_dim=16, num_timesteps=args.timesteps, inference_steps=args.steps,
-                    collect_timesteps=(args.timesteps - 1,), guidance_scale=args.guidance).to(device).eval()
     cond = torch.randn(args.batch, args.cond_channels, args.size, args.size, device=device)
     print(f"\nDDPSHead.sample: T={args.timesteps}, {args.steps} inference steps, guidance {args.guidance}, "
-          f"dim {args.dim}, cond [{args.batch}, {args.cond_channels}, {args.size}, {args.size}] (random weights)")
-    times = _time(lambda: head.sample(cond), max(1, args.repeats // 10), device)
-    final, _ = head.sample(cond)
-    print(f"  reference median {statistics.median(times) * 1e3:9.1f} ms   final logits {tuple(final.shape)}, "
-          f"{final.argmax(1).unique().numel()} classes predicted")
+          f"dim {args.dim}, cond [{args.batch}, {args.cond_channels}, {args.size}, {args.size}] (random weights; "
+          "the denoiser is the reference UNet in both)")
+    weights = None
+    for backend in ("reference", "auto"):
+        head = DDPSHead(num_classes=args.classes, cond_channels=args.cond_channels, dim=args.dim, out_dim=args.dim,
+                        dim_mults=(1, 1, 1), embed_dim=16, num_timesteps=args.timesteps,
+                        inference_steps=args.steps, collect_timesteps=(args.timesteps - 1,),
+                        guidance_scale=args.guidance, backend=backend).to(device).eval()
+        weights = weights or head.state_dict()
+        head.load_state_dict(weights)
+        times = _time(lambda: head.sample(cond), max(1, args.repeats // 10), device)
+        final, _ = head.sample(cond)
+        label = "reference" if backend == "reference" else "fused ops"
+        print(f"  {label:9s} median {statistics.median(times) * 1e3:9.1f} ms   final logits {tuple(final.shape)}, "
+              f"{final.argmax(1).unique().numel()} classes predicted")
     return 0
 
 

@@ -12,6 +12,15 @@ def philox4(seed, index):
 
 
 @triton.jit
+def element_words(seed, index):
+    """The two Philox words of the label ops' element ``index``: one Philox call serves the pair
+    (2j, 2j + 1), words (w0, w1) for the even element, (w2, w3) for the odd one."""
+    w0, w1, w2, w3 = philox4(seed, index // 2)
+    odd = (index % 2) == 1
+    return tl.where(odd, w2, w0), tl.where(odd, w3, w1)
+
+
+@triton.jit
 def word(w):
     """A uint32 Philox word as int64, for exact comparisons with the int64 thresholds."""
     return w.to(tl.int64) & 0xFFFFFFFF

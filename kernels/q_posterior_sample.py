@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import philox4, uniform_below, word
+from ._common import element_words, uniform_below, word
 
 BLOCK = 1024
 
@@ -24,7 +24,7 @@ def _q_posterior_sample_fwd_kernel(p_x0, p_xt, p_out, p_t, p_table, n, plane, se
     o_row = 6 * b_level + 2 * b_case
     b_to_xt = tl.load(p_table + o_row, mask=m_n, other=0)
     b_to_x0 = tl.load(p_table + o_row + 1, mask=m_n, other=0)
-    w0, w1, _, _ = philox4(seed, o_n)
+    w0, w1 = element_words(seed, o_n)
     differ = b_case == 1
     b_lo = tl.where(differ & (b_xt < b_x0), b_xt, b_x0)
     b_hi = tl.where(differ & (b_xt > b_x0), b_xt, b_x0)

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import philox4, q_sample_label
+from ._common import element_words, q_sample_label
 
 BLOCK = 256
 
@@ -29,7 +29,7 @@ def _renoise_fwd_kernel(p_logits, p_out, p_t, p_table, n, plane, seed, num_class
     b_level = tl.load(p_t + b_b, mask=m_n, other=0)
     b_keep = tl.load(p_table + 2 * b_level, mask=m_n, other=0)
     b_keep_or_mask = tl.load(p_table + 2 * b_level + 1, mask=m_n, other=0)
-    w0, w1, _, _ = philox4(seed, o_n)
+    w0, w1 = element_words(seed, o_n)
     b_out = q_sample_label(b_arg, b_keep, b_keep_or_mask, w0, w1, num_classes, mask_index)
     tl.store(p_out + o_n, b_out, mask=m_n)
 

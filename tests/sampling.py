@@ -62,9 +62,22 @@ def p_posterior_probs(logits: torch.Tensor, x_t: int, level: int, schedule) -> t
     return log_p[0, :, 0].double().exp()
 
 
+def assert_thread_count_invariant(draw) -> None:
+    """``draw()`` gives identical tensors with 1, 2 and 3 torch threads."""
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(draw())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def generator(seed: int, device: str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
 __all__ = ["TRANSITIONS", "FUSED", "DISTRIBUTION", "IDS", "DIST_IDS", "assert_distribution", "q_sample_probs",
-           "q_posterior_probs", "p_posterior_probs", "generator", "P_REJECT"]
+           "q_posterior_probs", "p_posterior_probs", "generator", "assert_thread_count_invariant", "P_REJECT"]

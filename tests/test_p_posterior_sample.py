@@ -4,7 +4,7 @@ import torch
 
 from ddps import DiffusionSchedule, reference
 from ddps.ops import p_posterior_sample
-from sampling import DIST_IDS, DISTRIBUTION, FUSED, IDS, TRANSITIONS, assert_distribution, generator, p_posterior_probs
+from sampling import assert_thread_count_invariant, DIST_IDS, DISTRIBUTION, FUSED, IDS, TRANSITIONS, assert_distribution, generator, p_posterior_probs
 
 T, K = 20, 20
 CASES = [(tr, xt, s) for tr in TRANSITIONS for xt in ("real", "mask") for s in (0, 10, 19)
@@ -68,15 +68,7 @@ def test_thread_count_does_not_change_samples():
     schedule = DiffusionSchedule(T, K)
     logits = torch.randn(2, K, 64, 64)
     x_t = torch.randint(0, K, (2, 64, 64))
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(p_posterior_sample(logits, x_t, 9, schedule, generator=generator(3), backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_thread_count_invariant(lambda: p_posterior_sample(logits, x_t, 9, schedule, generator=generator(3), backend="cpu"))
 
 
 @pytest.mark.parametrize("backend,device", FUSED + [("reference", "cpu")], ids=IDS + ["reference-cpu"])

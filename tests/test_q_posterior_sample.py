@@ -4,7 +4,7 @@ import torch
 
 from ddps import DiffusionSchedule, reference
 from ddps.ops import q_posterior_sample
-from sampling import DIST_IDS, DISTRIBUTION, FUSED, IDS, TRANSITIONS, assert_distribution, generator, q_posterior_probs
+from sampling import assert_thread_count_invariant, DIST_IDS, DISTRIBUTION, FUSED, IDS, TRANSITIONS, assert_distribution, generator, q_posterior_probs
 
 T, K = 20, 151
 # (x0, x_t) per case: x_t == x0, x_t != x0, x_t = [MASK] (mask transitions only).
@@ -62,15 +62,7 @@ def test_seeds_and_non_contiguous_inputs(backend, device):
 def test_thread_count_does_not_change_samples():
     schedule = DiffusionSchedule(T, K)
     x0, x_t = torch.randint(0, K, (2, 4, 128, 128))
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(q_posterior_sample(x0, x_t, 9, schedule, generator=generator(3), backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_thread_count_invariant(lambda: q_posterior_sample(x0, x_t, 9, schedule, generator=generator(3), backend="cpu"))
 
 
 @pytest.mark.parametrize("backend,device", FUSED + [("reference", "cpu")], ids=IDS + ["reference-cpu"])

@@ -5,7 +5,7 @@ import torch
 import ddps
 from ddps import DiffusionSchedule, reference
 from ddps.ops import _tables, q_sample
-from sampling import DIST_IDS, DISTRIBUTION, FUSED, IDS, TRANSITIONS, assert_distribution, generator, q_sample_probs
+from sampling import assert_thread_count_invariant, DIST_IDS, DISTRIBUTION, FUSED, IDS, TRANSITIONS, assert_distribution, generator, q_sample_probs
 
 
 def test_compiled_and_triton_backends_are_present():
@@ -71,15 +71,7 @@ def test_seeds(backend, device):
 def test_thread_count_does_not_change_samples():
     schedule = DiffusionSchedule(20, 151, transition="mask_and_replace")
     x0 = torch.randint(0, 151, (4, 128, 128))
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(q_sample(x0, 7, schedule, generator=generator(9), backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_thread_count_invariant(lambda: q_sample(x0, 7, schedule, generator=generator(9), backend="cpu"))
 
 
 @pytest.mark.parametrize("backend,device", FUSED, ids=IDS)

@@ -1,4 +1,4 @@
-// CUDA launcher: f(b, i) for every element i of a [B, plane] index space, grid-stride, 64-bit
+// CUDA launcher: f(b, i[, words]) for every element i of a [B, plane] index space, grid-stride, 64-bit
 // indices (label tensors past 2^31 elements are expected at large batch).
 #pragma once
 
@@ -7,14 +7,22 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <type_traits>
+
+#include "common/philox.h"
 
 namespace ddps {
 
 template <typename F>
 __global__ void for_each_kernel(int64_t n, int64_t plane, F f) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    f(i / plane, i);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    // Label ops take the element's two Philox words (see cpu_for_each); the logits ops draw their own.
+    if constexpr (std::is_invocable_v<const F&, int64_t, int64_t, Words2>)
+      f(i / plane, i, element_words(static_cast<uint64_t>(i), f.seed));
+    else
+      f(i / plane, i);
+  }
 }
 
 template <typename F>

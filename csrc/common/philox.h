@@ -41,6 +41,20 @@ DDPS_HD Philox4 philox4x32_10(uint64_t index, uint64_t seed) {
   return Philox4{c0, c1, c2, c3};
 }
 
+// The label ops need two words per element: one Philox call serves the pair (2j, 2j + 1), words
+// (w0, w1) for the even element and (w2, w3) for the odd one. Counter = index / 2.
+struct Words2 {
+  uint32_t first, second;
+};
+
+DDPS_HD Words2 pair_words(const Philox4& r, bool odd) {
+  return odd ? Words2{r.w2, r.w3} : Words2{r.w0, r.w1};
+}
+
+DDPS_HD Words2 element_words(uint64_t index, uint64_t seed) {
+  return pair_words(philox4x32_10(index >> 1, seed), (index & 1) != 0);
+}
+
 // Uniform integer in [0, n) from one 32-bit word (multiply-shift; bias <= n / 2^32).
 DDPS_HD uint32_t uniform_below(uint32_t word, uint32_t n) { return mulhi32(word, n); }
 

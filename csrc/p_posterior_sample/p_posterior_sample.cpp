@@ -8,9 +8,10 @@ namespace ddps {
 namespace {
 
 at::Tensor p_posterior_sample_cpu(const at::Tensor& logits, const at::Tensor& xt, const at::Tensor& t, const at::Tensor& table, const at::Tensor& seed, int64_t num_classes, int64_t mask_index, c10::optional<int64_t> ignore_index) {
-  // A pixel reads K logits: smaller chunks than the label-only ops.
   return p_posterior_sample_impl(logits, xt, t, table, seed, num_classes, mask_index, ignore_index,
-                    [](int64_t n, int64_t plane, const auto& fn) { cpu_for_each(n, plane, 1 << 10, fn); });
+                    [&](const auto* data, int64_t n, int64_t plane, const auto& fn) {
+                      cpu_for_each_pixel(data, num_classes, n, plane, fn);
+                    });
 }
 
 }  // namespace

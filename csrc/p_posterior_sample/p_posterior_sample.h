@@ -71,10 +71,14 @@ struct PPosteriorSampleFn {
   uint64_t seed;
   LabelSpace space;
 
-  DDPS_HD void operator()(int64_t b, int64_t i) const {
-    out[i] = static_cast<label_t>(p_posterior_label(pixel_logits(logits, space.num_classes, plane, b, i),
-                                                    static_cast<int64_t>(xt[i]), table + 8 * t[b], space,
+  template <typename Load>
+  DDPS_HD void pixel(const Load& load, int64_t b, int64_t i) const {
+    out[i] = static_cast<label_t>(p_posterior_label(load, static_cast<int64_t>(xt[i]), table + 8 * t[b], space,
                                                     philox4x32_10(static_cast<uint64_t>(i), seed)));
+  }
+
+  DDPS_HD void operator()(int64_t b, int64_t i) const {
+    pixel(pixel_logits(logits, space.num_classes, plane, b, i), b, i);
   }
 };
 

@@ -29,7 +29,7 @@ at::Tensor p_posterior_sample_impl(const at::Tensor& logits_in, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "p_posterior_sample", [&] {
     using logit_t = scalar_t;
     DDPS_DISPATCH_LABELS(xt.scalar_type(), "p_posterior_sample", [&] {
-      launch(n, plane,
+      launch(logits.data_ptr<logit_t>(), n, plane,
              PPosteriorSampleFn<logit_t, scalar_t>{logits.data_ptr<logit_t>(), xt.data_ptr<scalar_t>(),
                                                    out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
                                                    table.data_ptr<float>(), plane, s, space});

@@ -10,10 +10,10 @@
 namespace ddps {
 
 DDPS_HD int64_t q_posterior_label(int64_t x0, int64_t xt, const int64_t* thresholds,
-                                  const LabelSpace& space, Philox4 r) {
+                                  const LabelSpace& space, Words2 r) {
   if (space.ignored(xt) || space.ignored(x0)) return xt;
   const int c = xt == space.mask_index ? 2 : (xt == x0 ? 0 : 1);
-  const uint64_t w = r.w0;
+  const uint64_t w = r.first;
   if (w < static_cast<uint64_t>(thresholds[2 * c])) return xt;
   if (w < static_cast<uint64_t>(thresholds[2 * c + 1])) return x0;
   const int64_t lo = c == 1 && xt < x0 ? xt : x0;
@@ -21,7 +21,7 @@ DDPS_HD int64_t q_posterior_label(int64_t x0, int64_t xt, const int64_t* thresho
   const uint32_t others = space.num_classes - (c == 1 ? 2u : 1u);
   // Rounding of the thresholds can leave a sliver above them when no other class has mass.
   if (others == 0) return x0;
-  return skip_excluded(uniform_below(r.w1, others), lo, hi);
+  return skip_excluded(uniform_below(r.second, others), lo, hi);
 }
 
 }  // namespace ddps
@@ -39,10 +39,9 @@ struct QPosteriorSampleFn {
   uint64_t seed;
   LabelSpace space;
 
-  DDPS_HD void operator()(int64_t b, int64_t i) const {
+  DDPS_HD void operator()(int64_t b, int64_t i, Words2 r) const {
     out[i] = static_cast<scalar_t>(q_posterior_label(static_cast<int64_t>(x0[i]), static_cast<int64_t>(xt[i]),
-                                                     table + 6 * t[b], space,
-                                                     philox4x32_10(static_cast<uint64_t>(i), seed)));
+                                                     table + 6 * t[b], space, r));
   }
 };
 

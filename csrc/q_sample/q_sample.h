@@ -12,11 +12,11 @@ namespace ddps {
 
 // keep = threshold of "keep x0"; keep_or_mask = that plus the [MASK] probability.
 DDPS_HD int64_t q_sample_label(int64_t x0, uint64_t keep, uint64_t keep_or_mask,
-                               const LabelSpace& space, Philox4 r) {
+                               const LabelSpace& space, Words2 r) {
   if (space.ignored(x0)) return x0;
-  if (static_cast<uint64_t>(r.w0) < keep) return x0;
-  if (static_cast<uint64_t>(r.w0) < keep_or_mask) return space.mask_index;
-  return static_cast<int64_t>(uniform_below(r.w1, space.num_classes));
+  if (static_cast<uint64_t>(r.first) < keep) return x0;
+  if (static_cast<uint64_t>(r.first) < keep_or_mask) return space.mask_index;
+  return static_cast<int64_t>(uniform_below(r.second, space.num_classes));
 }
 
 }  // namespace ddps
@@ -33,10 +33,9 @@ struct QSampleFn {
   uint64_t seed;
   LabelSpace space;
 
-  DDPS_HD void operator()(int64_t b, int64_t i) const {
+  DDPS_HD void operator()(int64_t b, int64_t i, Words2 r) const {
     const int64_t* row = table + 2 * t[b];
-    out[i] = static_cast<scalar_t>(q_sample_label(static_cast<int64_t>(x0[i]), row[0], row[1], space,
-                                                  philox4x32_10(static_cast<uint64_t>(i), seed)));
+    out[i] = static_cast<scalar_t>(q_sample_label(static_cast<int64_t>(x0[i]), row[0], row[1], space, r));
   }
 };
 

@@ -6,17 +6,19 @@
 
 namespace ddps {
 
+// One class of a running argmax: ties keep the lower class; the first NaN wins and stays.
+// Branch-free, so the CPU loop over a row of pixels vectorises.
+DDPS_HD void argmax_step(float v, int32_t k, float& best, int32_t& arg) {
+  const bool take = (v > best || v != v) && best == best;
+  best = take ? v : best;
+  arg = take ? k : arg;
+}
+
 template <typename Load>
 DDPS_HD int64_t argmax_label(const Load& load, int64_t num_classes) {
   float best = load(0);
-  int64_t arg = 0;
-  for (int64_t k = 1; k < num_classes && best == best; ++k) {
-    const float v = load(k);
-    if (v > best || v != v) {
-      best = v;
-      arg = k;
-    }
-  }
+  int32_t arg = 0;
+  for (int64_t k = 1; k < num_classes; ++k) argmax_step(load(k), static_cast<int32_t>(k), best, arg);
   return arg;
 }
 
@@ -37,11 +39,15 @@ struct RenoiseFn {
   uint64_t seed;
   LabelSpace space;
 
-  DDPS_HD void operator()(int64_t b, int64_t i) const {
+  // Pixel i (sample b) whose argmax is x0.
+  DDPS_HD void finish(int64_t x0, int64_t b, int64_t i) const {
     const int64_t* row = table + 2 * t[b];
-    const int64_t x0 = argmax_label(pixel_logits(logits, space.num_classes, plane, b, i), space.num_classes);
     // The counter is the label's index, as in q_sample: renoise(l) == q_sample(argmax(l)) bitwise.
-    out[i] = q_sample_label(x0, row[0], row[1], space, philox4x32_10(static_cast<uint64_t>(i), seed));
+    out[i] = q_sample_label(x0, row[0], row[1], space, element_words(static_cast<uint64_t>(i), seed));
+  }
+
+  DDPS_HD void operator()(int64_t b, int64_t i) const {
+    finish(argmax_label(pixel_logits(logits, space.num_classes, plane, b, i), space.num_classes), b, i);
   }
 };
 

@@ -21,7 +21,7 @@ at::Tensor renoise_impl(const at::Tensor& logits_in, const at::Tensor& t_in, con
   const int64_t n = out.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "renoise", [&] {
-    launch(n, n / out.size(0),
+    launch(logits.data_ptr<scalar_t>(), n, n / out.size(0),
            RenoiseFn<scalar_t>{logits.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), t.data_ptr<int64_t>(),
                                table.data_ptr<int64_t>(), n / out.size(0), s, space});
   });

@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _checks, reference
+from .. import _checks, ops, reference
 from ..schedule import DiffusionSchedule
-from .unet import UNet, check_backend
+from .unet import UNet
 
 MODES = ("renoise", "posterior")
+# "reference": the original's dense sampling ops. Otherwise the fused ddps.ops, on the backend
+# named ("auto": the resolver's choice, see ddps.backends()). The denoiser is the reference UNet.
+HEAD_BACKENDS = ("reference", "auto", "cpu", "cuda", "triton")
 SCHEDULE_BUFFERS = ("log_cumprod_at", "log_cumprod_bt", "log_at", "log_bt")
 
 
@@ -45,7 +48,9 @@ class DDPSHead(nn.Module):
                  mode: str = "renoise", dropout_ratio: float = 0.1, cond_dropout: float = 0.0,
                  backend: str = "reference"):
         super().__init__()
-        self.backend = check_backend(backend)
+        if backend not in HEAD_BACKENDS:
+            raise ValueError(f"backend={backend!r} is not a head backend; choose one of {HEAD_BACKENDS}")
+        self.backend = backend
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a sampling mode; choose one of {MODES}")
         if mode == "posterior" and guidance_scale != 1:
@@ -68,7 +73,7 @@ class DDPSHead(nn.Module):
         self.guidance_scale = guidance_scale
         self.mode = mode
         self.cond_dropout = cond_dropout
-        self.unet = UNet(dim, out_dim, cond_channels + embed_dim, dim_mults, backend=backend)
+        self.unet = UNet(dim, out_dim, cond_channels + embed_dim, dim_mults)
         self.conv_seg_new = nn.Conv2d(out_dim, num_classes, kernel_size=1)
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
@@ -92,6 +97,16 @@ class DDPSHead(nn.Module):
                                       rtol=1e-5, atol=1e-6, equal_nan=True):
                     raise ValueError(f"checkpoint buffer {key!r} does not match schedule="
                                      f"{self.schedule.kind!r} with T={self.num_timesteps}, K={self.num_classes}")
+
+    @property
+    def _ops_backend(self):
+        return None if self.backend == "auto" else self.backend
+
+    def _noise(self, x0: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x0) for labels x0."""
+        if self.backend == "reference":
+            return reference.q_pred(x0, noise_level, self.schedule)
+        return ops.q_sample(x0, noise_level, self.schedule, backend=self._ops_backend)
 
     def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -118,24 +133,31 @@ class DDPSHead(nn.Module):
         T = self.num_timesteps
         mask = torch.randint(0, self.num_classes, [b, h, w], device=cond.device).long()
         collected = []
-        prev = None
+        out = None
         for i in inference_timesteps(T, self.inference_steps):
             t = (torch.ones([b], device=cond.device) * i).long()
             noise_level = (torch.ones([b], device=cond.device) * (T - i - 1)).long()
             if i != 0:
-                if self.mode == "renoise":
-                    mask = reference.q_pred(prev, noise_level, self.schedule)
-                else:
-                    mask = reference.q_posterior(prev, mask, noise_level, self.schedule)
+                mask = self._next_mask(out, mask, noise_level)
             out = self.denoise(cond, mask, t)
             if self.guidance_scale != 1:
                 g = self.guidance_scale
                 out = out * (1 + g) - g * self.denoise(torch.zeros_like(cond), mask, t)
             if i in self.collect_timesteps:
                 collected.append(out)
-            if i != T - 1:
-                prev = out.argmax(dim=1)
         return out, collected
+
+    def _next_mask(self, logits, mask, noise_level):
+        """The next step's noisy mask from the previous step's logits (SPEC §5)."""
+        if self.backend == "reference":
+            prev = logits.argmax(dim=1)
+            if self.mode == "renoise":
+                return reference.q_pred(prev, noise_level, self.schedule)
+            return reference.q_posterior(prev, mask, noise_level, self.schedule)
+        if self.mode == "renoise":  # argmax and re-noising in one pass over the logits
+            return ops.renoise(logits, noise_level, self.schedule, backend=self._ops_backend)
+        return ops.q_posterior_sample(logits.argmax(dim=1), mask, noise_level, self.schedule,
+                                      backend=self._ops_backend)
 
     def forward_train(self, cond: torch.Tensor, gt: torch.Tensor):
         self._check_cond(cond)
@@ -162,5 +184,5 @@ class DDPSHead(nn.Module):
                 mask_rand = torch.randint(0, self.num_classes, [n, h, w], device=device).long()
                 logits = self.denoise(cond_sel, mask_rand, torch.zeros([n], device=device).long())
                 source[multi_step] = logits.softmax(dim=1).argmax(dim=1).long()
-        mask = reference.q_pred(source, (self.num_timesteps - t - 1).long(), self.schedule)
+        mask = self._noise(source, (self.num_timesteps - t - 1).long())
         return self.denoise(cond, mask, t), t

@@ -142,3 +142,53 @@ X = torch.randint(0, 7, (2, 4, 4))
 def test_bad_input_is_a_clear_error(backend, call, exc, match):
     with pytest.raises(exc, match=match):
         call(backend)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 written from the paper (Salmon et al., SC'11), independent of the kernels."""
+    c, (k0, k1) = list(counter), key
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p2 >> 32) ^ c[1] ^ k0, p2 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k1, p0 & 0xFFFFFFFF]
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c
+
+
+def test_python_philox_matches_the_published_known_answers():
+    assert philox4x32_10([0, 0, 0, 0], (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert philox4x32_10([0xFFFFFFFF] * 4, (0xFFFFFFFF, 0xFFFFFFFF)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+def expected_q_sample(x0: int, index: int, seed: int, schedule, level: int) -> int:
+    """The documented draw of element ``index``: counter index // 2, words (w0, w1) or (w2, w3)."""
+    pair = index // 2
+    w = philox4x32_10([pair & 0xFFFFFFFF, pair >> 32, 0, 0], (seed & 0xFFFFFFFF, seed >> 32))
+    first, second = (w[2], w[3]) if index % 2 else (w[0], w[1])
+    keep, keep_or_mask = _tables.q_sample_table(schedule)[level].tolist()
+    if first < keep:
+        return x0
+    return schedule.num_classes if first < keep_or_mask else (second * schedule.num_classes) >> 32
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=IDS)
+def test_draws_follow_the_documented_counter_layout(backend, device):
+    schedule = DiffusionSchedule(20, 151, transition="mask_and_replace").to(device)
+    x0 = torch.randint(0, 151, (2, 301), device=device)
+    out = q_sample(x0, 15, schedule, generator=generator(8), backend=backend).cpu()
+    seed = int(ddps.ops._common.draw_seed(generator(8)))
+    for index in (0, 1, 2, 299, 300, 301, 601):
+        label = int(x0.reshape(-1)[index])
+        assert int(out.reshape(-1)[index]) == expected_q_sample(label, index, seed, schedule.to("cpu"), 15)
+
+
+def test_labels_past_2_pow_31_elements_use_64_bit_indices():
+    # 2^31 + 4096 uint8 labels (2 GiB in, 2 GiB out): an index kept in 32 bits would wrap and
+    # fault or repeat the first elements' draws. The draws there follow the counter layout.
+    n = 2**31 + 4096
+    schedule = DiffusionSchedule(20, 151)
+    x0 = torch.zeros((1, n), dtype=torch.uint8)
+    out = q_sample(x0, 19, schedule, generator=generator(0), backend="cpu")
+    assert not torch.equal(out[0, 2**31:], out[0, :4096])
+    seed = int(ddps.ops._common.draw_seed(generator(0)))
+    for index in (2**31 - 1, 2**31, 2**31 + 1, n - 1):
+        assert int(out[0, index]) == expected_q_sample(0, index, seed, schedule, 19)

@@ -11,6 +11,14 @@ namespace {
 
 // The running argmax of a chunk of pixels advances class by class over contiguous rows of the
 // [B, K, plane] logits (one pass over memory, vectorised), then each pixel is noised.
+// One class row of the running argmax over `count` pixels. Built for AVX2 as well as the portable
+// baseline; the loader picks the clone the CPU supports (the math is the same either way).
+template <typename scalar_t>
+__attribute__((target_clones("avx2", "default")))
+void argmax_row(const scalar_t* row, int32_t k, int64_t count, float* best, int32_t* arg) {
+  for (int64_t p = 0; p < count; ++p) argmax_step(static_cast<float>(row[p]), k, best[p], arg[p]);
+}
+
 template <typename scalar_t>
 void renoise_cpu_loop(const scalar_t* logits, int64_t n, int64_t plane, const RenoiseFn<scalar_t>& fn) {
   constexpr int64_t kPixels = 256;
@@ -28,10 +36,7 @@ void renoise_cpu_loop(const scalar_t* logits, int64_t n, int64_t plane, const Re
         best[p] = static_cast<float>(src[p]);
         arg[p] = 0;
       }
-      for (int64_t k = 1; k < num_classes; ++k) {
-        const scalar_t* row = src + k * plane;
-        for (int64_t p = 0; p < count; ++p) argmax_step(static_cast<float>(row[p]), static_cast<int32_t>(k), best[p], arg[p]);
-      }
+      for (int64_t k = 1; k < num_classes; ++k) argmax_row(src + k * plane, static_cast<int32_t>(k), count, best, arg);
       for (int64_t p = 0; p < count; ++p) fn.finish(arg[p], b, b * plane + p0 + p);
     }
   });

@@ -21,7 +21,7 @@ void argmax_row(const scalar_t* row, int32_t k, int64_t count, float* best, int3
 
 template <typename scalar_t>
 void renoise_cpu_loop(const scalar_t* logits, int64_t n, int64_t plane, const RenoiseFn<scalar_t>& fn) {
-  constexpr int64_t kPixels = 256;
+  constexpr int64_t kPixels = 1024;
   const int64_t num_classes = fn.space.num_classes;
   const int64_t chunks_per_row = (plane + kPixels - 1) / kPixels;
   at::parallel_for(0, (n / plane) * chunks_per_row, 4, [&](int64_t begin, int64_t end) {

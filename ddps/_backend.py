@@ -73,6 +73,13 @@ def _triton_status():
 
 def backends() -> dict[str, dict]:
     """What each backend can do here: ``{name: {"available": bool, "reason": str}}``."""
+    return {name: dict(entry) for name, entry in _backends().items()}
+
+
+@functools.cache
+def _backends() -> dict[str, dict]:
+    # Fixed for the life of the process (the build, the devices and TRITON_INTERPRET's effect on
+    # an imported Triton do not change), and asked on every op call with an explicit backend.
     module, reason = _load_extension()
     if module is None:
         cpu, cuda = (False, reason), (False, reason)
@@ -111,7 +118,7 @@ def resolve(op: str, backend: str | None, device: torch.device, implemented: tup
     if device.type == "cpu" and "cpu" in implemented and extension() is not None:
         return "cpu"
     if device.type == "cuda":
-        if "cuda" in implemented and extension() is not None and backends()["cuda"]["available"]:
+        if "cuda" in implemented and extension() is not None and _backends()["cuda"]["available"]:
             return "cuda"
         if "triton" in implemented and _triton_status()[0]:
             return "triton"
@@ -124,7 +131,7 @@ def _check_runnable(op: str, backend: str, device: torch.device, source: str) ->
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             raise ValueError(f"{op}: {source}{backend!r} cannot run on {device.type} tensors")
-        status = backends()[backend]
+        status = _backends()[backend]
         if not status["available"]:
             raise ValueError(f"{op}: {source}{backend!r} is unavailable: {status['reason']}")
         return

@@ -68,6 +68,9 @@ def timesteps(t, name: str, batch: int, num_timesteps: int, device: torch.device
         raise ValueError(f"{name} must have shape [{batch}] (one noise level per sample), got {tuple(t.shape)}")
     same_device(t, name, device, "the labels")
     if t.numel() and _check_values():
+        low, high = torch.aminmax(t)
+        if int(low) >= 0 and int(high) < num_timesteps:
+            return t.long()
         bad = (t < 0) | (t >= num_timesteps)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])

@@ -39,14 +39,14 @@ def _q_posterior_sample_fwd_kernel(p_x0, p_xt, p_out, p_t, p_table, n, plane, se
     tl.store(p_out + o_n, b_out.to(p_out.dtype.element_ty), mask=m_n)
 
 
-def q_posterior_sample_fwd(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: int,
+def q_posterior_sample_fwd(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: torch.Tensor,
                            num_classes: int, mask_index: int, ignore_index: Optional[int]) -> torch.Tensor:
-    """x0, x_t [B, *] labels (contiguous), t int64 [B], table int64 [T, 3, 2] -> labels like x_t."""
+    """x0, x_t [B, *] labels (contiguous), t int64 [B], seed CPU int64 scalar (the Philox key), table int64 [T, 3, 2] -> labels like x_t."""
     out = torch.empty_like(x_t)
     n = x_t.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        torch.library.wrap_triton(_q_posterior_sample_fwd_kernel)[grid](x0, x_t, out, t, table, n, n // x_t.shape[0], seed, num_classes,
+        torch.library.wrap_triton(_q_posterior_sample_fwd_kernel)[grid](x0, x_t, out, t, table, n, n // x_t.shape[0], int(seed), num_classes,
                                              mask_index, 0 if ignore_index is None else ignore_index,
                                              HAS_IGNORE=ignore_index is not None, BLOCK=BLOCK)
     return out

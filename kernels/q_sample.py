@@ -27,14 +27,14 @@ def _q_sample_fwd_kernel(p_x0, p_out, p_t, p_table, n, plane, seed, num_classes,
     tl.store(p_out + o_n, b_out.to(p_out.dtype.element_ty), mask=m_n)
 
 
-def q_sample_fwd(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: int, num_classes: int,
+def q_sample_fwd(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: torch.Tensor, num_classes: int,
                  mask_index: int, ignore_index: Optional[int]) -> torch.Tensor:
-    """x0 [B, *] labels (contiguous), t int64 [B], table int64 [T + 1, 2] -> labels like x0."""
+    """x0 [B, *] labels (contiguous), t int64 [B], seed CPU int64 scalar (the Philox key), table int64 [T + 1, 2] -> labels like x0."""
     out = torch.empty_like(x0)
     n = x0.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        torch.library.wrap_triton(_q_sample_fwd_kernel)[grid](x0, out, t, table, n, n // x0.shape[0], seed, num_classes, mask_index,
+        torch.library.wrap_triton(_q_sample_fwd_kernel)[grid](x0, out, t, table, n, n // x0.shape[0], int(seed), num_classes, mask_index,
                                    0 if ignore_index is None else ignore_index,
                                    HAS_IGNORE=ignore_index is not None, BLOCK=BLOCK)
     return out

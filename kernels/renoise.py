@@ -34,13 +34,13 @@ def _renoise_fwd_kernel(p_logits, p_out, p_t, p_table, n, plane, seed, num_class
     tl.store(p_out + o_n, b_out, mask=m_n)
 
 
-def renoise_fwd(logits: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: int, num_classes: int,
+def renoise_fwd(logits: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: torch.Tensor, num_classes: int,
                 mask_index: int) -> torch.Tensor:
-    """logits [B, K, *] (contiguous), t int64 [B], table int64 [T + 1, 2] -> int64 labels [B, *]."""
+    """logits [B, K, *] (contiguous), t int64 [B], seed CPU int64 scalar (the Philox key), table int64 [T + 1, 2] -> int64 labels [B, *]."""
     out = torch.empty((logits.shape[0], *logits.shape[2:]), dtype=torch.int64, device=logits.device)
     n = out.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        torch.library.wrap_triton(_renoise_fwd_kernel)[grid](logits, out, t, table, n, n // out.shape[0], seed, num_classes, mask_index,
+        torch.library.wrap_triton(_renoise_fwd_kernel)[grid](logits, out, t, table, n, n // out.shape[0], int(seed), num_classes, mask_index,
                                   BLOCK=BLOCK)
     return out

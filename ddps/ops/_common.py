@@ -62,11 +62,6 @@ def mask_index(schedule: DiffusionSchedule) -> int:
     return -1 if schedule.mask_index is None else schedule.mask_index
 
 
-def triton_kernel(module: str, name: str):
-    """A Triton launcher from ddps.kernels, imported on first use (importing Triton is slow)."""
-    return getattr(importlib.import_module(f"ddps.kernels.{module}"), name)
-
-
 def keep_ignored(sample, labels: torch.Tensor, ignore_index, *inputs: torch.Tensor) -> torch.Tensor:
     """Run the reference ``sample(*inputs)`` with ignored pixels set to class 0, then put
     ``labels``' value back where any input was ignored."""
@@ -83,7 +78,7 @@ def keep_ignored(sample, labels: torch.Tensor, ignore_index, *inputs: torch.Tens
 @functools.cache
 def _triton_op(op: str):
     # Registered on first use: importing Triton is slow and it may be absent.
-    launcher = triton_kernel(op, f"{op}_fwd")
+    launcher = getattr(importlib.import_module(f"ddps.kernels.{op}"), f"{op}_fwd")
     custom = torch.library.triton_op(f"ddps_triton::{op}", launcher, mutates_args=())
     # The same shapes as the compiled op's fake; explicit, because the traced default would run
     # the kernel on fake tensors under the Triton interpreter.
@@ -92,9 +87,6 @@ def _triton_op(op: str):
 
 
 def launch(op: str, backend: str, *args):
-    """Run a sampling op's compiled (``cpu``/``cuda``) or Triton kernel. ``args``: the schema's
-    arguments, the seed as a CPU int64 scalar tensor (the Triton launchers take it as an int)."""
-    if backend == "triton":
-        return _triton_op(op)(*(int(a) if isinstance(a, torch.Tensor) and a.dim() == 0 and a.device.type == "cpu"
-                                and not a.dtype.is_floating_point else a for a in args))
-    return getattr(torch.ops.ddps, op)(*args)
+    """Run a sampling op's compiled (``cpu``/``cuda``) or Triton kernel with the schema's
+    arguments (both take the seed as a CPU int64 scalar tensor)."""
+    return (_triton_op(op) if backend == "triton" else getattr(torch.ops.ddps, op))(*args)

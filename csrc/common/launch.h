@@ -1,5 +1,5 @@
 // CPU launcher of the label ops: f(b, i, words) for every element i of a [B, plane] index space
-// (sample b), with the element's two Philox words; one Philox call serves each pair of elements.
+// (sample b), with the element's two Philox words, drawn a block at a time (philox_cpu.h).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -8,26 +8,28 @@
 #include <vector>
 
 #include "common/logits.h"
+#include "common/philox_cpu.h"
 
 namespace ddps {
 
 template <typename F>
 void cpu_for_each(int64_t n, int64_t plane, int64_t grain, const F& f) {
-  at::parallel_for(0, (n + 1) / 2, grain, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kBlock = 256;
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, std::max<int64_t>(grain / kBlock, 1), [&](int64_t begin, int64_t end) {
+    Words2 words[kBlock];
     // Track the sample row incrementally: no per-element division.
-    int64_t b = 2 * begin / plane;
+    int64_t b = begin * kBlock / plane;
     int64_t row_end = (b + 1) * plane;
-    auto visit = [&](int64_t i, Words2 r) {
-      while (i >= row_end) {
-        ++b;
-        row_end += plane;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kBlock, count = std::min(kBlock, n - first);
+      element_words_range(static_cast<uint64_t>(first), count, f.seed, words);
+      for (int64_t j = 0; j < count; ++j) {
+        while (first + j >= row_end) {
+          ++b;
+          row_end += plane;
+        }
+        f(b, first + j, words[j]);
       }
-      f(b, i, r);
-    };
-    for (int64_t j = begin; j < end; ++j) {
-      const Philox4 r = philox4x32_10(static_cast<uint64_t>(j), f.seed);
-      visit(2 * j, pair_words(r, false));
-      if (2 * j + 1 < n) visit(2 * j + 1, pair_words(r, true));
     }
   });
 }

@@ -24,13 +24,17 @@ DDPS_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
-DDPS_HD Philox4 philox4x32_10(uint64_t index, uint64_t seed) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
-  uint32_t c2 = 0u, c3 = 0u;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+struct MulHi32 {
+  DDPS_HD uint32_t operator()(uint32_t a, uint32_t b) const { return mulhi32(a, b); }
+};
+
+// The ten rounds on counter words of type U: uint32_t, or on the CPU a vector of uint32 lanes
+// (common/philox_cpu.h) with `mulhi` its lane-wise high product. One definition for every backend.
+template <typename U, typename MulHi>
+DDPS_HD void philox_rounds(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1, const MulHi& mulhi) {
   for (int round = 0; round < 10; ++round) {
-    const uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
-    const uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
+    const U n0 = mulhi(0xCD9E8D57u, c2) ^ c1 ^ k0;
+    const U n2 = mulhi(0xD2511F53u, c0) ^ c3 ^ k1;
     c1 = 0xCD9E8D57u * c2;
     c3 = 0xD2511F53u * c0;
     c0 = n0;
@@ -38,6 +42,12 @@ DDPS_HD Philox4 philox4x32_10(uint64_t index, uint64_t seed) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+}
+
+DDPS_HD Philox4 philox4x32_10(uint64_t index, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
+  uint32_t c2 = 0u, c3 = 0u;
+  philox_rounds(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), MulHi32{});
   return Philox4{c0, c1, c2, c3};
 }
 

@@ -4,40 +4,117 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "common/philox_cpu.h"
 #include "renoise/renoise_op.h"
 
 namespace ddps {
 namespace {
 
-// The running argmax of a chunk of pixels advances class by class over contiguous rows of the
-// [B, K, plane] logits (one pass over memory, vectorised), then each pixel is noised.
-// One class row of the running argmax over `count` pixels. Built for AVX2 as well as the portable
-// baseline; the loader picks the clone the CPU supports (the math is the same either way).
+// A tile of kTile neighbouring pixels keeps its running argmax in kVectors vector registers
+// (GCC vector extensions: one AVX-512 register per vector, or two AVX2 / four SSE2 ones, by the
+// clone the CPU runs) while the class rows stream past: one load, compare and two selects per
+// lane and class, nothing stored until the end.
+constexpr int kLanes = 16;
+constexpr int kVectors = 8;  // 24 of AVX-512's 32 registers; 512 contiguous bytes per class row
+constexpr int64_t kTile = kLanes * kVectors;
+typedef float FloatV __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IntV __attribute__((vector_size(4 * kLanes)));
+
 template <typename scalar_t>
-__attribute__((target_clones("avx2", "default")))
-void argmax_row(const scalar_t* row, int32_t k, int64_t count, float* best, int32_t* arg) {
-  for (int64_t p = 0; p < count; ++p) argmax_step(static_cast<float>(row[p]), k, best[p], arg[p]);
+inline FloatV load_lanes(const scalar_t* p) {
+  FloatV v;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
+  }
+  return v;
+}
+
+// The argmax of kWidth * kLanes pixels (class-0 logits at src, classes `plane` apart) into arg; `next` is the
+// tile the caller reads after this one. Without NaN,
+// torch.argmax's rule is "strictly greater wins", which is all the vector loop does; a tile that
+// holds a NaN returns false and is redone with the exact scalar rule (argmax_step). The NaN test
+// is a running sum of the logits (a NaN propagates through it; +inf + -inf only costs a redo),
+// one add per vector: GCC turns a per-class `v != v` into a scalar test per lane.
+template <int kWidth, typename scalar_t>
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+bool argmax_tile(const scalar_t* src, const scalar_t* next, int64_t plane, int32_t num_classes, int32_t* arg) {
+  FloatV best[kWidth];
+  IntV best_class[kWidth];
+  FloatV sum[kWidth];
+  for (int j = 0; j < kWidth; ++j) {
+    best[j] = sum[j] = load_lanes(src + j * kLanes);
+    best_class[j] = IntV{};
+  }
+  for (int32_t k = 1; k < num_classes; ++k) {
+    const scalar_t* row = src + k * plane;
+    // The class rows are too many streams for the hardware prefetcher: fetch the same row of the
+    // next tile (`next`) while this one computes.
+    for (int64_t byte = 0; byte < kWidth * kLanes * int64_t{sizeof(scalar_t)}; byte += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(next + k * plane) + byte);
+    const IntV kv = IntV{} + k;
+    for (int j = 0; j < kWidth; ++j) {
+      const FloatV v = load_lanes(row + j * kLanes);
+      const IntV take = v > best[j];
+      best[j] = take ? v : best[j];
+      best_class[j] = take ? kv : best_class[j];
+      sum[j] += v;
+    }
+  }
+  for (int j = 0; j < kWidth; ++j)
+    for (int l = 0; l < kLanes; ++l)
+      if (sum[j][l] != sum[j][l]) return false;
+  std::memcpy(arg, best_class, sizeof best_class);
+  return true;
+}
+
+// The argmax of `count` <= kTile pixels: a full tile at once, a partial one (the end of a sample's
+// plane) by vectors, then pixel by pixel; all of it pixel by pixel if a NaN turns up.
+template <typename scalar_t>
+void argmax_pixels(const scalar_t* src, const scalar_t* next, int64_t plane, int32_t num_classes, int64_t count,
+                   int32_t* arg) {
+  bool exact = true;
+  int64_t done = 0;
+  if (count == kTile) {
+    exact = argmax_tile<kVectors>(src, next, plane, num_classes, arg);
+    done = kTile;
+  }
+  for (; exact && done + kLanes <= count; done += kLanes)
+    exact = argmax_tile<1>(src + done, next, plane, num_classes, arg + done);
+  if (!exact) done = 0;
+  for (int64_t p = done; p < count; ++p)
+    arg[p] = static_cast<int32_t>(argmax_label(PixelLogits<scalar_t>{src + p, plane}, num_classes));
 }
 
 template <typename scalar_t>
 void renoise_cpu_loop(const scalar_t* logits, int64_t n, int64_t plane, const RenoiseFn<scalar_t>& fn) {
-  constexpr int64_t kPixels = 1024;
-  const int64_t num_classes = fn.space.num_classes;
-  const int64_t chunks_per_row = (plane + kPixels - 1) / kPixels;
-  at::parallel_for(0, (n / plane) * chunks_per_row, 4, [&](int64_t begin, int64_t end) {
-    float best[kPixels];
-    int32_t arg[kPixels];
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t b = chunk / chunks_per_row;
-      const int64_t p0 = (chunk % chunks_per_row) * kPixels;
-      const int64_t count = std::min(kPixels, plane - p0);
-      const scalar_t* src = logits + b * num_classes * plane + p0;
-      for (int64_t p = 0; p < count; ++p) {
-        best[p] = static_cast<float>(src[p]);
-        arg[p] = 0;
+  const int32_t num_classes = static_cast<int32_t>(fn.space.num_classes);
+  const int64_t tiles_per_row = (plane + kTile - 1) / kTile;
+  const int64_t batch = n / plane;
+  // Tiles ordered pixel-major, sample-minor: every thread gets a share of every sample, so the
+  // samples whose tiles are skipped do not leave a thread idle.
+  at::parallel_for(0, batch * tiles_per_row, 4, [&](int64_t begin, int64_t end) {
+    Words2 words[kTile];
+    int32_t arg[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile % batch;
+      const int64_t p0 = (tile / batch) * kTile;
+      const int64_t next_b = (tile + 1) % batch, next_p0 = std::min((tile + 1) / batch * kTile, plane - 1);
+      const int64_t count = std::min(kTile, plane - p0);
+      const int64_t first = b * plane + p0;
+      element_words_range(static_cast<uint64_t>(first), count, fn.seed, words);
+      bool needed = false;
+      for (int64_t p = 0; p < count; ++p) needed |= fn.keeps_label(b, words[p]);
+      if (needed) {
+        const scalar_t* src = logits + b * num_classes * plane + p0;
+        argmax_pixels(src, logits + next_b * num_classes * plane + next_p0, plane, num_classes, count, arg);
       }
-      for (int64_t k = 1; k < num_classes; ++k) argmax_row(src + k * plane, static_cast<int32_t>(k), count, best, arg);
-      for (int64_t p = 0; p < count; ++p) fn.finish(arg[p], b, b * plane + p0 + p);
+      // Where no pixel keeps its label, the argmax is never used: any class will do.
+      for (int64_t p = 0; p < count; ++p) fn.finish(needed ? arg[p] : 0, b, first + p, words[p]);
     }
   });
 }

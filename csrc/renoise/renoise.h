@@ -39,15 +39,20 @@ struct RenoiseFn {
   uint64_t seed;
   LabelSpace space;
 
-  // Pixel i (sample b) whose argmax is x0.
-  DDPS_HD void finish(int64_t x0, int64_t b, int64_t i) const {
+  // Whether draw r of sample b keeps the pixel's label; when it does not, the sample is the same
+  // whatever the argmax, so a loop may skip reading that pixel's logits.
+  DDPS_HD bool keeps_label(int64_t b, Words2 r) const { return static_cast<uint64_t>(r.first) < table[2 * t[b]]; }
+
+  // Pixel i (sample b) whose argmax is x0, with its words r. The counter is the label's index, as
+  // in q_sample: renoise(l) == q_sample(argmax(l)) bitwise.
+  DDPS_HD void finish(int64_t x0, int64_t b, int64_t i, Words2 r) const {
     const int64_t* row = table + 2 * t[b];
-    // The counter is the label's index, as in q_sample: renoise(l) == q_sample(argmax(l)) bitwise.
-    out[i] = q_sample_label(x0, row[0], row[1], space, element_words(static_cast<uint64_t>(i), seed));
+    out[i] = q_sample_label(x0, row[0], row[1], space, r);
   }
 
   DDPS_HD void operator()(int64_t b, int64_t i) const {
-    finish(argmax_label(pixel_logits(logits, space.num_classes, plane, b, i), space.num_classes), b, i);
+    finish(argmax_label(pixel_logits(logits, space.num_classes, plane, b, i), space.num_classes), b, i,
+           element_words(static_cast<uint64_t>(i), seed));
   }
 };
 

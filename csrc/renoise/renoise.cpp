@@ -53,9 +53,9 @@ bool argmax_tile(const scalar_t* src, const scalar_t* next, int64_t plane, int32
   for (int32_t k = 1; k < num_classes; ++k) {
     const scalar_t* row = src + k * plane;
     // The class rows are too many streams for the hardware prefetcher: fetch the same row of the
-    // next tile (`next`) while this one computes.
+    // next tile (`next`) into L2 while this one computes (a whole tile does not fit in L1).
     for (int64_t byte = 0; byte < kWidth * kLanes * int64_t{sizeof(scalar_t)}; byte += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(next + k * plane) + byte);
+      __builtin_prefetch(reinterpret_cast<const char*>(next + k * plane) + byte, 0, 2);
     const IntV kv = IntV{} + k;
     for (int j = 0; j < kWidth; ++j) {
       const FloatV v = load_lanes(row + j * kLanes);

@@ -76,3 +76,23 @@ def timesteps(t, name: str, batch: int, num_timesteps: int, device: torch.device
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name}[{i}]={int(t[i])} is outside [0, {num_timesteps})")
     return t.long()
+
+
+def floating(x, name: str) -> torch.Tensor:
+    tensor(x, name)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got dtype {x.dtype}")
+    return x
+
+
+def heads(q, k, v) -> None:
+    """q, k, v: attention inputs [B, heads, d, N] of one shape, dtype and device."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        floating(x, name)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, heads, d, N], got shape {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        same_shape(q, x, "q", name)
+        same_device(x, name, q.device, "q")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has dtype {q.dtype}")

@@ -24,7 +24,8 @@ from . import _checks
 from .schedule import DiffusionSchedule
 
 __all__ = ["index_to_log_onehot", "log_add_exp", "sample_categorical", "q_pred_log", "q_pred",
-           "q_posterior_log", "q_posterior", "transition_matrix", "p_posterior_log", "p_posterior"]
+           "q_posterior_log", "q_posterior", "transition_matrix", "p_posterior_log", "p_posterior",
+           "attention", "linear_attention", "channel_layer_norm", "group_norm_film_silu", "weight_standardize"]
 
 
 def _log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -210,3 +211,54 @@ def p_posterior(logits: torch.Tensor, x_t: torch.Tensor, t, schedule: DiffusionS
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample x_{t-1} ~ p(x_{t-1} | x_t) with soft x0 = softmax(logits): int64 labels [B, *]."""
     return sample_categorical(p_posterior_log(logits, x_t, t, schedule), generator)
+
+
+# --- the denoiser's ops (SPEC §4), the original's sequences, used by ddps.nn's reference modules ---
+
+def _norm_eps(x: torch.Tensor) -> float:
+    return 1e-5 if x.dtype == torch.float32 else 1e-3
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention over tokens: q, k, v [B, heads, d, N] -> [B, heads * d, N]."""
+    q = q * scale
+    sim = torch.einsum("bhdi,bhdj->bhij", q, k)
+    attn = sim.softmax(dim=-1)
+    out = torch.einsum("bhij,bhdj->bhid", attn, v)
+    return out.permute(0, 1, 3, 2).reshape(q.shape[0], -1, q.shape[-1])
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The original linear attention core: q, k, v [B, heads, d, N] -> [B, heads * d, N]."""
+    q = q.softmax(dim=-2)
+    k = k.softmax(dim=-1)
+    q = q * scale
+    v = v / q.shape[-1]
+    context = torch.einsum("bhdn,bhen->bhde", k, v)
+    out = torch.einsum("bhde,bhdn->bhen", context, q)
+    return out.reshape(q.shape[0], -1, q.shape[-1])
+
+
+def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """LayerNorm over dim 1 of [B, C, *], gain g [1, C, 1, ...] and no bias; eps by dtype if None."""
+    eps = _norm_eps(x) if eps is None else eps
+    var = torch.var(x, dim=1, unbiased=False, keepdim=True)
+    mean = torch.mean(x, dim=1, keepdim=True)
+    return (x - mean) * (var + eps).rsqrt() * g
+
+
+def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+                         shift: torch.Tensor | None, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """The ResnetBlock's Block epilogue: GroupNorm(groups) -> x * (scale + 1) + shift -> SiLU;
+    x [B, C, H, W], scale/shift [B, C, 1, 1] (both or neither)."""
+    x = F.group_norm(x, groups, weight, bias, eps)
+    if scale is not None:
+        x = x * (scale + 1) + shift
+    return F.silu(x)
+
+
+def weight_standardize(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-output-channel standardisation of a conv weight [O, I, kh, kw] (biased variance)."""
+    mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+    var = torch.var(weight, dim=(1, 2, 3), unbiased=False, keepdim=True)
+    return (weight - mean) * (var + eps).rsqrt()

@@ -2,8 +2,10 @@
 attention in the middle (SPEC §4). Module and attribute names follow the original so that its
 state dicts load with ``strict=True``.
 
-``backend=`` selects the kernels of the module's ops; only ``"reference"`` (eager PyTorch, the
-original's op sequence) exists so far.
+``backend=`` selects the kernels of the module's ops: ``"reference"`` (``ddps.reference``, the
+original's op sequence, bitwise) or ``"fused"`` (``ddps.ops``: attention, linear_attention,
+channel_layer_norm, group_norm_film_silu on the backend the resolver picks, and weight
+standardisation computed once per weight version wherever no gradient flows into the weight).
 """
 from __future__ import annotations
 
@@ -13,17 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODULE_BACKENDS = ("reference",)
+from .. import ops, reference
+
+MODULE_BACKENDS = ("reference", "fused")
 
 
 def check_backend(backend: str) -> str:
     if backend not in MODULE_BACKENDS:
         raise ValueError(f"backend={backend!r} is not a module backend; choose one of {MODULE_BACKENDS}")
     return backend
-
-
-def _eps(x: torch.Tensor) -> float:
-    return 1e-5 if x.dtype == torch.float32 else 1e-3
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -42,36 +42,51 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class WeightStandardizedConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardised per output channel (biased variance) on every call."""
+    """Conv2d whose weight is standardised per output channel (biased variance). The reference
+    backend recomputes it on every call, as the original; the fused one keeps it while the weight
+    is unchanged (same tensor, same version counter, same dtype) and no gradient flows into it."""
+
+    def __init__(self, *args, backend: str = "reference", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend(backend)
+        self._cached = None  # (key, standardised weight)
+
+    def standardized_weight(self, x: torch.Tensor) -> torch.Tensor:
+        eps = reference._norm_eps(x)
+        weight = self.weight
+        cacheable = (self.backend == "fused" and not (torch.is_grad_enabled() and weight.requires_grad)
+                     and not torch.compiler.is_compiling())
+        if not cacheable:
+            return reference.weight_standardize(weight, eps)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, eps)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, reference.weight_standardize(weight.detach(), eps))
+        return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = _eps(x)
-        weight = self.weight
-        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
-        var = torch.var(weight, dim=(1, 2, 3), unbiased=False, keepdim=True)
-        normalized = (weight - mean) * (var + eps).rsqrt()
-        return F.conv2d(x, normalized, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.standardized_weight(x), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm over the channel dim of [B, C, H, W], gain only (no bias)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, backend: str = "reference"):
         super().__init__()
+        self.backend = check_backend(backend)
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = _eps(x)
-        var = torch.var(x, dim=1, unbiased=False, keepdim=True)
-        mean = torch.mean(x, dim=1, keepdim=True)
-        return (x - mean) * (var + eps).rsqrt() * self.g
+        if self.backend == "reference":
+            return reference.channel_layer_norm(x, self.g)
+        return ops.channel_layer_norm(x, self.g)
 
 
 class PreNorm(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module):
+    def __init__(self, dim: int, fn: nn.Module, backend: str = "reference"):
         super().__init__()
         self.fn = fn
-        self.norm = LayerNorm(dim)
+        self.norm = LayerNorm(dim, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(self.norm(x))
@@ -102,17 +117,15 @@ class LinearAttention(nn.Module):
         self.heads = heads
         hidden_dim = dim_head * heads
         self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim))
+        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim, backend=backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        q = q.softmax(dim=-2)
-        k = k.softmax(dim=-1)
-        q = q * self.scale
-        v = v / (h * w)
-        context = torch.einsum("bhdn,bhen->bhde", k, v)
-        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        if self.backend == "reference":
+            out = reference.linear_attention(q, k, v, self.scale)
+        else:
+            out = ops.linear_attention(q, k, v, self.scale)
         return self.to_out(out.reshape(b, -1, h, w))
 
 
@@ -131,37 +144,36 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        q = q * self.scale
-        sim = torch.einsum("bhdi,bhdj->bhij", q, k)
-        attn = sim.softmax(dim=-1)
-        out = torch.einsum("bhij,bhdj->bhid", attn, v)
-        out = out.permute(0, 1, 3, 2).reshape(b, -1, h, w)
-        return self.to_out(out)
+        if self.backend == "reference":
+            out = reference.attention(q, k, v, self.scale)
+        else:
+            out = ops.attention(q, k, v, self.scale)
+        return self.to_out(out.reshape(b, -1, h, w))
 
 
 class Block(nn.Module):
     """WS-conv 3x3 -> GroupNorm -> optional FiLM (x * (scale + 1) + shift) -> SiLU."""
 
-    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+    def __init__(self, dim: int, dim_out: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
-        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1)
+        self.backend = check_backend(backend)
+        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1, backend=backend)
         self.norm = nn.GroupNorm(groups, dim_out)
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
-        x = self.norm(self.proj(x))
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = x * (scale + 1) + shift
-        return self.act(x)
+        scale, shift = scale_shift if scale_shift is not None else (None, None)
+        epilogue = reference.group_norm_film_silu if self.backend == "reference" else ops.group_norm_film_silu
+        return epilogue(self.proj(x), self.norm.weight, self.norm.bias, scale, shift, self.norm.num_groups,
+                        self.norm.eps)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int, groups: int = 8):
+    def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
-        self.block1 = Block(dim, dim_out, groups=groups)
-        self.block2 = Block(dim_out, dim_out, groups=groups)
+        self.block1 = Block(dim, dim_out, groups=groups, backend=backend)
+        self.block2 = Block(dim_out, dim_out, groups=groups, backend=backend)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
@@ -201,10 +213,10 @@ class UNet(nn.Module):
                                       nn.Linear(time_dim, time_dim))
 
         def resnet(d_in, d_out):
-            return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, groups=resnet_block_groups)
+            return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, groups=resnet_block_groups, backend=backend)
 
         def attention(d, cls):
-            return Residual(PreNorm(d, cls(d, backend=backend)))
+            return Residual(PreNorm(d, cls(d, backend=backend), backend=backend))
 
         self.downs = nn.ModuleList()
         for ind, (d_in, d_out) in enumerate(in_out):

@@ -1,10 +1,14 @@
 """Fused DDPS ops. Each takes ``backend=None`` (see ``ddps.backends()``); the samplers also take
 ``generator=None`` (the Philox seed is drawn from it: same generator state, same samples, on
 every backend and for any thread count)."""
+from .attention import attention
+from .channel_layer_norm import channel_layer_norm
+from .group_norm_film_silu import group_norm_film_silu
+from .linear_attention import linear_attention
 from .p_posterior_sample import p_posterior_sample
 from .posterior_log_probs import posterior_log_probs
 from .q_posterior_sample import q_posterior_sample
 from .q_sample import q_sample
 from .renoise import renoise
 
-__all__ = ["p_posterior_sample", "posterior_log_probs", "q_posterior_sample", "q_sample", "renoise"]
+__all__ = ["attention", "channel_layer_norm", "group_norm_film_silu", "linear_attention", "p_posterior_sample", "posterior_log_probs", "q_posterior_sample", "q_sample", "renoise"]

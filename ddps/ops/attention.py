@@ -1,0 +1,27 @@
+"""attention: the mid block's softmax attention, in the layouts of the convolutions around it.
+
+Backends: ``cpu`` (torch's scaled_dot_product_attention on token-major copies: on this package's
+reference CPU it is 4x the reference at the mid-block shape, while the same call on the
+transposed views is slower than the reference) and ``reference`` (``ddps.reference.attention``).
+Differentiable on both.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _checks, reference
+
+IMPLEMENTED = ("cpu", "reference")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              backend: str | None = None) -> torch.Tensor:
+    """softmax((q * scale)^T k) over keys, applied to v: q, k, v [B, heads, d, N] (the 1x1 qkv
+    conv's output viewed per head) -> [B, heads * d, N] (what the output conv reads)."""
+    _checks.heads(q, k, v)
+    chosen = _backend.resolve("attention", backend, q.device, IMPLEMENTED)
+    if chosen == "reference":
+        return reference.attention(q, k, v, scale)
+    out = F.scaled_dot_product_attention(*(x.transpose(-1, -2).contiguous() for x in (q, k, v)), scale=scale)
+    return out.transpose(-1, -2).reshape(q.shape[0], -1, q.shape[-1])  # [B, heads * d, N]

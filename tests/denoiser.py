@@ -1,0 +1,38 @@
+"""Shared checks of the denoiser ops: a fused op against ddps.reference, forward and backward,
+with an fp64 run of the reference as the oracle."""
+import torch
+
+import ddps
+
+# The backends with a fast path for the denoiser ops that can run here.
+DENOISER = ["cpu"] if ddps.backends()["cpu"]["available"] else []
+
+
+def _run(fn, inputs, grad_out):
+    inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*inputs)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach().double(), [x.grad.double() if x.grad is not None else None for x in inputs]
+
+
+def _error(a, b):
+    return (a - b).abs().max().item()
+
+
+def assert_matches_reference(fused, ref, inputs, dtype=torch.float32, rtol=1e-5):
+    """Forward output and input gradients of ``fused`` vs the fp64 reference. float32: max error
+    <= rtol * max|oracle| + 1e-6; float16/bfloat16: flash-attention's rule, error <= 2 x the error of the
+    reference computed in the same dtype, + a small atol."""
+    oracle_out = ref(*[x.double() if x.is_floating_point() else x for x in inputs])
+    grad_out = torch.randn(oracle_out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    oracle = _run(ref, [x.double() if x.is_floating_point() else x for x in inputs], grad_out)
+    cast = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
+    got = _run(fused, cast, grad_out)
+    low = _run(ref, cast, grad_out)
+    for name, g, o, l in [("output", got[0], oracle[0], low[0])] + [
+            (f"grad of input {i}", gg, oo, ll) for i, (gg, oo, ll) in enumerate(zip(got[1], oracle[1], low[1]))]:
+        if o is None:
+            continue
+        scale = o.abs().max().item()
+        bound = rtol * scale + 1e-6 if dtype == torch.float32 else 2 * _error(l, o) + 1e-3 * scale
+        assert _error(g, o) <= bound, f"{name}: error {_error(g, o):.3g} > {bound:.3g}"

@@ -15,8 +15,8 @@ namespace {
 
 // A tile of kTile neighbouring pixels keeps its running argmax in kVectors vector registers
 // (GCC vector extensions: one AVX-512 register per vector, or two AVX2 / four SSE2 ones, by the
-// clone the CPU runs) while the class rows stream past: one load, compare and two selects per
-// lane and class, nothing stored until the end.
+// clone the CPU runs) while the class rows stream past: a load, a compare, two selects and the
+// NaN probe's add per vector and class, nothing stored until the end.
 constexpr int kLanes = 16;
 constexpr int kVectors = 8;  // 24 of AVX-512's 32 registers; 512 contiguous bytes per class row
 constexpr int64_t kTile = kLanes * kVectors;
@@ -34,10 +34,10 @@ inline FloatV load_lanes(const scalar_t* p) {
   return v;
 }
 
-// The argmax of kWidth * kLanes pixels (class-0 logits at src, classes `plane` apart) into arg; `next` is the
-// tile the caller reads after this one. Without NaN,
-// torch.argmax's rule is "strictly greater wins", which is all the vector loop does; a tile that
-// holds a NaN returns false and is redone with the exact scalar rule (argmax_step). The NaN test
+// The argmax of kWidth * kLanes pixels (class-0 logits at src, classes `plane` apart) into arg;
+// `next` is the tile the caller reads after this one. Without NaN, torch.argmax's rule is
+// "strictly greater wins", which is all the vector loop does; a tile that holds a NaN returns
+// false and is redone with the exact scalar rule (argmax_step). The NaN test
 // is a running sum of the logits (a NaN propagates through it; +inf + -inf only costs a redo),
 // one add per vector: GCC turns a per-class `v != v` into a scalar test per lane.
 template <int kWidth, typename scalar_t>

@@ -3,8 +3,6 @@
 // the rounds are philox.h's, so the words equal the scalar (and CUDA, and Triton) ones.
 #include "common/philox_cpu.h"
 
-#include <algorithm>
-
 namespace ddps {
 namespace {
 

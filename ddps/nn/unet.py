@@ -26,6 +26,11 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def op_backend(backend: str) -> str | None:
+    """The ``backend=`` a module passes to ``ddps.ops``: the reference ops, or the resolver's choice."""
+    return "reference" if backend == "reference" else None
+
+
 class SinusoidalPosEmb(nn.Module):
     """Timesteps [B] -> [B, dim] sinusoidal features."""
 
@@ -77,9 +82,7 @@ class LayerNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "reference":
-            return reference.channel_layer_norm(x, self.g)
-        return ops.channel_layer_norm(x, self.g)
+        return ops.channel_layer_norm(x, self.g, backend=op_backend(self.backend))
 
 
 class PreNorm(nn.Module):
@@ -122,10 +125,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        if self.backend == "reference":
-            out = reference.linear_attention(q, k, v, self.scale)
-        else:
-            out = ops.linear_attention(q, k, v, self.scale)
+        out = ops.linear_attention(q, k, v, self.scale, backend=op_backend(self.backend))
         return self.to_out(out.reshape(b, -1, h, w))
 
 
@@ -144,10 +144,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        if self.backend == "reference":
-            out = reference.attention(q, k, v, self.scale)
-        else:
-            out = ops.attention(q, k, v, self.scale)
+        out = ops.attention(q, k, v, self.scale, backend=op_backend(self.backend))
         return self.to_out(out.reshape(b, -1, h, w))
 
 
@@ -159,13 +156,11 @@ class Block(nn.Module):
         self.backend = check_backend(backend)
         self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1, backend=backend)
         self.norm = nn.GroupNorm(groups, dim_out)
-        self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
         scale, shift = scale_shift if scale_shift is not None else (None, None)
-        epilogue = reference.group_norm_film_silu if self.backend == "reference" else ops.group_norm_film_silu
-        return epilogue(self.proj(x), self.norm.weight, self.norm.bias, scale, shift, self.norm.num_groups,
-                        self.norm.eps)
+        return ops.group_norm_film_silu(self.proj(x), self.norm.weight, self.norm.bias, scale, shift,
+                                        self.norm.num_groups, self.norm.eps, backend=op_backend(self.backend))
 
 
 class ResnetBlock(nn.Module):

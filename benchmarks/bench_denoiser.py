@@ -3,34 +3,37 @@ same weights, forward and forward + backward, at the ADE20K denoiser's shapes.
 
     python benchmarks/bench_denoiser.py [--batch 1 4] [--unet-size 128] [--json FILE]
 
-Every figure of one run comes from one process, so ratios are side by side. The UNet row also
+Every figure of one run comes from one process, so ratios are side by side. The fused modules are
+run as inside UNet(backend="fused"): channels-last weights and activations. The UNet row also
 reports the share of the reference forward spent in convolutions (torch profiler) and the
 achieved GFLOP/s of both (FLOPs of the convolutions and matmuls counted by torch's FlopCounterMode).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import ddps
 from ddps.cli import machine_line
-from ddps.nn.unet import Attention, LinearAttention, Block, UNet
+from timing import measure, print_rows, timing_row, write_json
+from ddps import ops
+from ddps.nn.unet import Attention, Block, LinearAttention, UNet, op_backend
 
 
-def measure(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+class Epilogue(torch.nn.Module):
+    """The Block epilogue alone (GroupNorm -> FiLM -> SiLU), with GroupNorm(8)'s parameters."""
+
+    def __init__(self, dim: int, backend: str = "reference"):
+        super().__init__()
+        self.backend = backend
+        self.norm = torch.nn.GroupNorm(8, dim)
+
+    def forward(self, x, scale_shift):
+        return ops.group_norm_film_silu(x, self.norm.weight, self.norm.bias, *scale_shift, 8,
+                                        backend=op_backend(self.backend))
 
 
 def _pair(cls, *args, **kwargs):
@@ -38,18 +41,34 @@ def _pair(cls, *args, **kwargs):
     ref = cls(*args, **kwargs)
     fused = cls(*args, **kwargs, backend="fused")
     fused.load_state_dict(ref.state_dict())
-    return ref, fused
+    # As inside UNet(backend="fused"): channels-last weights (the UNet converts its input once).
+    return ref, fused.to(memory_format=torch.channels_last)
+
+
+def _channels_last(args):
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
 
 
 def cases(batches, unet_size):
+    """(name, (reference module, fused module), reference args, fused args): the fused modules get
+    channels-last activations, as the fused UNet gives them; the UNet converts its input itself."""
     for b in batches:
-        yield f"Attention mid [{b},256,32,32]", _pair(Attention, 256), (torch.randn(b, 256, 32, 32),)
+        x32 = torch.randn(b, 256, 32, 32)
+        yield f"Attention mid [{b},256,32,32]", _pair(Attention, 256), (x32,), _channels_last((x32,))
         for s in (128, 64, 32):
-            yield f"LinearAttention [{b},256,{s},{s}]", _pair(LinearAttention, 256), (torch.randn(b, 256, s, s),)
+            x = torch.randn(b, 256, s, s)
+            yield f"LinearAttention [{b},256,{s},{s}]", _pair(LinearAttention, 256), (x,), _channels_last((x,))
         scale_shift = (torch.randn(b, 256, 1, 1), torch.randn(b, 256, 1, 1))
-        yield f"Block [{b},256,64,64]", _pair(Block, 256, 256), (torch.randn(b, 256, 64, 64), scale_shift)
-    yield (f"UNet ADE20K [1,272,{unet_size},{unet_size}]", _pair(UNet, 256, 256, 272, (1, 1, 1)),
-           (torch.randn(1, 272, unet_size, unet_size), torch.tensor([5])))
+        x64 = torch.randn(b, 256, 64, 64)
+        yield f"Block [{b},256,64,64]", _pair(Block, 256, 256), (x64, scale_shift), _channels_last((x64,)) + (
+            scale_shift,)
+        # The epilogue's input carries a gradient in the UNet (the conv's output).
+        x64 = x64.clone().requires_grad_()
+        yield (f"Block epilogue [{b},256,64,64]", _pair(Epilogue, 256), (x64, scale_shift),
+               (x64.detach().contiguous(memory_format=torch.channels_last).requires_grad_(), scale_shift))
+    args = (torch.randn(1, 272, unet_size, unet_size), torch.tensor([5]))
+    yield f"UNet ADE20K [1,272,{unet_size},{unet_size}]", _pair(UNet, 256, 256, 272, (1, 1, 1)), args, args
 
 
 def conv_share(module, args) -> float:
@@ -63,54 +82,50 @@ def conv_share(module, args) -> float:
 
 def run(batches, unet_size, repeats) -> dict:
     rows = []
-    for name, (ref, fused), args in cases(batches, unet_size):
+    for name, (ref, fused), ref_args, fused_args in cases(batches, unet_size):
         is_unet = name.startswith("UNet")
         for mode in ("fwd",) if is_unet else ("fwd", "fwd+bwd"):
             timings = {}
-            for provider, module in (("reference", ref), ("fused", fused)):
+            for provider, module, args in (("reference", ref, ref_args), ("fused", fused, fused_args)):
                 if mode == "fwd":
                     module.eval()
 
-                    def fn(module=module):
+                    def fn(module=module, args=args):
                         with torch.no_grad():
                             return module(*args)
                 else:
                     module.train()
 
-                    def fn(module=module):
+                    def fn(module=module, args=args):
                         module(*args).sum().backward()
                 timings[provider] = measure(fn, repeats)
             base = statistics.median(timings["reference"])
             for provider, times in timings.items():
-                med = statistics.median(times)
-                q = statistics.quantiles(times, n=5) if len(times) > 1 else [med] * 4
-                row = dict(case=name, mode=mode, provider=provider, median_ms=med * 1e3, q20_ms=q[0] * 1e3,
-                           q80_ms=q[3] * 1e3, speedup=base / med)
+                row = timing_row(times, base, case=name, mode=mode, provider=provider)
                 if is_unet:
-                    module = ref if provider == "reference" else fused
+                    module, args = (ref, ref_args) if provider == "reference" else (fused, fused_args)
                     with torch.no_grad(), FlopCounterMode(display=False) as counter:
                         module(*args)
-                    row["gflops"] = counter.get_total_flops() / med / 1e9
+                    row["gflops"] = counter.get_total_flops() / (row["median_ms"] / 1e3) / 1e9
                     row["conv_share"] = conv_share(module, args)
                 rows.append(row)
         with torch.no_grad():
             ref.eval(), fused.eval()
-            err = ((fused(*args) - ref(*args)).abs().max() / ref(*args).abs().max()).item()
+            expected = ref(*ref_args)
+            err = ((fused(*fused_args) - expected).abs().max() / expected.abs().max()).item()
         rows[-1]["max_rel_error"] = err
     return dict(machine=machine_line(torch.device("cpu")), torch=torch.__version__, rows=rows)
 
 
 def print_table(result: dict) -> None:
-    print(result["machine"])
-    print(f"{'case':34s} {'mode':8s} {'provider':10s} {'median ms':>10s} {'q20':>9s} {'q80':>9s} {'speedup':>8s}  extra")
-    for r in result["rows"]:
-        extra = []
+    def extras(r):
         if "gflops" in r:
-            extra.append(f"{r['gflops']:.0f} GFLOP/s, convolutions {100 * r['conv_share']:.0f}% of CPU time")
+            yield f"{r['gflops']:.0f} GFLOP/s, convolutions {100 * r['conv_share']:.0f}% of CPU time"
         if "max_rel_error" in r:
-            extra.append(f"fused vs reference max rel. error {r['max_rel_error']:.1e}")
-        print(f"{r['case']:34s} {r['mode']:8s} {r['provider']:10s} {r['median_ms']:10.2f} {r['q20_ms']:9.2f} "
-              f"{r['q80_ms']:9.2f} {r['speedup']:7.2f}x  {'; '.join(extra)}")
+            yield f"fused vs reference max rel. error {r['max_rel_error']:.1e}"
+
+    print(result["machine"])
+    print_rows(result["rows"], [("case", 34), ("mode", 8), ("provider", 10)], extras)
 
 
 def main(argv=None) -> int:
@@ -122,9 +137,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = run(args.batch, args.unet_size, args.repeats)
     print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

@@ -66,8 +66,8 @@ def demo(args) -> int:
 
     cond = torch.randn(args.batch, args.cond_channels, args.size, args.size, device=device)
     print(f"\nDDPSHead.sample: T={args.timesteps}, {args.steps} inference steps, guidance {args.guidance}, "
-          f"dim {args.dim}, cond [{args.batch}, {args.cond_channels}, {args.size}, {args.size}] (random weights; "
-          "the denoiser is the reference UNet in both)")
+          f"dim {args.dim}, cond [{args.batch}, {args.cond_channels}, {args.size}, {args.size}] (random weights, "
+          "the same in both heads)")
     weights = None
     for backend in ("reference", "auto"):
         head = DDPSHead(num_classes=args.classes, cond_channels=args.cond_channels, dim=args.dim, out_dim=args.dim,
@@ -78,7 +78,7 @@ def demo(args) -> int:
         head.load_state_dict(weights)
         times = _time(lambda: head.sample(cond), max(1, args.repeats // 10), device)
         final, _ = head.sample(cond)
-        label = "reference" if backend == "reference" else "fused ops"
+        label = "reference" if backend == "reference" else "fused"
         print(f"  {label:9s} median {statistics.median(times) * 1e3:9.1f} ms   final logits {tuple(final.shape)}, "
               f"{final.argmax(1).unique().numel()} classes predicted")
     return 0

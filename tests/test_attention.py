@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ddps import reference
+from ddps import _checks, reference
 from ddps.ops import attention, linear_attention
 from denoiser import DENOISER, assert_matches_reference
 
@@ -41,6 +41,31 @@ def test_non_contiguous_inputs(backend, op, ref):
     q, k, v = (x[:, :, :, ::2] for x in _qkv((2, 4, 32, 90)))
     assert not q.is_contiguous()
     torch.testing.assert_close(op(q, k, v, 0.2, backend=backend), ref(q, k, v, 0.2), rtol=1e-5, atol=1e-6)
+
+
+def _token_major(q, k, v):
+    """The three as views of one token-major [B, 3 * heads * d, N] tensor, as a channels-last
+    qkv conv gives them (a differentiable copy)."""
+    b, h, d, n = q.shape
+    qkv = torch.cat((q, k, v), dim=1).reshape(b, 3 * h * d, n).transpose(1, 2).contiguous().transpose(1, 2)
+    views = [x.reshape(b, h, d, n) for x in qkv.chunk(3, dim=1)]
+    assert _checks.token_major(views[0])
+    return views
+
+
+@pytest.mark.parametrize("backend", DENOISER)
+@pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 32, 77), (3, 2, 8, 64)], ids=["B2h4d32N77", "B3h2d8N64"])
+def test_token_major_views(backend, op, ref, dtype, shape):
+    scale = shape[2] ** -0.5
+
+    def fused(q, k, v):
+        out = op(*_token_major(q, k, v), scale, backend=backend)
+        assert out.shape == (shape[0], shape[1] * shape[2], shape[3]) and out.stride(1) == 1  # token-major
+        return out
+
+    assert_matches_reference(fused, lambda q, k, v: ref(q, k, v, scale), _qkv(shape), dtype=dtype)
 
 
 @pytest.mark.parametrize("op", [attention, linear_attention], ids=OP_IDS)

@@ -134,3 +134,52 @@ def test_posterior_mode_with_fused_ops(official_heads):
     torch.manual_seed(golden["torch_seed"])
     final, collected = head.sample(golden["cond"])
     assert len(collected) == 2 and torch.isfinite(final).all()
+
+
+def _reference_and_fused(golden):
+    heads = []
+    for backend in ("reference", "cpu"):
+        head = make_head(golden["config"], backend=backend)
+        head.load_state_dict(golden["state_dict"], strict=True)
+        heads.append(head.eval())
+    return heads
+
+
+def _relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["head0", "head2"])
+def test_fused_step_matches_reference_step(official_heads, name):
+    # The fused step: fused UNet, init_conv's condition share computed once, guidance from the
+    # bias-only share. The reference step: the original's two full denoiser calls.
+    golden = official_heads[name]
+    ref, fused = _reference_and_fused(golden)
+    cond = golden["cond"]
+    g = torch.Generator().manual_seed(1)
+    ref_step, fused_step = ref._step(cond), fused._step(cond)
+    with torch.no_grad():
+        for i in (0, ref.num_timesteps // 2, ref.num_timesteps - 1):
+            mask = torch.randint(0, ref.num_classes, cond.shape[:1] + cond.shape[2:], generator=g)
+            t = torch.full([cond.shape[0]], i)
+            assert _relative_error(fused_step(mask, t), ref_step(mask, t)) <= 1e-4
+
+
+def test_fused_training_denoiser_gradients_match_reference(official_heads):
+    golden = official_heads["head0"]
+    ref, fused = _reference_and_fused(golden)  # eval: no dropout, gradients still flow
+    cond = golden["cond"]
+    mask = torch.randint(0, ref.num_classes, cond.shape[:1] + cond.shape[2:], generator=torch.Generator().manual_seed(2))
+    t = torch.arange(cond.shape[0]) % ref.num_timesteps
+    ref_logits = ref.denoise(cond, mask, t)
+    fused_logits = fused.denoise_from_share(fused.cond_share(cond), mask, t)
+    assert _relative_error(fused_logits, ref_logits) <= 1e-4
+    grad = torch.randn(ref_logits.shape, generator=torch.Generator().manual_seed(3))
+    ref_logits.backward(grad)
+    fused_logits.backward(grad)
+    checked = 0
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        if p_ref.grad is not None:
+            assert _relative_error(p_fused.grad, p_ref.grad) <= 1e-4, name
+            checked += 1
+    assert checked > 100 and fused.unet.init_conv.weight.grad is not None

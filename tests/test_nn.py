@@ -97,6 +97,20 @@ def test_fused_unet_matches_reference_ade20k_config():
         assert _relative_error(fused(x, t), ref(x, t)) <= 1e-4
 
 
+def test_fused_unet_is_channels_last_with_the_same_state_dict():
+    ref, fused = (m.eval() for m in _pair(dim=16, out_dim=8, channels=5, dim_mults=(1, 2)))
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    back = ddps.nn.UNet(dim=16, out_dim=8, channels=5, dim_mults=(1, 2))
+    back.load_state_dict(fused.state_dict(), strict=True)
+    x, t = torch.randn(2, 5, 8, 8), torch.tensor([0, 3])
+    with torch.no_grad():
+        out = fused(x, t)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(back(x, t), ref(x, t), rtol=0, atol=0)
+        assert _relative_error(out, ref(x, t)) <= 1e-4
+
+
 def test_fused_unet_gradients_match_reference():
     ref, fused = _pair(dim=16, out_dim=8, channels=5, dim_mults=(1, 2))
     x, t = torch.randn(2, 5, 8, 8), torch.tensor([0, 3])

@@ -2,8 +2,9 @@
 
 Backends: ``cpu`` (torch's scaled_dot_product_attention on token-major copies: on this package's
 reference CPU it is 4x the reference at the mid-block shape, while the same call on the
-transposed views is slower than the reference) and ``reference`` (``ddps.reference.attention``).
-Differentiable on both.
+transposed views is slower than the reference; views of a channels-last conv's output are already
+token-major and go in as they are, and the output then comes back token-major too) and
+``reference`` (``ddps.reference.attention``). Differentiable on both.
 """
 from __future__ import annotations
 
@@ -23,5 +24,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     chosen = _backend.resolve("attention", backend, q.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.attention(q, k, v, scale)
+    if _checks.token_major(q):  # channels-last qkv conv: SDPA reads the views as they are
+        out = F.scaled_dot_product_attention(*(x.transpose(-1, -2) for x in (q, k, v)), scale=scale)
+        return _checks.heads_output(out)
     out = F.scaled_dot_product_attention(*(x.transpose(-1, -2).contiguous() for x in (q, k, v)), scale=scale)
     return out.transpose(-1, -2).reshape(q.shape[0], -1, q.shape[-1])  # [B, heads * d, N]

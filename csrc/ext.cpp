@@ -15,6 +15,12 @@ TORCH_LIBRARY(ddps, m) {
   m.def("p_posterior_sample(Tensor logits, Tensor x_t, Tensor t, Tensor table, Tensor seed, int num_classes, "
         "int mask_index, int? ignore_index) -> Tensor");
   m.def("renoise(Tensor logits, Tensor t, Tensor table, Tensor seed, int num_classes, int mask_index) -> Tensor");
+  // Denoiser ops (ddps/ops/): x channels-last [B, C, H, W]; scale, shift [B, C] (FiLM) or None.
+  // Forward returns (y, mean [B, groups], rstd [B, groups]); the backward takes the latter two.
+  m.def("group_norm_film_silu(Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("group_norm_film_silu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
+        "Tensor? shift, Tensor mean, Tensor rstd, int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 static PyModuleDef ddps_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -30,6 +30,14 @@ def register_fake(op_name: str):
     return wrap
 
 
+AUTOGRAD: dict[str, tuple] = {}
+
+
+def register_autograd(op_name: str, backward, setup_context):
+    """Record the autograd formula of ``ddps::<op_name>``, registered with the fakes."""
+    AUTOGRAD[op_name] = (backward, setup_context)
+
+
 @functools.cache
 def _load_extension():
     """Return (module or None, reason)."""
@@ -41,6 +49,8 @@ def _load_extension():
         return None, f"ddps._C failed to import ({type(exc).__name__}: {exc})"
     for name, fn in FAKES.items():
         torch.library.register_fake(f"ddps::{name}")(fn)
+    for name, (backward, setup_context) in AUTOGRAD.items():
+        torch.library.register_autograd(f"ddps::{name}", backward, setup_context=setup_context)
     return module, "compiled extension ddps._C loaded"
 
 

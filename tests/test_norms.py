@@ -22,21 +22,68 @@ def test_channel_layer_norm(backend, shape, dtype):
                              lambda x, g: reference.channel_layer_norm(x, g, eps), [x, g], dtype=dtype)
 
 
+def _norm_inputs(shape, film, offset=0.0):
+    b, c = shape[:2]
+    inputs = [_randn(*shape) + offset, _randn(c, seed=1), _randn(c, seed=2)]
+    return inputs + ([_randn(b, c, 1, 1, seed=3), _randn(b, c, 1, 1, seed=4)] if film else [])
+
+
+def _with_groups(fn, groups, memory_format=torch.contiguous_format, **kw):
+    return lambda x, w, bias, *ss: fn(x.contiguous(memory_format=memory_format), w, bias, *(ss or (None, None)),
+                                      groups, **kw)
+
+
+# channels_last float32 is the C++ kernel's case (16-channel vectors, 256-pixel chunks: the shapes
+# cover a partial vector, one pixel, and several chunks); the rest runs torch's kernels.
 @pytest.mark.parametrize("backend", DENOISER)
 @pytest.mark.parametrize("film", [True, False], ids=["film", "no-film"])
-@pytest.mark.parametrize("shape,groups", [((2, 64, 9, 7), 8), ((1, 8, 1, 1), 2), ((2, 16, 16, 16), 4)], ids=str)
+@pytest.mark.parametrize("shape,groups", [((2, 64, 9, 7), 8), ((1, 8, 1, 1), 2), ((2, 16, 16, 16), 4),
+                                          ((2, 24, 17, 19), 8)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_norm_film_silu(backend, film, shape, groups, dtype):
-    b, c = shape[:2]
-    inputs = [_randn(*shape), _randn(c, seed=1), _randn(c, seed=2)]
-    if film:
-        inputs += [_randn(b, c, 1, 1, seed=3), _randn(b, c, 1, 1, seed=4)]
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_group_norm_film_silu(backend, film, shape, groups, dtype, memory_format):
+    assert_matches_reference(_with_groups(group_norm_film_silu, groups, memory_format, backend=backend),
+                             _with_groups(reference.group_norm_film_silu, groups), _norm_inputs(shape, film),
+                             dtype=dtype)
 
-    def call(fn, **kw):
-        return lambda x, w, bias, *ss: fn(x, w, bias, *(ss or (None, None)), groups, **kw)
 
-    assert_matches_reference(call(group_norm_film_silu, backend=backend), call(reference.group_norm_film_silu),
-                             inputs, dtype=dtype)
+@pytest.mark.parametrize("backend", DENOISER)
+def test_group_norm_film_silu_large_mean(backend):
+    # Mean 300 against a spread of 1: float32 itself loses digits there (the reference run in
+    # float32 is off by 1.2e-4 relative in dweight, 4e-5 in dx), hence rtol 1e-4; statistics that
+    # cancelled catastrophically would miss it by orders of magnitude.
+    assert_matches_reference(_with_groups(group_norm_film_silu, 4, torch.channels_last, backend=backend),
+                             _with_groups(reference.group_norm_film_silu, 4),
+                             _norm_inputs((2, 32, 20, 20), True, offset=300.0), rtol=1e-4)
+
+
+@pytest.mark.skipif(not DENOISER, reason="needs the compiled extension")
+def test_group_norm_film_silu_kernel_is_thread_count_invariant():
+    x, w, bias, scale, shift = _norm_inputs((2, 48, 40, 40), True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x_ = x.detach().requires_grad_()
+            y = group_norm_film_silu(x_, w, bias, scale, shift, 8, backend="cpu")
+            y.backward(y.detach())
+            results.append((y.detach(), x_.grad))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.skipif(not DENOISER, reason="needs the compiled extension")
+@pytest.mark.parametrize("film", [True, False], ids=["film", "no-film"])
+def test_group_norm_film_silu_opcheck(film):
+    x, w, bias, *ss = _norm_inputs((2, 16, 5, 6), film)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    ss = [s.reshape(2, 16).requires_grad_() for s in ss] or [None, None]
+    torch.library.opcheck(torch.ops.ddps.group_norm_film_silu.default,
+                          (x, w.requires_grad_(), bias.requires_grad_(), *ss, 4, 1e-5))
 
 
 @pytest.mark.parametrize("backend", DENOISER)

@@ -1,9 +1,10 @@
 """group_norm_film_silu: the ResnetBlock's Block epilogue, GroupNorm -> x * (scale + 1) + shift ->
 SiLU.
 
-Backends: ``cpu`` (torch's group_norm, then FiLM as one addcmul and SiLU in place: two passes
-over the activation fewer than the reference, about 1.8x on this package's reference CPU) and
-``reference`` (``ddps.reference.group_norm_film_silu``). Differentiable on both.
+Backends: ``cpu`` (for float32 channels-last activations, as in the fused UNet: a C++ kernel
+with one statistics pass and one output pass, and a two-pass backward; otherwise torch's
+group_norm, then FiLM as one addcmul and SiLU in place) and ``reference``
+(``ddps.reference.group_norm_film_silu``). Differentiable on both.
 """
 from __future__ import annotations
 
@@ -31,8 +32,49 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     chosen = _backend.resolve("group_norm_film_silu", backend, x.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.group_norm_film_silu(x, weight, bias, scale, shift, groups, eps)
+    if _kernel_takes(x, weight, bias, scale, shift):
+        b, c = x.shape[:2]
+        film = [None, None] if scale is None else [t.reshape(b, c).contiguous() for t in (scale, shift)]
+        return torch.ops.ddps.group_norm_film_silu(x, weight.contiguous(), bias.contiguous(), *film, groups,
+                                                  eps)[0]
     y = F.group_norm(x, groups, weight, bias, eps)
     if scale is not None:
         y = torch.addcmul(shift, y, scale + 1)
     # y is this function's own temporary: overwrite it unless autograd needs it for SiLU's backward.
     return F.silu(y, inplace=not y.requires_grad)
+
+
+def _kernel_takes(x, *params) -> bool:
+    """The C++ kernel's case: float32 channels-last [B, C, H, W] (the fused UNet's activations)."""
+    return (x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+            and all(p is None or p.dtype == torch.float32 for p in params)
+            and x.device.type == "cpu" and x.numel() > 0)
+
+
+@_backend.register_fake("group_norm_film_silu")
+def _fake(x, weight, bias, scale, shift, groups, eps):
+    stats = x.new_empty(x.shape[0], groups)
+    return torch.empty_like(x), stats, stats.clone()
+
+
+@_backend.register_fake("group_norm_film_silu_backward")
+def _backward_fake(grad, x, weight, bias, scale, shift, mean, rstd, groups):
+    film = None if scale is None else x.new_empty(x.shape[:2])
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), film, \
+        None if film is None else film.clone()
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, groups, _ = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift, output[1], output[2])
+    ctx.groups = groups
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.ddps.group_norm_film_silu_backward(grad.contiguous(memory_format=torch.channels_last), x,
+                                                         weight, bias, scale, shift, mean, rstd, ctx.groups)
+    return (*grads, None, None)
+
+
+_backend.register_autograd("group_norm_film_silu", _backward, _setup_context)

@@ -1,0 +1,309 @@
+// ddps::group_norm_film_silu on the CPU: float32 activations in channels-last memory, the layout
+// of the fused UNet. Forward: one statistics pass, one output pass (the reference makes seven).
+// Backward: one pass for the per-channel sums, one for dx. Every sum is over fixed chunks of
+// pixels combined in a fixed order, so the results do not depend on the thread count.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// The vector helpers are inlined into each clone: no vector crosses a call boundary, so GCC's
+// note that such calls would have another ABI without AVX-512 does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ddps {
+namespace {
+
+// Forced inline: GCC does not otherwise inline these (default-target) functions into the
+// target_clones loops, and an out-of-line call per vector spills it through memory.
+#define DDPS_INLINE __attribute__((always_inline))
+
+constexpr int kLanes = 16;
+typedef float FloatV __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IntV __attribute__((vector_size(4 * kLanes)));
+constexpr int64_t kChunk = 256;  // pixels per partial sum
+
+// exp for a vector: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
+// (relative error < 3e-7), inputs clamped so that 2^n stays a normal float. libm's expf does not
+// vectorise without -ffast-math, which the rest of the extension must not have.
+DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
+  x = x < -87.0f ? FloatV{} - 87.0f : x;
+  x = x > 88.0f ? FloatV{} + 88.0f : x;
+  const FloatV magic = FloatV{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const FloatV n = (x * 1.44269504f + magic) - magic;
+  const FloatV r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts
+  FloatV p = FloatV{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IntV bits = (__builtin_convertvector(n, IntV) + 127) << 23;
+  FloatV scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// count < kLanes only at the end of a pixel's channels; the full case is one vector load/store.
+DDPS_INLINE inline FloatV load(const float* p, int count) {
+  FloatV v{};
+  if (count == kLanes)
+    std::memcpy(&v, p, sizeof v);
+  else
+    std::memcpy(&v, p, sizeof(float) * count);
+  return v;
+}
+
+DDPS_INLINE inline void store(float* p, FloatV v, int count) {
+  if (count == kLanes)
+    std::memcpy(p, &v, sizeof v);
+  else
+    std::memcpy(p, &v, sizeof(float) * count);
+}
+
+// The per-(sample, channel) map of the forward: z = (x - mean) * a + b, GroupNorm, its affine
+// and FiLM folded together (x - mean first: exact where x is close to the mean), y = silu(z).
+struct Affine {
+  std::vector<float> mean, a, b;  // [B, C]
+};
+
+struct Shape {
+  int64_t batch, channels, pixels, groups;
+  int64_t chunks() const { return (pixels + kChunk - 1) / kChunk; }
+  int64_t group_size() const { return channels / groups; }
+};
+
+// The loops below run as clones for AVX-512, AVX2 and baseline x86-64 (the functors and vector
+// helpers are inlined into each clone): one 16-lane vector is one AVX-512 register.
+#define DDPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+
+// Sums over pixels p0 .. p1 - 1 of sample b of the two quantities f gives per channel vector.
+template <typename F>
+DDPS_CLONES void chunk_sums(const Shape& s, F& f, int64_t b, int64_t p0, int64_t p1, float* out) {
+  for (int64_t c = 0; c < s.channels; c += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, s.channels - c));
+    FloatV s0{}, s1{};
+    for (int64_t p = p0; p < p1; ++p) {
+      FloatV v0, v1;
+      f(b, p, c, count, v0, v1);
+      s0 += v0;
+      s1 += v1;
+    }
+    store(out + c, s0, count);
+    store(out + s.channels + c, s1, count);
+  }
+}
+
+// Per (sample, channel) sums of the two quantities f(b, p, c, count, v0, v1) gives, in double:
+// sums[(b * C + c) * 2 + j]. Chunks of kChunk pixels are summed in float, then in a fixed order.
+template <typename F>
+std::vector<double> channel_sums(const Shape& s, F f) {
+  const int64_t C = s.channels, chunks = s.chunks();
+  std::vector<float> partial(s.batch * chunks * C * 2);
+  at::parallel_for(0, s.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / chunks, p0 = item % chunks * kChunk;
+      chunk_sums(s, f, b, p0, std::min(p0 + kChunk, s.pixels), partial.data() + item * C * 2);
+    }
+  });
+  std::vector<double> sums(s.batch * C * 2, 0.0);
+  for (int64_t item = 0; item < s.batch * chunks; ++item) {
+    const int64_t b = item / chunks;
+    for (int64_t c = 0; c < C; ++c)
+      for (int j = 0; j < 2; ++j) sums[(b * C + c) * 2 + j] += partial[item * C * 2 + j * C + c];
+  }
+  return sums;
+}
+
+template <typename G>
+DDPS_CLONES void vectors_range(const Shape& s, G& g, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
+    for (int64_t c = 0; c < s.channels; c += kLanes)
+      g(i / s.pixels, i % s.pixels, c, static_cast<int>(std::min<int64_t>(kLanes, s.channels - c)));
+}
+
+// Applies g(b, p, c, count) to every vector of channels of every pixel, in parallel.
+template <typename G>
+void for_each_vector(const Shape& s, G g) {
+  at::parallel_for(0, s.batch * s.pixels, kChunk,
+                   [&](int64_t begin, int64_t end) { vectors_range(s, g, begin, end); });
+}
+
+struct Inputs {
+  Shape shape;
+  const float *x, *weight, *bias, *scale, *shift;  // scale, shift: [B, C] or null
+  float film(int64_t b, int64_t c) const { return scale ? scale[b * shape.channels + c] + 1.0f : 1.0f; }
+};
+
+Inputs inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "group_norm_film_silu (cpu): x must be a channels-last float32 [B, C, H, W] tensor");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "group_norm_film_silu: groups must divide C");
+  for (const at::Tensor* t : {&weight, &bias})
+    TORCH_CHECK(t->numel() == C && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "group_norm_film_silu (cpu): weight and bias must be contiguous float32 [C]");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm_film_silu: scale and shift go together");
+  if (scale)
+    for (const at::Tensor* t : {&*scale, &*shift})
+      TORCH_CHECK(t->numel() == x.size(0) * C && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                  "group_norm_film_silu (cpu): scale and shift must be contiguous float32 [B, C]");
+  return Inputs{{x.size(0), C, x.size(2) * x.size(3), groups}, x.data_ptr<float>(), weight.data_ptr<float>(),
+                bias.data_ptr<float>(), scale ? scale->data_ptr<float>() : nullptr,
+                shift ? shift->data_ptr<float>() : nullptr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                           const at::Tensor& bias,
+                                                           const std::optional<at::Tensor>& scale,
+                                                           const std::optional<at::Tensor>& shift, int64_t groups,
+                                                           double eps) {
+  const Inputs in = inputs(x, weight, bias, scale, shift, groups);
+  const Shape& s = in.shape;
+  const int64_t C = s.channels, P = s.pixels, Cg = s.group_size();
+  // Sums of x - x[pixel 0] per channel: shifted by a sample of the data, the variance does not
+  // cancel catastrophically when the mean is large against the spread.
+  std::vector<float> origin(s.batch * C);
+  for (int64_t b = 0; b < s.batch; ++b) std::memcpy(&origin[b * C], in.x + b * P * C, C * sizeof(float));
+  const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
+    const FloatV d = load(in.x + (b * P + p) * C + c, count) - load(&origin[b * C + c], count);
+    v0 = d;
+    v1 = d * d;
+  });
+  at::Tensor mean = at::empty({s.batch, s.groups}, x.options()), rstd = at::empty_like(mean);
+  Affine f{std::vector<float>(s.batch * C), std::vector<float>(s.batch * C), std::vector<float>(s.batch * C)};
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t g = 0; g < s.groups; ++g) {
+      double sum = 0, sumsq = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double o = origin[b * C + c], s1 = sums[(b * C + c) * 2], s2 = sums[(b * C + c) * 2 + 1];
+        sum += s1 + P * o;
+        sumsq += s2 + 2 * o * s1 + P * o * o;
+      }
+      const double n = static_cast<double>(P * Cg), m = sum / n;
+      const double r = 1.0 / std::sqrt(std::max(sumsq / n - m * m, 0.0) + eps);
+      mean.data_ptr<float>()[b * s.groups + g] = static_cast<float>(m);
+      rstd.data_ptr<float>()[b * s.groups + g] = static_cast<float>(r);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double k = in.film(b, c);
+        f.mean[b * C + c] = static_cast<float>(m);
+        f.a[b * C + c] = static_cast<float>(in.weight[c] * r * k);
+        f.b[b * C + c] = static_cast<float>(in.bias[c] * k + (in.shift ? in.shift[b * C + c] : 0.0f));
+      }
+    }
+  at::Tensor y = at::empty_like(x);
+  float* out = y.data_ptr<float>();
+  for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
+    const int64_t j = b * C + c;
+    const FloatV z = (load(in.x + (b * P + p) * C + c, count) - load(&f.mean[j], count)) * load(&f.a[j], count) +
+                     load(&f.b[j], count);
+    store(out + (b * P + p) * C + c, z / (1.0f + exp_lanes(-z)), count);
+  });
+  return {y, mean, rstd};
+}
+
+// dy -> dx, dweight, dbias, dscale, dshift (the last two undefined without FiLM). With
+// n = (x - mean) * rstd, u = n * w + bias, z = u * k + shift (k = scale + 1), y = silu(z):
+// dz = dy * silu'(z); dshift = sum dz, dscale = sum dz * u; du = dz * k gives dweight, dbias;
+// dx = rstd * (du * w - mean_g(du * w) - n * mean_g(du * w * n)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t groups) {
+  const Inputs in = inputs(x, weight, bias, scale, shift, groups);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat &&
+                  grad.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "group_norm_film_silu (cpu): grad must be channels-last float32 like x");
+  const Shape& s = in.shape;
+  const int64_t C = s.channels, P = s.pixels, Cg = s.group_size(), G = s.groups;
+  const float* dy = grad.data_ptr<float>();
+  // Per (b, c): n = (x - nm) * nr, z = n * za + zb.
+  std::vector<float> nm(s.batch * C), nr(s.batch * C), za(s.batch * C), zb(s.batch * C);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const float r = rstd.data_ptr<float>()[b * G + c / Cg], m = mean.data_ptr<float>()[b * G + c / Cg];
+      const float k = in.film(b, c);
+      nm[b * C + c] = m;
+      nr[b * C + c] = r;
+      za[b * C + c] = in.weight[c] * k;
+      zb[b * C + c] = in.bias[c] * k + (in.shift ? in.shift[b * C + c] : 0.0f);
+    }
+  // dz and n of one vector of channels at one pixel.
+  auto dz_n = [&](int64_t b, int64_t p, int64_t c, int count, FloatV& dz, FloatV& n) DDPS_INLINE {
+    const int64_t i = (b * P + p) * C + c, j = b * C + c;
+    n = (load(in.x + i, count) - load(&nm[j], count)) * load(&nr[j], count);
+    const FloatV z = n * load(&za[j], count) + load(&zb[j], count);
+    const FloatV sig = 1.0f / (1.0f + exp_lanes(-z));
+    dz = load(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
+  };
+  const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
+    FloatV dz, n;
+    dz_n(b, p, c, count, dz, n);
+    v0 = dz;
+    v1 = dz * n;
+  });
+  at::Tensor dweight = at::zeros({C}, weight.options()), dbias = at::zeros({C}, weight.options());
+  at::Tensor dscale, dshift;
+  if (in.scale) {
+    dscale = at::empty({s.batch, C}, x.options());
+    dshift = at::empty({s.batch, C}, x.options());
+  }
+  std::vector<double> dw(C, 0.0), db(C, 0.0);
+  std::vector<float> m1(s.batch * G), m2(s.batch * G);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      double t1 = 0, t2 = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double s1 = sums[(b * C + c) * 2], s2 = sums[(b * C + c) * 2 + 1], k = in.film(b, c);
+        if (in.scale) {
+          dshift.data_ptr<float>()[b * C + c] = static_cast<float>(s1);
+          dscale.data_ptr<float>()[b * C + c] = static_cast<float>(s2 * in.weight[c] + s1 * in.bias[c]);
+        }
+        dw[c] += k * s2;
+        db[c] += k * s1;
+        t1 += in.weight[c] * k * s1;
+        t2 += in.weight[c] * k * s2;
+      }
+      m1[b * G + g] = static_cast<float>(t1 / (P * Cg));
+      m2[b * G + g] = static_cast<float>(t2 / (P * Cg));
+    }
+  for (int64_t c = 0; c < C; ++c) {
+    dweight.data_ptr<float>()[c] = static_cast<float>(dw[c]);
+    dbias.data_ptr<float>()[c] = static_cast<float>(db[c]);
+  }
+  // Per (b, c): dx = dz * xa + n * xb + xc.
+  std::vector<float> xa(s.batch * C), xb(s.batch * C), xc(s.batch * C);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t g = b * G + c / Cg;
+      const float r = rstd.data_ptr<float>()[g];
+      xa[b * C + c] = r * za[b * C + c];
+      xb[b * C + c] = -r * m2[g];
+      xc[b * C + c] = -r * m1[g];
+    }
+  at::Tensor dx = at::empty_like(x);
+  float* out = dx.data_ptr<float>();
+  for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
+    FloatV dz, n;
+    dz_n(b, p, c, count, dz, n);
+    const int64_t j = b * C + c;
+    store(out + (b * P + p) * C + c,
+          dz * load(&xa[j], count) + n * load(&xb[j], count) + load(&xc[j], count), count);
+  });
+  return {dx, dweight, dbias, dscale, dshift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddps, CPU, m) {
+  m.impl("group_norm_film_silu", &forward_cpu);
+  m.impl("group_norm_film_silu_backward", &backward_cpu);
+}
+
+}  // namespace ddps

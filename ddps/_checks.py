@@ -85,19 +85,6 @@ def floating(x, name: str) -> torch.Tensor:
     return x
 
 
-def token_major(x: torch.Tensor) -> bool:
-    """Whether a [B, heads, d, N] view has its d channels adjacent in memory, as the views of a
-    channels-last 1x1 conv's output do (then the ops work on tokens and return that layout)."""
-    return x.shape[-2] > 1 and x.stride(-2) == 1 and x.shape[-1] > 1
-
-
-def heads_output(out: torch.Tensor) -> torch.Tensor:
-    """[B, heads, N, d] -> [B, heads * d, N] laid out token-major (one copy), which a channels-last
-    output convolution reads without a reorder."""
-    b, h, n, d = out.shape
-    return out.transpose(1, 2).reshape(b, n, h * d).transpose(1, 2)
-
-
 def heads(q, k, v) -> None:
     """q, k, v: attention inputs [B, heads, d, N] of one shape, dtype and device."""
     for name, x in (("q", q), ("k", k), ("v", v)):

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from ddps import _checks, reference
+from ddps import reference
 from ddps.ops import attention, linear_attention
+from ddps.ops.attention import token_major
 from denoiser import DENOISER, assert_matches_reference
 
 SHAPES = [(2, 4, 32, 64), (1, 1, 32, 1), (2, 4, 32, 77), (1, 4, 8, 130)]  # [B, heads, d, N]
@@ -49,7 +50,7 @@ def _token_major(q, k, v):
     b, h, d, n = q.shape
     qkv = torch.cat((q, k, v), dim=1).reshape(b, 3 * h * d, n).transpose(1, 2).contiguous().transpose(1, 2)
     views = [x.reshape(b, h, d, n) for x in qkv.chunk(3, dim=1)]
-    assert _checks.token_major(views[0])
+    assert token_major(views[0])
     return views
 
 

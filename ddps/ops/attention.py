@@ -16,6 +16,19 @@ from .. import _backend, _checks, reference
 IMPLEMENTED = ("cpu", "reference")
 
 
+def token_major(x: torch.Tensor) -> bool:
+    """Whether a [B, heads, d, N] view has its d channels adjacent in memory, as the views of a
+    channels-last 1x1 conv's output do (then the ops work on tokens and return that layout)."""
+    return x.shape[-2] > 1 and x.stride(-2) == 1 and x.shape[-1] > 1
+
+
+def heads_output(out: torch.Tensor) -> torch.Tensor:
+    """[B, heads, N, d] -> [B, heads * d, N] laid out token-major (one copy), which a channels-last
+    output convolution reads without a reorder."""
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               backend: str | None = None) -> torch.Tensor:
     """softmax((q * scale)^T k) over keys, applied to v: q, k, v [B, heads, d, N] (the 1x1 qkv
@@ -24,8 +37,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     chosen = _backend.resolve("attention", backend, q.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.attention(q, k, v, scale)
-    if _checks.token_major(q):  # channels-last qkv conv: SDPA reads the views as they are
+    if token_major(q):  # channels-last qkv conv: SDPA reads the views as they are
         out = F.scaled_dot_product_attention(*(x.transpose(-1, -2) for x in (q, k, v)), scale=scale)
-        return _checks.heads_output(out)
+        return heads_output(out)
     out = F.scaled_dot_product_attention(*(x.transpose(-1, -2).contiguous() for x in (q, k, v)), scale=scale)
     return out.transpose(-1, -2).reshape(q.shape[0], -1, q.shape[-1])  # [B, heads * d, N]

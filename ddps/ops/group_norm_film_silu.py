@@ -47,8 +47,7 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _kernel_takes(x, *params) -> bool:
     """The C++ kernel's case: float32 channels-last [B, C, H, W] (the fused UNet's activations)."""
     return (x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            and all(p is None or p.dtype == torch.float32 for p in params)
-            and x.device.type == "cpu" and x.numel() > 0)
+            and all(p is None or p.dtype == torch.float32 for p in params) and x.numel() > 0)
 
 
 @_backend.register_fake("group_norm_film_silu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _checks, reference
+from .attention import heads_output, token_major
 
 IMPLEMENTED = ("cpu", "reference")
 
@@ -23,7 +24,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     chosen = _backend.resolve("linear_attention", backend, q.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.linear_attention(q, k, v, scale)
-    if _checks.token_major(q):
+    if token_major(q):
         return _linear_attention_tokens(q, k, v, scale)
     context = torch.matmul(k.softmax(dim=-1), v.transpose(-1, -2)) * (scale / q.shape[-1])  # [B, h, d, e]
     out = torch.matmul(context.transpose(-1, -2), q.softmax(dim=-2))  # [B, h, e, N]
@@ -44,4 +45,4 @@ def _linear_attention_tokens(q, k, v, scale):
     for qb, kb, vb, nb in zip(q, k_exp, v, norm):
         context = torch.matmul(kb.permute(1, 2, 0), vb.transpose(0, 1)) * nb  # [h, d, e]
         out.append(torch.matmul(qb.softmax(dim=-1).transpose(0, 1), context))  # [h, N, e]
-    return _checks.heads_output(torch.stack(out))
+    return heads_output(torch.stack(out))

@@ -76,17 +76,41 @@ def keep_ignored(sample, labels: torch.Tensor, ignore_index, *inputs: torch.Tens
 
 
 @functools.cache
-def _triton_op(op: str):
-    # Registered on first use: importing Triton is slow and it may be absent.
-    launcher = getattr(importlib.import_module(f"ddps.kernels.{op}"), f"{op}_fwd")
-    custom = torch.library.triton_op(f"ddps_triton::{op}", launcher, mutates_args=())
-    # The same shapes as the compiled op's fake; explicit, because the traced default would run
-    # the kernel on fake tensors under the Triton interpreter.
-    custom.register_fake(_backend.FAKES[op])
+def triton_op(module: str, launcher: str, fake):
+    """``ddps.kernels.<module>.<launcher>`` as the custom op ``ddps_triton::<launcher>``, registered
+    on first use (importing Triton is slow and it may be absent). ``fake``: its shapes, given
+    explicitly because the traced default would run the kernel on fake tensors under the Triton
+    interpreter."""
+    fn = getattr(importlib.import_module(f"ddps.kernels.{module}"), launcher)
+    custom = torch.library.triton_op(f"ddps_triton::{launcher}", fn, mutates_args=())
+    custom.register_fake(fake)
     return custom
+
+
+@functools.cache
+def triton_autograd(op: str, forward_fake, backward_fake, tensor_inputs: int, first_saved_output: int,
+                    backward_constants: int):
+    """``ddps_triton::<op>_fwd``, differentiable through ``ddps_triton::<op>_bwd(grad, *tensor
+    inputs, *forward outputs from first_saved_output on, *the first backward_constants other
+    inputs)``, which returns one gradient per tensor input (the other inputs are constants)."""
+    forward = triton_op(op, f"{op}_fwd", forward_fake)
+    backward = triton_op(op, f"{op}_bwd", backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:tensor_inputs], *output[first_saved_output:])
+        ctx.constants = inputs[tensor_inputs:]
+
+    def grads(ctx, grad, *_grads_of_saved_outputs):
+        return (*backward(grad, *ctx.saved_tensors, *ctx.constants[:backward_constants]),
+                *(None,) * len(ctx.constants))
+
+    forward.register_autograd(grads, setup_context=setup_context)
+    return forward
 
 
 def launch(op: str, backend: str, *args):
     """Run a sampling op's compiled (``cpu``/``cuda``) or Triton kernel with the schema's
-    arguments (both take the seed as a CPU int64 scalar tensor)."""
-    return (_triton_op(op) if backend == "triton" else getattr(torch.ops.ddps, op))(*args)
+    arguments (both take the seed as a CPU int64 scalar tensor; the compiled op's fake serves both)."""
+    if backend == "triton":
+        return triton_op(op, f"{op}_fwd", _backend.FAKES[op])(*args)
+    return getattr(torch.ops.ddps, op)(*args)

@@ -1,6 +1,7 @@
 """attention: the mid block's softmax attention, in the layouts of the convolutions around it.
 
-Backends: ``cpu`` (torch's scaled_dot_product_attention on token-major copies: on this package's
+Backends: ``triton`` (kernels/attention.py: flash-style forward and backward, any layout the
+three share, output token-major when the inputs are), ``cpu`` (torch's scaled_dot_product_attention on token-major copies: on this package's
 reference CPU it is 4x the reference at the mid-block shape, while the same call on the
 transposed views is slower than the reference; views of a channels-last conv's output are already
 token-major and go in as they are, and the output then comes back token-major too) and
@@ -12,14 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, reference
+from ..kernels._layout import heads_like, token_major
+from . import _common
 
-IMPLEMENTED = ("cpu", "reference")
-
-
-def token_major(x: torch.Tensor) -> bool:
-    """Whether a [B, heads, d, N] view has its d channels adjacent in memory, as the views of a
-    channels-last 1x1 conv's output do (then the ops work on tokens and return that layout)."""
-    return x.shape[-2] > 1 and x.stride(-2) == 1 and x.shape[-1] > 1
+IMPLEMENTED = ("cpu", "triton", "reference")
 
 
 def heads_output(out: torch.Tensor) -> torch.Tensor:
@@ -37,8 +34,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     chosen = _backend.resolve("attention", backend, q.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.attention(q, k, v, scale)
+    if chosen == "triton":
+        return _triton()(q, k, v, scale)[0]
     if token_major(q):  # channels-last qkv conv: SDPA reads the views as they are
         out = F.scaled_dot_product_attention(*(x.transpose(-1, -2) for x in (q, k, v)), scale=scale)
         return heads_output(out)
     out = F.scaled_dot_product_attention(*(x.transpose(-1, -2).contiguous() for x in (q, k, v)), scale=scale)
     return out.transpose(-1, -2).reshape(q.shape[0], -1, q.shape[-1])  # [B, heads * d, N]
+
+
+def _fwd_fake(q, k, v, scale):
+    b, h, d, n = q.shape
+    return heads_like(q).reshape(b, h * d, n), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+def _bwd_fake(grad, q, k, v, out, lse, scale):
+    return heads_like(q), heads_like(q), heads_like(q)
+
+
+def _triton():
+    return _common.triton_autograd("attention", _fwd_fake, _bwd_fake, 3, 0, 1)

@@ -1,7 +1,8 @@
 """channel_layer_norm: LayerNorm over the channels of [B, C, H, W] with a gain and no bias (the
 original's LayerNorm, used twice per attention block).
 
-Backends: ``cpu`` (torch's layer_norm kernel on the channels-last view: one statistics pass
+Backends: ``triton`` (kernels/channel_layer_norm.py: one pass forward, one backward, contiguous or
+channels-last as given), ``cpu`` (torch's layer_norm kernel on the channels-last view: one statistics pass
 instead of the reference's separate mean and variance, about 1.9x on this package's reference
 CPU) and ``reference`` (``ddps.reference.channel_layer_norm``). Differentiable on both.
 """
@@ -11,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, reference
+from ..kernels._layout import bcp
+from . import _common
 
-IMPLEMENTED = ("cpu", "reference")
+IMPLEMENTED = ("cpu", "triton", "reference")
 
 
 def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = None,
@@ -28,9 +31,25 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     if chosen == "reference":
         return reference.channel_layer_norm(x, g, eps)
     eps = reference._norm_eps(x) if eps is None else eps
+    if chosen == "triton":
+        return _triton()(x, g.reshape(-1), eps)[0]
     # Half-precision inputs are normalised in float32 (as autocast does with layer_norm): torch's
     # half-precision layer_norm backward loses more in the gain's gradient than the reference.
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     last = x.movedim(1, -1).to(compute)
     out = F.layer_norm(last, (x.shape[1],), g.reshape(-1).to(compute), None, eps)
     return out.movedim(-1, 1).to(x.dtype)
+
+
+def _fwd_fake(x, g, eps):
+    x, pixels, _ = bcp(x)
+    stat = x.new_empty((x.shape[0], pixels), dtype=torch.float32)
+    return torch.empty_like(x), stat, stat.clone()
+
+
+def _bwd_fake(grad, x, g, mean, rstd):
+    return torch.empty_like(bcp(x)[0]), torch.empty_like(g)
+
+
+def _triton():
+    return _common.triton_autograd("channel_layer_norm", _fwd_fake, _bwd_fake, 2, 1, 0)

@@ -1,19 +1,24 @@
 """group_norm_film_silu: the ResnetBlock's Block epilogue, GroupNorm -> x * (scale + 1) + shift ->
 SiLU.
 
-Backends: ``cpu`` (for float32 channels-last activations, as in the fused UNet: a C++ kernel
+Backends: ``triton`` (kernels/group_norm_film_silu.py: a statistics pass and an elementwise pass,
+backward likewise; contiguous or channels-last as given), ``cpu`` (for float32 channels-last activations, as in the fused UNet: a C++ kernel
 with one statistics pass and one output pass, and a two-pass backward; otherwise torch's
 group_norm, then FiLM as one addcmul and SiLU in place) and ``reference``
 (``ddps.reference.group_norm_film_silu``). Differentiable on both.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, reference
+from ..kernels._layout import bcp
+from . import _common
 
-IMPLEMENTED = ("cpu", "reference")
+IMPLEMENTED = ("cpu", "triton", "reference")
 
 
 def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
@@ -32,9 +37,11 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     chosen = _backend.resolve("group_norm_film_silu", backend, x.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.group_norm_film_silu(x, weight, bias, scale, shift, groups, eps)
+    b, c = x.shape[:2]
+    film = [None, None] if scale is None else [t.reshape(b, c).contiguous() for t in (scale, shift)]
+    if chosen == "triton":
+        return _triton()(x, weight.contiguous(), bias.contiguous(), *film, groups, eps)[0]
     if _kernel_takes(x, weight, bias, scale, shift):
-        b, c = x.shape[:2]
-        film = [None, None] if scale is None else [t.reshape(b, c).contiguous() for t in (scale, shift)]
         return torch.ops.ddps.group_norm_film_silu(x, weight.contiguous(), bias.contiguous(), *film, groups,
                                                   eps)[0]
     y = F.group_norm(x, groups, weight, bias, eps)
@@ -69,11 +76,34 @@ def _setup_context(ctx, inputs, output):
     ctx.groups = groups
 
 
-def _backward(ctx, grad, _grad_mean, _grad_rstd):
+def _grads(backward_op, ctx, grad):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    grads = torch.ops.ddps.group_norm_film_silu_backward(grad.contiguous(memory_format=torch.channels_last), x,
-                                                         weight, bias, scale, shift, mean, rstd, ctx.groups)
-    return (*grads, None, None)
+    dx, dweight, dbias, dscale, dshift = backward_op(grad, x, weight, bias, scale, shift, mean, rstd, ctx.groups)
+    film = (None, None) if scale is None else (dscale, dshift)
+    return dx, dweight, dbias, *film, None, None
 
 
-_backend.register_autograd("group_norm_film_silu", _backward, _setup_context)
+_backend.register_autograd(
+    "group_norm_film_silu",
+    lambda ctx, grad, _mean, _rstd: _grads(torch.ops.ddps.group_norm_film_silu_backward, ctx,
+                                           grad.contiguous(memory_format=torch.channels_last)),
+    _setup_context)
+
+
+def _triton_fwd_fake(x, weight, bias, scale, shift, groups, eps):
+    stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
+    return torch.empty_like(bcp(x)[0]), stats, stats.clone()
+
+
+def _triton_bwd_fake(grad, x, weight, bias, scale, shift, mean, rstd, groups):
+    film = x.new_empty(x.shape[:2])
+    return torch.empty_like(bcp(x)[0]), torch.empty_like(weight), torch.empty_like(bias), film, film.clone()
+
+
+@functools.cache
+def _triton():
+    forward = _common.triton_op("group_norm_film_silu", "group_norm_film_silu_fwd", _triton_fwd_fake)
+    backward = _common.triton_op("group_norm_film_silu", "group_norm_film_silu_bwd", _triton_bwd_fake)
+    forward.register_autograd(lambda ctx, grad, _mean, _rstd: _grads(backward, ctx, grad),
+                              setup_context=_setup_context)
+    return forward

@@ -1,0 +1,48 @@
+"""Layouts the denoiser's Triton kernels address: activations [B, C, *spatial] as (batch, channel,
+pixel) strides, so that one kernel serves the reference's contiguous tensors and the fused UNet's
+channels-last ones without a copy."""
+import torch
+
+
+def bcp(x: torch.Tensor):
+    """(x or a contiguous copy, pixels, (batch, channel, pixel) strides). Channels-last 4-d tensors
+    are taken as they are; anything else that is not contiguous is copied."""
+    b, c = x.shape[:2]
+    pixels = x[0, 0].numel() if b and c else 0
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x, pixels, (x.stride(0), 1, c)
+    x = x.contiguous()
+    return x, pixels, (c * pixels, pixels, 1)
+
+
+def like(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An empty tensor with x's shape and strides (x as returned by ``bcp``)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device=x.device)
+
+
+def token_major(x: torch.Tensor) -> bool:
+    """Whether a [B, heads, d, N] view has its d channels adjacent in memory, as the views of a
+    channels-last 1x1 conv's output do (then the ops work on tokens and return that layout)."""
+    return x.shape[-2] > 1 and x.stride(-2) == 1 and x.shape[-1] > 1
+
+
+def heads_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty [B, heads, d, N] tensor laid out as q's kind: token-major (d adjacent, as views of
+    a channels-last convolution's output) or head-major (N adjacent)."""
+    b, h, d, n = q.shape
+    if token_major(q):
+        return q.new_empty((b, n, h, d)).permute(0, 2, 3, 1)
+    return q.new_empty((b, h, d, n))
+
+
+def shared_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v with one set of strides, which the kernels take once: as they are when they share
+    one (views of one qkv tensor), else copies laid out as ``heads_like(q)``."""
+    if q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return tuple(heads_like(q).copy_(x) for x in (q, k, v))
+
+
+def block_d(d: int) -> int:
+    """The head dim as the attention kernels tile it: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (d - 1).bit_length())

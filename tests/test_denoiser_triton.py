@@ -1,0 +1,117 @@
+"""The Triton denoiser kernels beyond the shared per-op tests (which run them too, through
+tests/denoiser.DENOISER): the custom ops' schemas, fakes and autograd, the tiling and split
+boundaries, inputs with different strides, determinism, and the fused UNet on them. Here they run
+under TRITON_INTERPRET=1 (set by conftest.py when there is no GPU)."""
+import importlib
+
+import pytest
+import torch
+
+import ddps
+from ddps import reference
+from ddps.ops import attention, channel_layer_norm, group_norm_film_silu, linear_attention
+from denoiser import assert_matches_reference
+
+pytestmark = pytest.mark.skipif(not ddps.backends()["triton"]["available"],
+                                reason=f"triton unavailable: {ddps.backends()['triton']['reason']}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _qkv(shape):
+    return [_randn(*shape, seed=i) for i in range(3)]
+
+
+def _grad(x):
+    return x.requires_grad_()
+
+
+OPCHECK = {
+    "attention": lambda: ([_grad(x) for x in _qkv((2, 2, 16, 40))] + [0.25]),
+    "linear_attention": lambda: ([_grad(x) for x in _qkv((2, 2, 16, 40))] + [0.25]),
+    "channel_layer_norm": lambda: [_grad(_randn(2, 12, 5, 3)), _grad(_randn(12, seed=1)), 1e-5],
+    "group_norm_film_silu": lambda: [_grad(_randn(2, 8, 5, 3).contiguous(memory_format=torch.channels_last)),
+                                     _grad(_randn(8, seed=1)), _grad(_randn(8, seed=2)), _grad(_randn(2, 8, seed=3)),
+                                     _grad(_randn(2, 8, seed=4)), 4, 1e-5],
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECK))
+def test_opcheck(name):
+    module = importlib.import_module(f"ddps.ops.{name}")
+    forward = module._triton()
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    # AOT dispatch hands the kernels functional tensors, whose storage the interpreter cannot read.
+    utils += ("test_aot_dispatch_dynamic",) if DEVICE == "cuda" else ()
+    torch.library.opcheck(forward._opoverload, OPCHECK[name](), test_utils=utils)
+
+
+# Boundaries of the tilings: linear attention's token splits (8 blocks of 128 tokens per split),
+# attention's 64-token blocks, the norms' pixel tiles (several, the last partial).
+@pytest.mark.parametrize("op,ref,shape", [
+    (linear_attention, reference.linear_attention, (1, 2, 32, 2100)),
+    (attention, reference.attention, (1, 2, 32, 200)),
+    (attention, reference.attention, (1, 1, 64, 70)),
+], ids=["linear-3-splits", "attention-4-blocks", "attention-d64"])
+def test_attention_tilings(op, ref, shape):
+    scale = shape[2] ** -0.5
+    assert_matches_reference(lambda q, k, v: op(q, k, v, scale, backend="triton"),
+                             lambda q, k, v: ref(q, k, v, scale), _qkv(shape))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_norm_tilings(memory_format):
+    x = _randn(2, 16, 48, 50)  # 2400 pixels: 3 tiles per group of 4 channels, 10 of 16 channels x 256
+    g, w, bias, scale, shift = _randn(1, 16, 1, 1, seed=1), _randn(16, seed=2), _randn(16, seed=3), \
+        _randn(2, 16, 1, 1, seed=4), _randn(2, 16, 1, 1, seed=5)
+    fmt = dict(memory_format=memory_format)
+    assert_matches_reference(lambda x, g: channel_layer_norm(x.contiguous(**fmt), g, backend="triton"),
+                             lambda x, g: reference.channel_layer_norm(x, g, 1e-5), [x, g])
+    assert_matches_reference(
+        lambda x, *p: group_norm_film_silu(x.contiguous(**fmt), *p, 4, backend="triton"),
+        lambda x, *p: reference.group_norm_film_silu(x, *p, 4), [x, w, bias, scale, shift])
+
+
+@pytest.mark.parametrize("op,ref", [(attention, reference.attention), (linear_attention, reference.linear_attention)],
+                         ids=["attention", "linear_attention"])
+def test_inputs_with_different_strides(op, ref):
+    q, k, v = _qkv((2, 2, 16, 33))
+    q = q.transpose(2, 3).contiguous().transpose(2, 3)  # token-major, k and v head-major
+    out = op(q, k, v, 0.25, backend="triton")
+    assert out.stride(1) == 1  # token-major like q
+    torch.testing.assert_close(out, ref(q, k, v, 0.25), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPCHECK))
+def test_same_inputs_give_the_same_bits(name):
+    op = getattr(importlib.import_module(f"ddps.ops.{name}"), name)
+    runs = []
+    for _ in range(2):
+        args = OPCHECK[name]()
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name == "group_norm_film_silu":
+            args[3], args[4] = args[3][:, :, None, None], args[4][:, :, None, None]
+        out = op(*args, backend="triton")
+        grads = torch.autograd.grad(out, tensors, torch.ones_like(out))
+        runs.append((out.detach(), *grads))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_fused_unet_on_triton_kernels_matches_reference(monkeypatch):
+    monkeypatch.setenv("DDPS_BACKEND", "triton")  # the fused modules' ops take the resolver's choice
+    torch.manual_seed(0)
+    ref = ddps.nn.UNet(dim=16, out_dim=8, channels=5, dim_mults=(1, 2)).to(DEVICE)
+    fused = ddps.nn.UNet(dim=16, out_dim=8, channels=5, dim_mults=(1, 2), backend="fused").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x, t = _randn(2, 5, 8, 8), torch.tensor([0, 3], device=DEVICE)
+    for module in (ref, fused):
+        module(x, t).square().mean().backward()
+    with torch.no_grad():
+        expected = ref(x, t)
+        assert ((fused(x, t) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        assert ((p_fused.grad - p_ref.grad).abs().max() / p_ref.grad.abs().max()).item() <= 1e-4, name

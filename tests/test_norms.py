@@ -58,6 +58,19 @@ def test_group_norm_film_silu_large_mean(backend):
                              _norm_inputs((2, 32, 20, 20), True, offset=300.0), rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", DENOISER)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_group_norm_film_silu_nan_and_inf_spread_over_their_group(backend, memory_format):
+    x, w, bias, scale, shift = _norm_inputs((2, 32, 8, 8), True)
+    x[0, 3, 2, 2], x[1, 21, 1, 1] = float("nan"), float("inf")
+    expected = reference.group_norm_film_silu(x, w, bias, scale, shift, 4)
+    got = group_norm_film_silu(x.contiguous(memory_format=memory_format), w, bias, scale, shift, 4, backend=backend)
+    assert expected.isnan().sum() == 2 * 8 * 64  # the two groups, whole
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got[~expected.isnan()], expected[~expected.isnan()])
+
+
 @pytest.mark.skipif(not DENOISER, reason="needs the compiled extension")
 def test_group_norm_film_silu_kernel_is_thread_count_invariant():
     x, w, bias, scale, shift = _norm_inputs((2, 48, 40, 40), True)

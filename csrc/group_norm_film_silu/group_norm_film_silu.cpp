@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -89,33 +90,27 @@ struct Shape {
 // helpers are inlined into each clone): one 16-lane vector is one AVX-512 register.
 #define DDPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 
-// Sums over pixels p0 .. p1 - 1 of sample b of the two quantities f gives per channel vector.
+// Sums over pixels p0 .. p1 - 1 of sample b of the two quantities f gives per channel vector, into
+// out[0 .. 2C). Pixel by pixel, each a contiguous row of C channels, the running sums in out (2C
+// floats, in L1): walking one channel vector down the pixels instead strides by C floats, which
+// for C = 256 puts every line into a few L1 sets, and prefetched lines are evicted before use.
 template <typename F>
 DDPS_CLONES void chunk_sums(const Shape& s, F& f, int64_t b, int64_t p0, int64_t p1, float* out) {
   const int64_t C = s.channels;
-  for (int64_t c = 0; c < C; c += kLanes) {
-    const int count = static_cast<int>(std::min<int64_t>(kLanes, C - c));
-    // Even and odd pixels in separate sums (then added): two independent chains per step, as in
-    // vectors_range; a fixed order still.
-    FloatV s0{}, s1{}, t0{}, t1{};
-    int64_t p = p0;
-    for (; p + 1 < p1; p += 2) {
-      FloatV v0, v1, w0, w1;
-      f(b, p, c, count, v0, v1);
-      f(b, p + 1, c, count, w0, w1);
-      s0 += v0;
-      s1 += v1;
-      t0 += w0;
-      t1 += w1;
+  std::fill(out, out + 2 * C, 0.0f);
+  auto add = [&](int64_t p, int64_t c, int count) DDPS_INLINE {
+    FloatV v0, v1;
+    f(b, p, c, count, v0, v1);
+    store(out + c, load(out + c, count) + v0, count);
+    store(out + C + c, load(out + C + c, count) + v1, count);
+  };
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t c = 0;
+    for (; c + 2 * kLanes <= C; c += 2 * kLanes) {  // two independent chains per step, as in vectors_range
+      add(p, c, kLanes);
+      add(p, c + kLanes, kLanes);
     }
-    if (p < p1) {
-      FloatV v0, v1;
-      f(b, p, c, count, v0, v1);
-      s0 += v0;
-      s1 += v1;
-    }
-    store(out + c, s0 + t0, count);
-    store(out + C + c, s1 + t1, count);
+    for (; c < C; c += kLanes) add(p, c, static_cast<int>(std::min<int64_t>(kLanes, C - c)));
   }
 }
 
@@ -266,18 +261,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       za[b * C + c] = in.weight[c] * k;
       zb[b * C + c] = in.bias[c] * k + (in.shift ? in.shift[b * C + c] : 0.0f);
     }
-  // dz and n of one vector of channels at one pixel (raw pointers, as in the forward).
+  // n of one vector of channels at one pixel (raw pointers, as in the forward).
   const float *px = in.x, *pm = nm.data(), *pr = nr.data(), *pa = za.data(), *pb = zb.data();
-  auto dz_n = [&](int64_t b, int64_t p, int64_t c, int count, FloatV& dz, FloatV& n) DDPS_INLINE {
+  auto normalized = [&](int64_t i, int64_t j, int count) DDPS_INLINE {
+    return (load(px + i, count) - load(pm + j, count)) * load(pr + j, count);
+  };
+  // The first pass keeps dz in dx's memory: the second pass then reads it back instead of
+  // evaluating the exp again (the exp is most of the work; one more read is not).
+  at::Tensor dx = at::empty_like(x);
+  float* out = dx.data_ptr<float>();
+  const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
     const int64_t i = (b * P + p) * C + c, j = b * C + c;
-    n = (load(px + i, count) - load(pm + j, count)) * load(pr + j, count);
+    const FloatV n = normalized(i, j, count);
     const FloatV z = n * load(pa + j, count) + load(pb + j, count);
     const FloatV sig = 1.0f / (1.0f + exp_lanes(-z));
-    dz = load(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
-  };
-  const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
-    FloatV dz, n;
-    dz_n(b, p, c, count, dz, n);
+    const FloatV dz = load(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
+    store(out + i, dz, count);
     v0 = dz;
     v1 = dz * n;
   });
@@ -320,15 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       xb[b * C + c] = -r * m2[g];
       xc[b * C + c] = -r * m1[g];
     }
-  at::Tensor dx = at::empty_like(x);
-  float* out = dx.data_ptr<float>();
   const float *qa = xa.data(), *qb = xb.data(), *qc = xc.data();
   for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
-    FloatV dz, n;
-    dz_n(b, p, c, count, dz, n);
-    const int64_t j = b * C + c;
-    store(out + (b * P + p) * C + c, dz * load(qa + j, count) + n * load(qb + j, count) + load(qc + j, count),
-          count);
+    const int64_t i = (b * P + p) * C + c, j = b * C + c;
+    store(out + i, load(out + i, count) * load(qa + j, count) + normalized(i, j, count) * load(qb + j, count) +
+                       load(qc + j, count), count);
   });
   return {dx, dweight, dbias, dscale, dshift};
 }

@@ -5,7 +5,7 @@ three share, output token-major when the inputs are), ``cpu`` (torch's scaled_do
 reference CPU it is 4x the reference at the mid-block shape, while the same call on the
 transposed views is slower than the reference; views of a channels-last conv's output are already
 token-major and go in as they are, and the output then comes back token-major too) and
-``reference`` (``ddps.reference.attention``). Differentiable on both.
+``reference`` (``ddps.reference.attention``). Differentiable on all three.
 """
 from __future__ import annotations
 

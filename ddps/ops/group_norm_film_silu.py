@@ -2,10 +2,10 @@
 SiLU.
 
 Backends: ``triton`` (kernels/group_norm_film_silu.py: a statistics pass and an elementwise pass,
-backward likewise; contiguous or channels-last as given), ``cpu`` (for float32 channels-last activations, as in the fused UNet: a C++ kernel
-with one statistics pass and one output pass, and a two-pass backward; otherwise torch's
-group_norm, then FiLM as one addcmul and SiLU in place) and ``reference``
-(``ddps.reference.group_norm_film_silu``). Differentiable on both.
+backward likewise; contiguous or channels-last as given), ``cpu`` (for float32 channels-last
+activations, as in the fused UNet: a C++ kernel with one statistics pass and one output pass, and
+a two-pass backward; otherwise torch's group_norm, then FiLM as one addcmul and SiLU in place) and ``reference``
+(``ddps.reference.group_norm_film_silu``). Differentiable on all three.
 """
 from __future__ import annotations
 

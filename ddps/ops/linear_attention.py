@@ -5,7 +5,7 @@ for the output; backward likewise; float32 inside, any layout the three share), 
 context, and batched matmuls instead of einsum: 1.3-1.5x the reference on this package's
 reference CPU; views of a channels-last conv's output are worked on token-major, without
 transposing copies, and the output comes back token-major) and ``reference``
-(``ddps.reference.linear_attention``). Differentiable on both.
+(``ddps.reference.linear_attention``). Differentiable on all three.
 """
 from __future__ import annotations
 

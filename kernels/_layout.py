@@ -15,6 +15,12 @@ def bcp(x: torch.Tensor):
     return x, pixels, (c * pixels, pixels, 1)
 
 
+def bcp_like(t: torch.Tensor, strides) -> torch.Tensor:
+    """t (x's shape) laid out as ``bcp`` took x, whose (batch, channel, pixel) strides are given:
+    as it is when it already is, else a copy."""
+    return t.contiguous(memory_format=torch.channels_last) if strides[1] == 1 else t.contiguous()
+
+
 def like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     """An empty tensor with x's shape and strides (x as returned by ``bcp``)."""
     return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device=x.device)
@@ -33,6 +39,14 @@ def heads_like(q: torch.Tensor) -> torch.Tensor:
     if token_major(q):
         return q.new_empty((b, n, h, d)).permute(0, 2, 3, 1)
     return q.new_empty((b, h, d, n))
+
+
+def as_heads_like(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """t ([B, heads * d, N] or [B, heads, d, N]) as [B, heads, d, N] laid out as ``heads_like(q)``
+    (the attention kernels' output and gradient layout): a view when it already is, else a copy."""
+    target = heads_like(q)
+    t = t.reshape(q.shape)
+    return t if t.stride() == target.stride() else target.copy_(t)
 
 
 def shared_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import block_d, heads_like, shared_strides
+from ._layout import as_heads_like, block_d, heads_like, shared_strides
 
 
 def _blocks(d: int):
@@ -152,8 +152,8 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """-> (dq, dk, dv), each [B, heads, d, N] laid out as the output (and dO, copied into it)."""
     q, k, v = shared_strides(q, k, v)
     b, h, d, n = q.shape
-    out = out.reshape(b, h, d, n)
-    grad = torch.empty_like(out).copy_(grad.reshape(out.shape))  # out's strides, which the kernels assume
+    out = out.reshape(b, h, d, n)  # laid out as heads_like(q), as the kernels assume of grad too
+    grad = as_heads_like(grad, q)
     delta = (grad.float() * out.float()).sum(dim=2).contiguous()  # [B, heads, N]
     dq, dk, dv = heads_like(q), heads_like(q), heads_like(q)
     if q.numel():

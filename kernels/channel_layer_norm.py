@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import bcp, like
+from ._layout import bcp, bcp_like, like
 
 
 def _blocks(c: int, pixels: int):
@@ -78,7 +78,7 @@ def channel_layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, m
                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx like x, dg [C])."""
     x, pixels, strides = bcp(x)
-    dy = dy.contiguous(memory_format=torch.channels_last) if strides[1] == 1 else dy.contiguous()
+    dy = bcp_like(dy, strides)
     dx = like(x)
     block_c, block_p = _blocks(x.shape[1], pixels)
     tiles = triton.cdiv(pixels, block_p)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import bcp, like
+from ._layout import bcp, bcp_like, like
 
 BLOCK = 4096  # elements per program: channels x pixels
 
@@ -114,8 +114,8 @@ def _coefficients(weight, bias, scale, shift, mean, rstd, cpg):
     return mean_c, rstd_c, (rstd_c * w * film).contiguous(), c.contiguous(), film
 
 
-def _launch(kernel, x, pixels, strides, *args):
-    block_c, block_p = _blocks(x.shape[1], pixels)
+def _launch(kernel, x, pixels, strides, blocks, *args):
+    block_c, block_p = blocks
     grid = (x.shape[0], triton.cdiv(x.shape[1], block_c), triton.cdiv(pixels, block_p))
     torch.library.wrap_triton(kernel)[grid](*args, x.shape[1], pixels, *strides, BLOCK_C=block_c, BLOCK_P=block_p)
 
@@ -143,7 +143,7 @@ def group_norm_film_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     mean_c, _, a, c_, _ = _coefficients(weight, bias, scale, shift, mean, rstd, cpg)
     y = like(x)
     if x.numel():
-        _launch(_fwd_kernel, x, pixels, strides, x, y, mean_c, a, c_)
+        _launch(_fwd_kernel, x, pixels, strides, _blocks(c, pixels), x, y, mean_c, a, c_)
     return y, mean, rstd
 
 
@@ -154,15 +154,16 @@ def group_norm_film_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     """-> (dx like x, dweight [C], dbias [C], dscale [B, C], dshift [B, C]); without FiLM the last
     two are those of scale = shift = 0, which the caller drops."""
     x, pixels, strides = bcp(x)
-    dy = dy.contiguous(memory_format=torch.channels_last) if strides[1] == 1 else dy.contiguous()
+    dy = bcp_like(dy, strides)
     b, c = x.shape[:2]
     cpg = c // groups
     mean_c, rstd_c, a, c_, film = _coefficients(weight, bias, scale, shift, mean, rstd, cpg)
-    tiles = triton.cdiv(pixels, _blocks(c, pixels)[1]) if x.numel() else 0
+    blocks = _blocks(c, pixels)
+    tiles = triton.cdiv(pixels, blocks[1]) if x.numel() else 0
     s1 = x.new_empty((tiles, b, c), dtype=torch.float32)
     s2 = torch.empty_like(s1)
     if x.numel():
-        _launch(_sums_kernel, x, pixels, strides, dy, x, mean_c, rstd_c, a, c_, s1, s2)
+        _launch(_sums_kernel, x, pixels, strides, blocks, dy, x, mean_c, rstd_c, a, c_, s1, s2)
     s1, s2 = s1.sum(dim=0), s2.sum(dim=0)  # [B, C]: sum of dz, of dz * xhat
     w = weight.float()
     k = (film * w).contiguous()  # dL/dxhat = dz * k
@@ -171,7 +172,7 @@ def group_norm_film_silu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     m2 = _per_channel((k * s2).reshape(b, groups, cpg).sum(dim=2) / n, cpg)
     dx = like(x)
     if x.numel():
-        _launch(_dx_kernel, x, pixels, strides, dy, x, mean_c, rstd_c, a, c_, k, m1, m2, dx)
+        _launch(_dx_kernel, x, pixels, strides, blocks, dy, x, mean_c, rstd_c, a, c_, k, m1, m2, dx)
     dweight, dbias = ((film * s).sum(dim=0).to(weight.dtype) for s in (s2, s1))
     dscale, dshift = ((w * s2 + bias.float() * s1).to(x.dtype), s1.to(x.dtype))
     return dx, dweight, dbias, dscale, dshift

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import block_d, heads_like, shared_strides
+from ._layout import as_heads_like, block_d, heads_like, shared_strides
 
 BLOCK_N = 128
 BLOCKS_PER_SPLIT = 8
@@ -167,7 +167,7 @@ def linear_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     q, k, v, splits, block_d = _layout(q, k, v)
     b, h, d, n = q.shape
     dq, dk, dv = heads_like(q), heads_like(q), heads_like(q)
-    grad = torch.empty_like(dq).copy_(grad.reshape(dq.shape))
+    grad = as_heads_like(grad, q)
     parts = q.new_empty((b * h, splits, block_d, block_d), dtype=torch.float32)
     if q.numel():
         torch.library.wrap_triton(_dcontext_kernel)[(b * h, splits)](

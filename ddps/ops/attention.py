@@ -1,11 +1,12 @@
 """attention: the mid block's softmax attention, in the layouts of the convolutions around it.
 
 Backends: ``triton`` (kernels/attention.py: flash-style forward and backward, any layout the
-three share, output token-major when the inputs are), ``cpu`` (torch's scaled_dot_product_attention on token-major copies: on this package's
-reference CPU it is 4x the reference at the mid-block shape, while the same call on the
-transposed views is slower than the reference; views of a channels-last conv's output are already
-token-major and go in as they are, and the output then comes back token-major too) and
-``reference`` (``ddps.reference.attention``). Differentiable on all three.
+three share, output token-major when the inputs are), ``cpu`` (torch's
+scaled_dot_product_attention on token-major copies: on this package's reference CPU it is 4x the
+reference at the mid-block shape, while the same call on the transposed views is slower than the
+reference; views of a channels-last conv's output are already token-major and go in as they are,
+and the output then comes back token-major too) and ``reference``
+(``ddps.reference.attention``). Differentiable on all three.
 """
 from __future__ import annotations
 

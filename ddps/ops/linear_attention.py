@@ -1,11 +1,11 @@
 """linear_attention: the original LinearAttention core (SPEC §4).
 
 Backends: ``triton`` (kernels/linear_attention.py: a streaming pass for the d x d context and one
-for the output; backward likewise; float32 inside, any layout the three share), ``cpu`` (the same math with the scalings q * scale and v / N folded into the d x d
-context, and batched matmuls instead of einsum: 1.3-1.5x the reference on this package's
-reference CPU; views of a channels-last conv's output are worked on token-major, without
-transposing copies, and the output comes back token-major) and ``reference``
-(``ddps.reference.linear_attention``). Differentiable on all three.
+for the output; backward likewise; float32 inside, any layout the three share), ``cpu`` (the
+same math with the scalings q * scale and v / N folded into the d x d context, and batched
+matmuls instead of einsum: 1.3-1.5x the reference on this package's reference CPU; views of a
+channels-last conv's output are worked on token-major, without transposing copies, and the output
+comes back token-major) and ``reference`` (``ddps.reference.linear_attention``). Differentiable on all three.
 """
 from __future__ import annotations
 

@@ -6,9 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ddps-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: test demo install nvcc-check clean
+.PHONY: bench test demo install nvcc-check clean
 
-# The main job: the DDPS sampling loop on random features with every available backend.
+# The main job: ddps against the original implementation on this machine (quick profile).
+bench: $(STAMP)
+	$(PY) -m ddps bench
+
+# The DDPS sampling loop on random features with every available backend.
 demo: $(STAMP)
 	$(PY) -m ddps demo
 

@@ -1,0 +1,183 @@
+"""``ddps bench``: ddps against the original implementation on the machine at hand.
+
+Every case (see ``ddps.bench.cases``) runs each of its providers in one process: a warm-up call
+(which compiles ``compile(reference)``), one call under the memory profiler and FLOP counter that
+gives the peak memory and the output compared with the reference's, then the timed calls. Speedups are against the
+reference of the same case, measured in the same run.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import cases as cases_mod
+from .measure import copy_gbps, machine, measure, profiled_call, summary
+
+QUICK, FULL = "quick", "full"
+
+
+def select(profile: str, size: int, names=None) -> list[cases_mod.Case]:
+    """The profile's cases, restricted to ``names`` (case names such as ``attention`` or
+    ``head.sample``) when given; unknown names are an error naming them."""
+    cases = cases_mod.all_cases(profile == FULL, size)
+    if names:
+        known = {c.name for c in cases}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"unknown case(s) {unknown}; the {profile} profile has {sorted(known)}")
+        cases = [c for c in cases if c.name in names]
+    return cases
+
+
+def _skip(case: cases_mod.Case, provider: str, profile: str) -> str | None:
+    """Why a provider is left out of this profile (None: it runs)."""
+    if provider.startswith("compile") and profile == QUICK and (case.heavy or case.mode != "fwd"):
+        return "torch.compile of this case only in --full (compile time)"
+    return None
+
+
+def relative_difference(out, expected) -> float:
+    """Max |out - expected| / max |expected| over the tensors of an output."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = expected if isinstance(expected, (tuple, list)) else (expected,)
+    worst = 0.0
+    for o, r in zip(outs, refs, strict=True):
+        o, r = o.detach().double(), r.detach().double()
+        worst = max(worst, ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def shapes(out):
+    return [tuple(o.shape) for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def _check(case, out, expected) -> str:
+    if expected is None:
+        return "baseline"
+    if case.compare == "values":
+        return f"max rel diff {relative_difference(out, expected):.1e}"
+    return "same shape" if shapes(out) == shapes(expected) else f"SHAPE {shapes(out)} != {shapes(expected)}"
+
+
+def _counted(fn, counter: FlopCounterMode):
+    """fn under ``counter`` (matmul and convolution FLOPs)."""
+    def call():
+        with counter:
+            return fn()
+    return call
+
+
+def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None) -> dict:
+    """Measure every case; ``log(row)`` is called as each row is ready (for live printing)."""
+    rows = []
+    for case in cases:
+        reps = repeats or ((2 if profile == QUICK else 5) if case.heavy else 5)
+        min_time = 0.0 if case.heavy else 0.3
+        providers = case.build(device)
+        if list(providers) != case.provider_names(device):
+            raise RuntimeError(f"case {case.name}: built {list(providers)}, declared {case.provider_names(device)}")
+        copy = copy_gbps(case.nbytes, device, 5) if case.nbytes else None
+        expected = base = None
+        for name, fn in providers.items():
+            row = dict(case=case.name, group=case.group, shape=case.shape, mode=case.mode, provider=name)
+            reason = _skip(case, name, profile)
+            if reason:
+                rows.append(dict(row, skipped=reason))
+                log and log(rows[-1])
+                continue
+            try:
+                compiled = name.startswith("compile")
+                fn()  # warm-up (caches, compilation) outside the profiler: the peak is a steady call's
+                counter = FlopCounterMode(display=False)
+                out, peak = profiled_call(_counted(fn, counter) if case.flops and not compiled else fn, device)
+                row["check"] = _check(case, out, expected)
+                if expected is None:
+                    expected = out
+                del out
+                row["peak_mb"] = peak / 2**20
+                times = measure(fn, reps, device, min_time)
+            except Exception as exc:  # reported in the table; the run goes on and exits non-zero
+                rows.append(dict(row, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+                log and log(rows[-1])
+                continue
+            row.update(summary(times))
+            base = base or row["median_ms"]
+            row["speedup"] = base / row["median_ms"]
+            if case.nbytes:
+                row["gbps"] = case.nbytes / row["median_ms"] / 1e6
+                row["copy_gbps"] = copy
+            if case.flops and not compiled:
+                row["gflops"] = counter.get_total_flops() / row["median_ms"] / 1e6
+            rows.append(row)
+            log and log(row)
+        del providers, expected
+        gc.collect()
+    return dict(machine=machine(device), profile=profile, rows=rows)
+
+
+def peak_conv_gflops(device: torch.device) -> float:
+    """The best throughput of the head's dominant convolution (3x3, 256 -> 256, 128 x 128) over both
+    memory formats: the rate at which the FLOP floor of a head is priced."""
+    best = 0.0
+    w = torch.randn(256, 256, 3, 3, device=device)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, 256, 128, 128, device=device).contiguous(memory_format=fmt)
+        wf = w.contiguous(memory_format=fmt)
+        torch.nn.functional.conv2d(x, wf, padding=1)
+        sec = summary(measure(lambda: torch.nn.functional.conv2d(x, wf, padding=1), 3, device))["median_ms"] / 1e3
+        best = max(best, 2 * 256 * 256 * 9 * 128 * 128 / sec / 1e9)
+    return best
+
+
+def add_floor(result: dict, device: torch.device) -> None:
+    """The FLOP floor of each ddps head row: its FLOPs (after the head-level savings) at the
+    measured peak convolution throughput."""
+    rows = [r for r in result["rows"] if r["provider"] == "ddps" and "gflops" in r]
+    if not rows:
+        return
+    peak = peak_conv_gflops(device)
+    result["peak_conv_gflops"] = peak
+    for r in rows:
+        gflop = r["gflops"] * r["median_ms"] / 1e3
+        r["floor_ms"] = gflop / peak * 1e3
+
+
+def main(args) -> int:
+    """``ddps bench`` with parsed arguments (see ``ddps.cli``)."""
+    from . import report
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("ddps bench: --device cuda needs a visible CUDA device (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    profile = FULL if args.full else QUICK
+    try:
+        cases = select(profile, args.size, args.cases)
+    except ValueError as exc:
+        print(f"ddps bench: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        for c in cases:
+            print(f"{c.name:22s} {c.group:12s} {c.mode:8s} {c.shape}")
+        return 0
+    if args.plot:
+        report.check_plotting()
+    start = time.perf_counter()
+    print(report.header(machine(device), profile, args.size))
+    printer = report.LivePrinter()
+    result = run(cases, device, profile, args.repeats, printer)
+    add_floor(result, device)
+    result.update(size=args.size, seconds=time.perf_counter() - start, command=" ".join(["ddps bench", *args.argv]))
+    print(report.summary_lines(result))
+    for path, writer in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.write_plot),
+                         (args.markdown, report.write_markdown)):
+        if path:
+            writer(result, path)
+            print(f"wrote {path}")
+    failed = [r for r in result["rows"] if "error" in r]
+    return 1 if failed else 0

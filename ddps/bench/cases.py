@@ -1,0 +1,400 @@
+"""The cases of ``ddps bench``: every op of the sampling and denoiser kernels, the denoiser modules
+and the whole head, each with its providers.
+
+Providers: ``reference`` (the original's eager ops: the baseline of every speedup),
+``compile(reference)`` (torch.compile of the same function), ``plain-torch`` (the best formulation
+in stock torch ops where it differs from both the reference and ddps) and each ddps backend that
+runs on the device (``cpu``, ``cuda``, ``triton``; modules and heads: ``fused``/``ddps``).
+
+Shapes follow the ADE20K head (K = 151, dim 256, T = 20) from one mask size S (default 128): the
+sampling ops and the first LinearAttention at S x S, the Block at S/2, the mid Attention at S/4.
+Every case builds its tensors only when it runs.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, ops, reference
+from ..nn import DDPSHead
+from ..nn.unet import Attention, LinearAttention, UNet, _split_heads
+from ..ops import _tables
+from ..schedule import DiffusionSchedule
+
+K, T, DIM = 151, 20, 256
+REFERENCE = ("reference", "compile(reference)")
+PLAIN = (*REFERENCE, "plain-torch")
+MODULE = (*REFERENCE, "fused")
+HEAD = ("reference", "ddps")
+ADE20K_HEAD = dict(num_classes=K, cond_channels=DIM, dim=DIM, out_dim=DIM, dim_mults=(1, 1, 1), embed_dim=16,
+                   num_timesteps=T, inference_steps=2, collect_timesteps=(0, 10, 19), guidance_scale=0.4)
+
+
+@dataclass
+class Case:
+    """One row group of the table. ``build(device)`` returns {provider: zero-argument callable}
+    in table order, reference first; each call returns the tensor (or tuple) compared against the
+    reference's. ``compare``: "values" (max relative difference) or "shape" (samplers and noisy
+    loops, whose draws differ between providers by design; their distributions are tested in
+    tests/)."""
+
+    name: str
+    group: str
+    shape: str
+    mode: str
+    build: Callable[[torch.device], dict]
+    fixed: tuple[str, ...]  # the providers other than the ddps backends of ``op``, in table order
+    op: str | None = None  # the ddps op whose runnable backends are providers too
+    compare: str = "values"
+    nbytes: int | None = None  # bytes the op must move: its inputs read once, its output written once
+    flops: bool = False  # report GFLOP/s (matmul and convolution FLOPs of each provider's call)
+    heavy: bool = False  # seconds per call: fewer repeats, no torch.compile provider in the quick profile
+
+    def provider_names(self, device: torch.device) -> list[str]:
+        """The keys of ``build(device)``, known without building anything."""
+        return [*self.fixed, *(ddps_backends(self.op, device) if self.op else ())]
+
+
+def ddps_backends(op: str, device: torch.device) -> list[str]:
+    """The ddps backends of ``op`` that run on ``device``. Triton on CPU tensors is its interpreter,
+    a test tool, so it is not benchmarked."""
+    implemented = importlib.import_module(f"ddps.ops.{op}").IMPLEMENTED
+    usable = []
+    for name in implemented:
+        if name == "reference" or (name == "triton" and device.type == "cpu"):
+            continue
+        try:
+            _backend.resolve(op, name, device, implemented)
+        except ValueError:
+            continue
+        usable.append(name)
+    return usable
+
+
+def _compiled(fn, *args):
+    compiled = torch.compile(fn)
+    return lambda: compiled(*args)
+
+
+# --- sampling ops: the best plain-torch formulations on labels (no [B, K, ...] tensors) --------
+def plain_q_sample(x0, t, schedule):
+    table = schedule.table("q_sample", _tables.q_sample_table).double() / 2**32
+    u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device)
+    level = table[t].reshape(-1, *([1] * (x0.dim() - 1)), 2)
+    noised = torch.where(u < level[..., 1], schedule.num_classes, torch.randint_like(x0, schedule.num_classes))
+    return torch.where(u < level[..., 0], x0, noised)
+
+
+def plain_q_posterior_sample(x0, x_t, t, schedule):
+    table = schedule.table("q_posterior_sample", _tables.q_posterior_table).double() / 2**32
+    case = torch.where(x_t == x0, 0, 1)
+    b = torch.arange(x0.shape[0], device=x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
+    to_xt, to_x0 = table[t[b], case].unbind(-1)
+    u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device)
+    lo, hi = torch.minimum(x0, x_t), torch.maximum(x0, x_t)
+    idx = torch.randint_like(x0, schedule.num_classes - 2)
+    idx = idx + (idx >= lo)
+    idx = idx + ((hi != lo) & (idx >= hi))
+    return torch.where(u < to_xt, x_t, torch.where(u < to_x0, x0, idx))
+
+
+def _sampling_inputs(batch, size, device):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, K, (batch, size, size), generator=g).to(device)
+    x_t = torch.randint(0, K, (batch, size, size), generator=g).to(device)
+    logits = torch.randn(batch, K, size, size, generator=g).to(device)
+    t = (torch.arange(batch) * (T - 1) // max(batch - 1, 1)).to(device)
+    return DiffusionSchedule(T, K).to(device), x0, x_t, logits, t
+
+
+def sampling_cases(batch: int, size: int) -> list[Case]:
+    shape = f"B={batch} K={K} {size}x{size}"
+    labels = batch * size * size * 8
+    logit_bytes = batch * K * size * size * 4
+
+    def q_sample(device):
+        schedule, x0, _, _, t = _sampling_inputs(batch, size, device)
+        return {"reference": lambda: reference.q_pred(x0, t, schedule),
+                "compile(reference)": _compiled(reference.q_pred, x0, t, schedule),
+                "plain-torch": lambda: plain_q_sample(x0, t, schedule),
+                **{b: (lambda b=b: ops.q_sample(x0, t, schedule, backend=b))
+                   for b in ddps_backends("q_sample", device)}}
+
+    def q_posterior_sample(device):
+        schedule, x0, x_t, _, t = _sampling_inputs(batch, size, device)
+        return {"reference": lambda: reference.q_posterior(x0, x_t, t, schedule),
+                "compile(reference)": _compiled(reference.q_posterior, x0, x_t, t, schedule),
+                "plain-torch": lambda: plain_q_posterior_sample(x0, x_t, t, schedule),
+                **{b: (lambda b=b: ops.q_posterior_sample(x0, x_t, t, schedule, backend=b))
+                   for b in ddps_backends("q_posterior_sample", device)}}
+
+    def renoise(device):
+        schedule, _, _, logits, t = _sampling_inputs(batch, size, device)
+
+        def ref(logits):
+            return reference.q_pred(logits.argmax(1), t, schedule)
+        return {"reference": lambda: ref(logits),
+                "compile(reference)": _compiled(ref, logits),
+                "plain-torch": lambda: plain_q_sample(logits.argmax(1), t, schedule),
+                **{b: (lambda b=b: ops.renoise(logits, t, schedule, backend=b))
+                   for b in ddps_backends("renoise", device)}}
+
+    def p_posterior_sample(device):
+        schedule, _, x_t, logits, t = _sampling_inputs(batch, size, device)
+        return {"reference": lambda: reference.p_posterior(logits, x_t, t, schedule),
+                "compile(reference)": _compiled(reference.p_posterior, logits, x_t, t, schedule),
+                **{b: (lambda b=b: ops.p_posterior_sample(logits, x_t, t, schedule, backend=b))
+                   for b in ddps_backends("p_posterior_sample", device)}}
+
+    def posterior_log_probs(device):
+        schedule, _, x_t, logits, t = _sampling_inputs(batch, size, device)
+        return {"reference": lambda: reference.p_posterior_log(logits, x_t, t, schedule),
+                "compile(reference)": _compiled(reference.p_posterior_log, logits, x_t, t, schedule),
+                "ddps": lambda: ops.posterior_log_probs(logits, x_t, t, schedule)}
+
+    group = "sampling op"
+    return [
+        Case("q_sample", group, shape, "fwd", q_sample, PLAIN, "q_sample", "shape", 2 * labels),
+        Case("q_posterior_sample", group, shape, "fwd", q_posterior_sample, PLAIN, "q_posterior_sample", "shape",
+             3 * labels),
+        Case("renoise", group, shape, "fwd", renoise, PLAIN, "renoise", "shape", logit_bytes + labels),
+        Case("p_posterior_sample", group, shape, "fwd", p_posterior_sample, REFERENCE, "p_posterior_sample",
+             "shape", logit_bytes + 2 * labels),
+        Case("posterior_log_probs", group, shape, "fwd", posterior_log_probs, (*REFERENCE, "ddps"),
+             nbytes=2 * logit_bytes + labels),
+    ]
+
+
+# --- denoiser ops --------------------------------------------------------------------------------
+def _differentiated(fn, leaves):
+    """fwd+bwd: the call plus the gradients of ``leaves`` for a fixed random output gradient."""
+    grad = {}
+
+    def call():
+        out = fn()
+        if "g" not in grad:
+            grad["g"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        return torch.autograd.grad(out, leaves, grad["g"])
+    return call
+
+
+def _providers(mode, calls):
+    """{provider: callable} for ``mode``; ``calls``: {provider: (inputs, fn(*inputs))}, where the
+    inputs are leaf tensors created for that provider (so the layouts may differ)."""
+    out = {}
+    for name, (inputs, fn) in calls.items():
+        if name.startswith("compile"):
+            fn = torch.compile(fn)
+        call = (lambda fn=fn, inputs=inputs: fn(*inputs))
+        out[name] = call if mode == "fwd" else _differentiated(call, inputs)
+    return out
+
+
+def _qkv(batch, side, device, channels_last, grad):
+    """The mid/linear attention's qkv conv output [B, 3 * 4 * 32, side, side] (leaf)."""
+    x = torch.randn(batch, 3 * 128, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(grad)
+
+
+def _sdpa_attention(qkv, scale):
+    """An SDPA-based module's core: token-major copies of q, k, v, then torch's fused attention."""
+    q, k, v = (x.transpose(-1, -2).contiguous() for x in _split_heads(qkv, 4))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(-1, -2).reshape(qkv.shape[0], -1, qkv.shape[-1] * qkv.shape[-2])
+
+
+def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
+    scale = 32 ** -0.5
+    cases = []
+    for mode in modes:
+        grad = mode != "fwd"
+
+        def attention_case(op, side, mode=mode, grad=grad):
+            fn = getattr(ops, op)
+            ref_fn = getattr(reference, op)
+
+            def build(device):
+                def core(backend):
+                    return lambda qkv: fn(*_split_heads(qkv, 4), scale, backend=backend)
+
+                def ref(qkv):
+                    return ref_fn(*_split_heads(qkv, 4), scale)
+                calls = {"reference": ((_qkv(batch, side, device, False, grad),), ref),
+                         "compile(reference)": ((_qkv(batch, side, device, False, grad),), ref)}
+                if op == "attention":
+                    calls["plain-torch"] = ((_qkv(batch, side, device, False, grad),),
+                                            lambda qkv: _sdpa_attention(qkv, scale))
+                for b in ddps_backends(op, device):  # the fused UNet's layout: a channels-last conv's output
+                    calls[b] = ((_qkv(batch, side, device, True, grad),), core(b))
+                return _providers(mode, calls)
+            fixed = PLAIN if op == "attention" else REFERENCE
+            return Case(op, "denoiser op", f"q,k,v [{batch},4,32,{side}x{side}]", mode, build, fixed, op)
+
+        cases.append(attention_case("attention", size // 4))
+        for side in (size, size // 2, size // 4):
+            cases.append(attention_case("linear_attention", side))
+
+        side = size // 2
+
+        def norm_inputs(device, channels_last, grad=grad):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, DIM, side, side, generator=g).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            params = [torch.randn(DIM, generator=g).to(device) for _ in range(2)]
+            film = [0.1 * torch.randn(batch, DIM, 1, 1, generator=g).to(device) for _ in range(2)]
+            return [t.requires_grad_(grad) for t in (x, *params, *film)]
+
+        def layer_norm(device, mode=mode):
+            calls = {}
+            for name in ("reference", "compile(reference)", *ddps_backends("channel_layer_norm", device)):
+                x, gain, *_ = norm_inputs(device, name not in ("reference", "compile(reference)"))
+                fn = (reference.channel_layer_norm if "reference" in name else
+                      (lambda x, g, b=name: ops.channel_layer_norm(x, g, backend=b)))
+                calls[name] = ((x, gain.reshape(1, -1, 1, 1)), fn)
+            return _providers(mode, calls)
+
+        def epilogue(device, mode=mode):
+            calls = {}
+            for name in ("reference", "compile(reference)", *ddps_backends("group_norm_film_silu", device)):
+                inputs = norm_inputs(device, name not in ("reference", "compile(reference)"))
+                fn = ((lambda *a: reference.group_norm_film_silu(*a, 8)) if "reference" in name else
+                      (lambda *a, b=name: ops.group_norm_film_silu(*a, 8, backend=b)))
+                calls[name] = (inputs, fn)
+            return _providers(mode, calls)
+
+        elems = batch * DIM * side * side * 4
+        shape = f"x [{batch},{DIM},{side},{side}]"
+        nbytes = 2 * elems if mode == "fwd" else None
+        for op, build in (("channel_layer_norm", layer_norm), ("group_norm_film_silu", epilogue)):
+            cases.append(Case(op, "denoiser op", shape, mode, build, REFERENCE, op, nbytes=nbytes))
+    return cases
+
+
+# --- modules and the whole head -------------------------------------------------------------------
+def _module_pair(cls, *args):
+    torch.manual_seed(0)
+    ref = cls(*args)
+    fused = cls(*args, backend="fused")
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def module_cases(batch: int, size: int, modes) -> list[Case]:
+    cases = []
+    for mode in modes:
+        def build_for(cls, shape, extra=(), mode=mode):
+            def build(device):
+                ref, fused = (m.to(device) for m in _module_pair(cls, *shape[1:2], *extra))
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+                # As inside UNet(backend="fused"): channels-last weights and activations.
+                fused = fused.to(memory_format=torch.channels_last)
+                inputs = {"reference": (ref, x), "compile(reference)": (torch.compile(ref), x),
+                          "fused": (fused, x.contiguous(memory_format=torch.channels_last))}
+                return {name: _module_call(m, x, mode) for name, (m, x) in inputs.items()}
+            return build
+
+        cases.append(Case("Attention", "module", f"x [{batch},{DIM},{size // 4},{size // 4}]", mode,
+                          build_for(Attention, (batch, DIM, size // 4, size // 4)), MODULE, flops=True))
+        for side in (size, size // 2, size // 4):
+            cases.append(Case("LinearAttention", "module", f"x [{batch},{DIM},{side},{side}]", mode,
+                              build_for(LinearAttention, (batch, DIM, side, side)), MODULE, flops=True))
+
+    def unet(device):
+        ref, fused = (m.to(device).eval() for m in _module_pair(UNet, DIM, DIM, DIM + 16, (1, 1, 1)))
+        x = torch.randn(1, DIM + 16, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        t = torch.tensor([5], device=device)
+        compiled = torch.compile(ref)
+        return {name: (lambda m=m: _no_grad(m, x, t))
+                for name, m in (("reference", ref), ("compile(reference)", compiled), ("fused", fused))}
+    cases.append(Case("UNet", "module", f"x [1,{DIM + 16},{size},{size}]", "fwd", unet, MODULE, flops=True,
+                      heavy=True))
+    return cases
+
+
+def _no_grad(module, *args):
+    with torch.no_grad():
+        return module(*args)
+
+
+def _module_call(module, x, mode):
+    if mode == "fwd":
+        module.eval()
+        return lambda: _no_grad(module, x)
+    module.train()
+    leaf = x.detach().clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+
+    def call():
+        module.zero_grad(set_to_none=True)
+        leaf.grad = None
+        module(leaf).backward(grad)
+        return leaf.grad
+    return call
+
+
+def head_cases(size: int) -> list[Case]:
+    def heads(device):
+        torch.manual_seed(0)
+        ref = DDPSHead(**ADE20K_HEAD).to(device)
+        fused = DDPSHead(**ADE20K_HEAD, backend="auto").to(device)
+        fused.load_state_dict(ref.state_dict(), strict=True)
+        g = torch.Generator().manual_seed(0)
+        return {"reference": ref, "ddps": fused}, g
+
+    def step(device):
+        models, g = heads(device)
+        cond = torch.randn(1, DIM, size, size, generator=g).to(device)
+        mask = torch.randint(0, K, (1, size, size), generator=g).to(device)
+        t = torch.tensor([10], device=device)
+        return {name: (lambda h=h: _no_grad(lambda: h.eval()._step(cond)(mask, t))) for name, h in models.items()}
+
+    def sample(device):
+        models, g = heads(device)
+        cond = torch.randn(1, DIM, size, size, generator=g).to(device)
+        return {name: (lambda h=h: h.eval().sample(cond)[0]) for name, h in models.items()}
+
+    def train(device):
+        models, g = heads(device)
+        cond = torch.randn(2, DIM, size, size, generator=g).to(device)
+        gt = torch.randint(0, K, (2, 4 * size, 4 * size), generator=g).to(device)
+
+        def call(head):
+            head.train()
+            torch.manual_seed(1)  # the same noise levels t on both heads
+            logits, _ = head.forward_train(cond, gt)
+            loss = F.cross_entropy(F.interpolate(logits, gt.shape[-2:], mode="bilinear"), gt)
+            loss.backward()
+            head.zero_grad(set_to_none=True)
+            return logits.detach()
+        return {name: (lambda h=h: call(h)) for name, h in models.items()}
+
+    group = "end-to-end"
+    shape = f"ADE20K head, mask {size}x{size}"
+    return [
+        Case("head.step", group, f"{shape}, B=1, guidance 0.4", "fwd", step, HEAD, flops=True, heavy=True),
+        # The noise is drawn differently on the two heads (dense Gumbel vs Philox): shapes are compared.
+        Case("head.sample", group, f"{shape}, B=1, T={T}, 3 steps", "fwd", sample, HEAD, compare="shape", flops=True,
+             heavy=True),
+        Case("head.train_step", group, f"{shape}, B=2", "fwd+bwd", train, HEAD, compare="shape", heavy=True),
+    ]
+
+
+def all_cases(full: bool, size: int) -> list[Case]:
+    """The quick profile: B = 1, forward and forward + backward. --full adds B = 4."""
+    batches = (1, 4) if full else (1,)
+    modes = ("fwd", "fwd+bwd")
+    cases = []
+    for b in batches:
+        cases += sampling_cases(max(b, 1), size)
+    for b in batches:
+        cases += denoiser_op_cases(b, size, modes)
+    for b in batches:
+        cases += [c for c in module_cases(b, size, modes) if c.name != "UNet" or b == batches[0]]
+    return cases + head_cases(size)

@@ -1,0 +1,158 @@
+"""The outputs of ``ddps bench``: the live table, JSON, CSV, a PNG plot and benchmarks/RESULTS.md."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+COLUMNS = ("median ms", "q20", "q80", "speedup", "GB/s", "copy GB/s", "GFLOP/s", "peak MB")
+CSV_FIELDS = ("case", "group", "mode", "shape", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "gbps",
+              "copy_gbps", "gflops", "peak_mb", "floor_ms", "check", "skipped", "error", "device", "threads",
+              "torch", "triton", "python", "ddps", "commit")
+
+
+def header(machine: dict, profile: str, size: int) -> str:
+    return (f"device: {machine['device']} | torch {machine['torch']} | triton {machine['triton']} | "
+            f"ddps {machine['ddps']} ({machine['commit']}) | torch threads {machine['threads']} | "
+            f"python {machine['python']}\nprofile: {profile}, mask size {size}; speedup = reference median / "
+            "provider median, both measured in this run")
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def cells(row: dict) -> list[str]:
+    """The table cells of a row, in COLUMNS order, then the note (check, skip reason or error)."""
+    if "median_ms" not in row:
+        return [""] * len(COLUMNS) + [row.get("skipped") or f"ERROR {row.get('error')}"]
+    note = row.get("check", "")
+    if "floor_ms" in row:
+        note += f"; FLOP floor {row['floor_ms']:.0f} ms"
+    return [_num(row["median_ms"], ".3f"), _num(row["q20_ms"], ".3f"), _num(row["q80_ms"], ".3f"),
+            _num(row["speedup"], ".2f") + "x", _num(row.get("gbps"), ".1f"), _num(row.get("copy_gbps"), ".1f"),
+            _num(row.get("gflops"), ".0f"), _num(row.get("peak_mb"), ".1f"), note]
+
+
+class LivePrinter:
+    """Prints each row as it is measured, with a title line whenever the case changes."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, row: dict) -> None:
+        key = (row["case"], row["mode"], row["shape"])
+        if key != self.last:
+            self.last = key
+            print(f"\n{row['case']} {row['mode']}  {row['shape']}")
+            print(f"  {'provider':20s}" + "".join(f"{c:>11s}" for c in COLUMNS) + "  check")
+        values = cells(row)
+        print(f"  {row['provider']:20s}" + "".join(f"{v:>11s}" for v in values[:-1]) + f"  {values[-1]}", flush=True)
+
+
+def summary_lines(result: dict) -> str:
+    lines = [f"\n{len(result['rows'])} rows in {result['seconds']:.0f} s"]
+    if "peak_conv_gflops" in result:
+        lines.append(f"peak convolution throughput (3x3, 256->256, 128x128): {result['peak_conv_gflops']:.0f} GFLOP/s")
+    for r in result["rows"]:
+        if "floor_ms" in r:
+            lines.append(f"{r['case']}: ddps {r['median_ms']:.0f} ms, FLOP floor {r['floor_ms']:.0f} ms "
+                         f"(its FLOPs at the peak convolution throughput)")
+    errors = [r for r in result["rows"] if "error" in r]
+    if errors:
+        lines.append(f"{len(errors)} provider(s) failed: " + ", ".join(f"{r['case']}/{r['provider']}" for r in errors))
+    return "\n".join(lines)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through a temporary file in the same directory and rename it: a reader never sees a
+    half-written file, and an interrupted run leaves the old one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(result: dict, path: str) -> None:
+    _atomic_write(path, lambda f: json.dump(result, f, indent=1))
+
+
+def write_csv(result: dict, path: str) -> None:
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in result["rows"]:
+            writer.writerow({**result["machine"], **row})
+    _atomic_write(path, write)
+
+
+def check_plotting() -> None:
+    """Fail before measuring, not after, when --plot cannot be honoured."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"ddps bench: --plot needs matplotlib ({exc}); pip install matplotlib") from exc
+
+
+def write_plot(result: dict, path: str) -> None:
+    """Horizontal bars: each provider's speedup over the reference, one bar group per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "speedup" in r and r["provider"] != "reference"]
+    labels = [f"{r['case']} {r['mode']} [{r['shape']}] {r['provider']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.25 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [r["speedup"] for r in rows], color="tab:blue")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup over reference (log scale)")
+    m = result["machine"]
+    ax.set_title(f"ddps bench ({result['profile']}): {m['device']}, torch {m['torch']}", fontsize=9)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    out = ["# ddps benchmark results", "",
+           f"Generated by `{result['command']}` ({result['profile']} profile, mask size {result['size']}, "
+           f"{result['seconds']:.0f} s).", "",
+           f"- device: {m['device']} (torch threads {m['threads']})",
+           f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, "
+           f"ddps {m['ddps']} at commit {m['commit']}",
+           "", "Median and 20/80 % quantiles in ms over repeated calls; speedup = reference median / provider "
+           "median, measured side by side in this run. GB/s: bytes the op must move per second (copy GB/s: a "
+           "plain copy of the same bytes). GFLOP/s: convolution and matmul FLOPs of the call per second. "
+           "Peak MB: memory the call holds above what was live before it."]
+    if "peak_conv_gflops" in result:
+        out.append(f"FLOP floor of a ddps head row: its FLOPs at the peak convolution throughput measured here "
+                   f"({result['peak_conv_gflops']:.0f} GFLOP/s).")
+    group = None
+    for row in result["rows"]:
+        if row["group"] != group:
+            group = row["group"]
+            out += ["", f"## {group}", "", "| case | mode | shape | provider | " + " | ".join(COLUMNS) + " | check |",
+                    "|" + " --- |" * (len(COLUMNS) + 5)]
+        out.append(f"| {row['case']} | {row['mode']} | {row['shape']} | {row['provider']} | "
+                   + " | ".join(cells(row)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(result: dict, path: str) -> None:
+    text = markdown(result)
+    _atomic_write(path, lambda f: f.write(text))

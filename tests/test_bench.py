@@ -1,0 +1,139 @@
+"""`ddps bench` (ddps/bench/) and its pytest-benchmark suite (benchmarks/), at tiny sizes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddps
+from ddps import bench, cli
+from ddps.bench import cases as registry
+from ddps.bench.measure import measure, profiled_call, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 8
+
+
+def test_every_op_and_the_head_have_cases():
+    names = {c.name for c in bench.select("quick", 128)}
+    assert set(ddps.ops.__all__) <= names
+    assert {"Attention", "LinearAttention", "UNet", "head.step", "head.sample", "head.train_step"} <= names
+    full = bench.select("full", 128)
+    assert {c.shape for c in full if c.name == "attention"} == {"q,k,v [1,4,32,32x32]", "q,k,v [4,4,32,32x32]"}
+
+
+def test_built_providers_match_the_declared_ones():
+    device = torch.device("cpu")
+    for case in bench.select("quick", SIZE):
+        if case.heavy:  # building the heads is covered by the end-to-end run below
+            continue
+        assert list(case.build(device)) == case.provider_names(device), case.name
+        assert case.provider_names(device)[0] == "reference"
+
+
+def test_unknown_case_names_are_an_error():
+    with pytest.raises(ValueError, match="unknown case.*'nope'"):
+        bench.select("quick", SIZE, ["attention", "nope"])
+
+
+def test_profiled_call_sees_the_peak_and_measure_repeats():
+    def fn():
+        a = torch.ones(1 << 20)  # 4 MiB, freed before the 8 MiB one is made
+        del a
+        b = torch.ones(1 << 21)
+        return b.sum()
+
+    out, peak = profiled_call(fn, torch.device("cpu"))
+    assert out.item() == 1 << 21
+    assert 8 << 20 <= peak < 12 << 20
+    times = measure(fn, 3, torch.device("cpu"))
+    assert len(times) >= 3 and all(t > 0 for t in times)
+    s = summary([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["median_ms"] == 3000.0 and s["q20_ms"] < s["median_ms"] < s["q80_ms"]
+
+
+def _run_cli(capsys, *argv):
+    rc = cli.main(["bench", *argv])
+    return rc, capsys.readouterr()
+
+
+def test_bench_end_to_end_outputs(tmp_path, capsys):
+    out = {k: tmp_path / f"r.{k}" for k in ("json", "csv", "png", "md")}
+    rc, printed = _run_cli(capsys, "--size", str(SIZE), "--repeats", "2", "--cases", "q_sample", "attention",
+                           "group_norm_film_silu", "head.step", "--json", str(out["json"]), "--csv", str(out["csv"]),
+                           "--plot", str(out["png"]), "--markdown", str(out["md"]))
+    assert rc == 0, printed.err
+    assert "device:" in printed.out and "speedup" in printed.out
+    result = json.loads(out["json"].read_text())
+    rows = result["rows"]
+    assert {r["case"] for r in rows} == {"q_sample", "attention", "group_norm_film_silu", "head.step"}
+    assert not [r for r in rows if "error" in r]
+    for r in rows:
+        if "skipped" in r:
+            assert r["provider"] == "compile(reference)" and r["mode"] == "fwd+bwd"
+            continue
+        assert r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] and r["peak_mb"] >= 0
+        if r["provider"] == "reference":
+            assert r["speedup"] == 1.0 and r["check"] == "baseline"
+        elif r["case"] == "q_sample":
+            assert r["check"] == "same shape" and r["gbps"] > 0 and r["copy_gbps"] > 0
+        else:  # deterministic: each provider agrees with the reference, measured in the same run
+            assert float(r["check"].split()[-1]) <= 1e-4, r
+    providers = {(r["case"], r["mode"]): [x["provider"] for x in rows if (x["case"], x["mode"]) == (r["case"], r["mode"])]
+                 for r in rows}
+    assert providers[("attention", "fwd")] == ["reference", "compile(reference)", "plain-torch", "cpu"]
+    assert providers[("head.step", "fwd")] == ["reference", "ddps"]
+    step = [r for r in rows if r["case"] == "head.step" and r["provider"] == "ddps"][0]
+    assert step["gflops"] > 0 and step["floor_ms"] > 0 and result["peak_conv_gflops"] > 0
+    assert result["machine"]["torch"] == torch.__version__
+
+    with open(out["csv"], newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert all(r["device"] == result["machine"]["device"] and r["commit"] and r["torch"] for r in csv_rows)
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out["md"].read_text()
+    assert md.startswith("# ddps benchmark results") and "| attention | fwd |" in md
+    assert result["machine"]["device"] in md and "## end-to-end" in md
+
+
+def test_bench_list_and_bad_arguments(capsys):
+    rc, printed = _run_cli(capsys, "--list")
+    assert rc == 0 and "head.train_step" in printed.out and "linear_attention" in printed.out
+    rc, printed = _run_cli(capsys, "--cases", "attention", "bogus")
+    assert rc == 2 and "bogus" in printed.err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--size", "30"])
+    assert exc.value.code == 2
+    assert "--size must be a multiple of 4" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        rc, printed = _run_cli(capsys, "--device", "cuda", "--cases", "attention")
+        assert rc == 2 and "CUDA" in printed.err
+
+
+def test_a_failing_provider_is_reported_and_fails_the_run():
+    def build(device):
+        def broken():
+            raise RuntimeError("kernel exploded")
+        return {"reference": lambda: torch.ones(3), "broken": broken}
+
+    case = registry.Case("demo", "test", "[3]", "fwd", build, ("reference", "broken"))
+    rows = bench.run([case], torch.device("cpu"), repeats=1)["rows"]
+    assert rows[0]["check"] == "baseline"
+    assert rows[1]["error"] == "RuntimeError: kernel exploded"
+
+
+def test_pytest_benchmark_suite_runs(tmp_path):
+    """benchmarks/bench_cases.py, once per case and provider (--benchmark-disable), on two cases."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable", "--ddps-size", str(SIZE), "-k", "renoise or channel_layer_norm"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -21,6 +21,12 @@ TORCH_LIBRARY(ddps, m) {
         "float eps) -> (Tensor, Tensor, Tensor)");
   m.def("group_norm_film_silu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
         "Tensor? shift, Tensor mean, Tensor rstd, int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // q, k, v [B, heads, D, N] with D contiguous. Forward returns (out [B, heads * D, N] laid out
+  // token-major, context [B, heads, D, D] with scale / N and k's softmax sums folded in, kmax and
+  // ksum [B, heads, D]: the shift and sum of k's softmax over tokens); the backward takes them.
+  m.def("linear_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, Tensor kmax, "
+        "Tensor ksum, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 static PyModuleDef ddps_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -82,3 +82,57 @@ def test_bad_input_is_a_clear_error(op):
         op(q.long(), k, v, 1.0)
     with pytest.raises(ValueError, match="unknown backend"):
         op(q, k, v, 1.0, backend="gpu")
+
+
+# The C++ kernel of linear_attention (cpu backend: float32 token-major views, d = 16k <= 64).
+CPU_KERNEL = pytest.mark.skipif("cpu" not in DENOISER, reason="needs the compiled extension")
+
+
+@CPU_KERNEL
+@pytest.mark.parametrize("shape", [(1, 2, 16, 2500), (2, 1, 48, 1030), (1, 3, 64, 17)],
+                         ids=["d16N2500", "d48N1030", "d64N17"])
+def test_linear_attention_kernel_over_token_splits(shape):
+    # N > 1024 spans several of the kernel's token ranges (summed in a fixed order).
+    scale = shape[2] ** -0.5
+    assert_matches_reference(lambda q, k, v: linear_attention(*_token_major(q, k, v), scale, backend="cpu"),
+                             lambda q, k, v: reference.linear_attention(q, k, v, scale), _qkv(shape))
+
+
+@CPU_KERNEL
+def test_linear_attention_kernel_opcheck():
+    q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
+    torch.library.opcheck(torch.ops.ddps.linear_attention.default, (q, k, v, 0.3))
+
+
+@CPU_KERNEL
+def test_linear_attention_kernel_same_bits_for_any_thread_count():
+    q, k, v = _qkv((2, 4, 32, 2100))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            views = [x.detach().requires_grad_() for x in _token_major(q, k, v)]
+            out = linear_attention(*views, 0.2, backend="cpu")
+            out.backward(torch.ones_like(out))
+            results.append([out.detach()] + [x.grad for x in views])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@CPU_KERNEL
+def test_linear_attention_kernel_nan_and_inf_as_reference():
+    # NaN or inf in one token of q spoils that token's output in its head (32 values); in one
+    # entry of k, that channel's softmax over tokens, and through the context the head's every
+    # output (32 x 50).
+    for tensor, spoiled in ((0, 32), (1, 32 * 50)):
+        for bad in (float("nan"), float("inf")):
+            q, k, v = _qkv((1, 2, 32, 50))
+            (q, k, v)[tensor][0, 1, 5, 7] = bad
+            got = linear_attention(*_token_major(q, k, v), 0.2, backend="cpu")
+            expected = reference.linear_attention(q, k, v, 0.2)
+            assert expected.isnan().sum() == spoiled
+            assert torch.equal(got.isnan(), expected.isnan())
+            torch.testing.assert_close(got, expected, equal_nan=True)

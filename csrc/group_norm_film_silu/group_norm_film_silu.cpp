@@ -17,62 +17,12 @@
 #include <cstring>
 #include <vector>
 
-// The vector helpers are inlined into each clone: no vector crosses a call boundary, so GCC's
-// note that such calls would have another ABI without AVX-512 does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "common/vec.h"
 
 namespace ddps {
 namespace {
 
-// Forced inline: GCC does not otherwise inline these (default-target) functions into the
-// target_clones loops, and an out-of-line call per vector spills it through memory.
-#define DDPS_INLINE __attribute__((always_inline))
-
-constexpr int kLanes = 16;
-typedef float FloatV __attribute__((vector_size(4 * kLanes)));
-typedef int32_t IntV __attribute__((vector_size(4 * kLanes)));
-// The same vector at any float's alignment: full-vector loads and stores are float-typed (a memcpy
-// store may alias anything, which makes GCC reload every captured pointer and size after it).
-typedef float FloatVU __attribute__((vector_size(4 * kLanes), aligned(4)));
 constexpr int64_t kChunk = 256;  // pixels per partial sum
-
-// exp for a vector: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
-// (relative error < 3e-7), inputs clamped so that 2^n stays a normal float. libm's expf does not
-// vectorise without -ffast-math, which the rest of the extension must not have.
-DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
-  const FloatV lo = FloatV{} - 87.0f, hi = FloatV{} + 88.0f;
-  x = x > lo ? x : lo;
-  x = x < hi ? x : hi;
-  const FloatV magic = FloatV{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const FloatV n = (x * 1.44269504f + magic) - magic;
-  const FloatV r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts
-  FloatV p = FloatV{} + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const IntV bits = (__builtin_convertvector(n, IntV) + 127) << 23;
-  FloatV scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// count < kLanes only at the end of a pixel's channels; the full case is one vector load/store.
-DDPS_INLINE inline FloatV load(const float* p, int count) {
-  if (count == kLanes) return *reinterpret_cast<const FloatVU*>(p);
-  FloatV v{};
-  std::memcpy(&v, p, sizeof(float) * count);
-  return v;
-}
-
-DDPS_INLINE inline void store(float* p, FloatV v, int count) {
-  if (count == kLanes)
-    *reinterpret_cast<FloatVU*>(p) = v;
-  else
-    std::memcpy(p, &v, sizeof(float) * count);
-}
 
 // The per-(sample, channel) map of the forward: z = (x - mean) * a + b, GroupNorm, its affine
 // and FiLM folded together (x - mean first: exact where x is close to the mean), y = silu(z).
@@ -86,9 +36,7 @@ struct Shape {
   int64_t group_size() const { return channels / groups; }
 };
 
-// The loops below run as clones for AVX-512, AVX2 and baseline x86-64 (the functors and vector
-// helpers are inlined into each clone): one 16-lane vector is one AVX-512 register.
-#define DDPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+// The loops below run as clones (DDPS_CLONES), with the functors inlined into each clone.
 
 // Sums over pixels p0 .. p1 - 1 of sample b of the two quantities f gives per channel vector, into
 // out[0 .. 2C). Pixel by pixel, each a contiguous row of C channels, the running sums in out (2C

@@ -1,11 +1,15 @@
 """linear_attention: the original LinearAttention core (SPEC §4).
 
 Backends: ``triton`` (kernels/linear_attention.py: a streaming pass for the d x d context and one
-for the output; backward likewise; float32 inside, any layout the three share), ``cpu`` (the
-same math with the scalings q * scale and v / N folded into the d x d context, and batched
-matmuls instead of einsum: 1.3-1.5x the reference on this package's reference CPU; views of a
-channels-last conv's output are worked on token-major, without transposing copies, and the output
-comes back token-major) and ``reference`` (``ddps.reference.linear_attention``). Differentiable on all three.
+for the output; backward likewise; float32 inside, any layout the three share), ``cpu`` and
+``reference`` (``ddps.reference.linear_attention``). Differentiable on all three.
+
+``cpu``: float32 views of a channels-last conv's output (token-major, d a multiple of 16 up to 64:
+the fused UNet's case) go to the C++ kernel (csrc/linear_attention/: one pass over the tokens for
+the d x d context, one for the output, in memory order), and the output comes back token-major.
+Everything else runs the same math in torch ops, with the scalings q * scale and v / N folded into
+the d x d context and batched matmuls instead of einsum (on token-major views torch's softmax over
+strided tokens and the matmuls' copies make that slower than the reference, hence the kernel).
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return reference.linear_attention(q, k, v, scale)
     if chosen == "triton":
         return _triton()(q, k, v, scale)[0]
+    if _kernel_takes(q, k, v):
+        return torch.ops.ddps.linear_attention(q, k, v, scale)[0]
     if token_major(q):
         return _linear_attention_tokens(q, k, v, scale)
     context = torch.matmul(k.softmax(dim=-1), v.transpose(-1, -2)) * (scale / q.shape[-1])  # [B, h, d, e]
@@ -51,6 +57,41 @@ def _linear_attention_tokens(q, k, v, scale):
         context = torch.matmul(kb.permute(1, 2, 0), vb.transpose(0, 1)) * nb  # [h, d, e]
         out.append(torch.matmul(qb.softmax(dim=-1).transpose(0, 1), context))  # [h, N, e]
     return heads_output(torch.stack(out))
+
+
+def _kernel_takes(q, k, v) -> bool:
+    """The C++ kernel's case: float32 token-major views, d a multiple of 16 up to 64."""
+    d = q.shape[-2]
+    return (all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
+            and d % 16 == 0 and d <= 64 and q.shape[-1] > 0 and q.numel() > 0)
+
+
+@_backend.register_fake("linear_attention")
+def _cpu_fake(q, k, v, scale):
+    b, h, d, n = q.shape
+    stats = q.new_empty((b, h, d))
+    return q.new_empty((b, n, h * d)).transpose(1, 2), q.new_empty((b, h, d, d)), stats, stats.clone()
+
+
+@_backend.register_fake("linear_attention_backward")
+def _cpu_backward_fake(grad, q, k, v, context, kmax, ksum, scale):
+    b, h, d, n = q.shape
+    return tuple(q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3))
+
+
+def _cpu_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output[1:])
+    ctx.scale = scale
+
+
+def _cpu_backward(ctx, grad, _context, _kmax, _ksum):
+    # The kernel reads grad with its heads * d channels contiguous per token (the output's layout).
+    grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    return *torch.ops.ddps.linear_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None
+
+
+_backend.register_autograd("linear_attention", _cpu_backward, _cpu_setup_context)
 
 
 def _fwd_fake(q, k, v, scale):

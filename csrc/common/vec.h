@@ -1,0 +1,66 @@
+// Float vectors for the CPU kernels of the denoiser ops (group_norm_film_silu, linear_attention):
+// 16 lanes, one AVX-512 register, and the loops that use them are compiled as clones for AVX-512,
+// AVX2 and baseline x86-64 (DDPS_CLONES), with these helpers inlined into each clone.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+// The vector helpers are inlined into each clone: no vector crosses a call boundary, so GCC's
+// note that such calls would have another ABI without AVX-512 does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Forced inline: GCC does not otherwise inline these (default-target) functions into the
+// target_clones loops, and an out-of-line call per vector spills it through memory.
+#define DDPS_INLINE __attribute__((always_inline))
+#define DDPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+
+namespace ddps {
+
+constexpr int kLanes = 16;
+typedef float FloatV __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IntV __attribute__((vector_size(4 * kLanes)));
+// The same vector at any float's alignment: full-vector loads and stores are float-typed (a memcpy
+// store may alias anything, which makes GCC reload every captured pointer and size after it).
+typedef float FloatVU __attribute__((vector_size(4 * kLanes), aligned(4)));
+
+// exp for a vector: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
+// (relative error < 3e-7), inputs clamped so that 2^n stays a normal float; NaN stays NaN (the
+// comparisons are false for it). libm's expf does not vectorise without -ffast-math, which the
+// rest of the extension must not have.
+DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
+  const FloatV lo = FloatV{} - 87.0f, hi = FloatV{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const FloatV magic = FloatV{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const FloatV n = (x * 1.44269504f + magic) - magic;
+  const FloatV r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts
+  FloatV p = FloatV{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IntV bits = (__builtin_convertvector(n, IntV) + 127) << 23;
+  FloatV scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// count < kLanes only at the end of a row; the full case is one vector load/store.
+DDPS_INLINE inline FloatV load(const float* p, int count = kLanes) {
+  if (count == kLanes) return *reinterpret_cast<const FloatVU*>(p);
+  FloatV v{};
+  std::memcpy(&v, p, sizeof(float) * count);
+  return v;
+}
+
+DDPS_INLINE inline void store(float* p, FloatV v, int count = kLanes) {
+  if (count == kLanes)
+    *reinterpret_cast<FloatVU*>(p) = v;
+  else
+    std::memcpy(p, &v, sizeof(float) * count);
+}
+
+}  // namespace ddps

@@ -1,0 +1,346 @@
+// ddps::linear_attention on the CPU: float32 q, k, v [B, heads, D, N] given as token-major views
+// (the D values of a token contiguous, tokens strided: a channels-last qkv convolution's output,
+// as in the fused UNet), D a multiple of 16 up to 64. The composite in ddps/ops/linear_attention.py
+// softmaxes k over strided tokens and copies every operand for its matmuls; here each pass walks
+// the tokens once, in memory order, with the D x D matrices in L1.
+// Forward: a max pass over k, a context pass, an output pass. Backward: a d(context) pass and a
+// pass for dq, dk, dv. Sums over tokens are taken over fixed token ranges and combined in a fixed
+// order, so the results do not depend on the thread count.
+// Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
+// bit for bit.
+#pragma GCC optimize("fp-contract=fast")
+
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <iterator>
+#include <limits>
+#include <vector>
+
+#include "common/vec.h"
+
+namespace ddps {
+namespace {
+
+constexpr int64_t kSplit = 1024;  // tokens per partial sum over tokens
+constexpr int kMaxD = 64;
+
+// One (sample, head) of a [B, heads, D, N] view with D contiguous: token n's row.
+struct Rows {
+  const float* base;
+  int64_t stride;
+  const float* operator()(int64_t n) const { return base + n * stride; }
+};
+
+// Every (sample, head) of a [B, heads, D, N] view with D contiguous. Pointer and strides are read
+// from the tensor once: data_ptr() per token costs more than the token's arithmetic.
+struct Heads {
+  const float* data;
+  int64_t sample_stride, head_stride, token_stride, heads;
+  explicit Heads(const at::Tensor& t)
+      : data(t.data_ptr<float>()), sample_stride(t.stride(0)), head_stride(t.stride(1)), token_stride(t.stride(3)),
+        heads(t.size(1)) {}
+  Heads(const float* data, int64_t sample_stride, int64_t head_stride, int64_t token_stride, int64_t heads)
+      : data(data), sample_stride(sample_stride), head_stride(head_stride), token_stride(token_stride), heads(heads) {}
+  Rows operator()(int64_t pair) const {
+    return {data + pair / heads * sample_stride + pair % heads * head_stride, token_stride};
+  }
+};
+
+struct Shape {
+  int64_t batch, heads, d, n;
+  int64_t pairs() const { return batch * heads; }
+  int64_t splits() const { return (n + kSplit - 1) / kSplit; }
+};
+
+template <int V>
+DDPS_INLINE inline float lane_sum(const FloatV (&x)[V]) {
+  FloatV s = x[0];
+  for (int j = 1; j < V; ++j) s += x[j];
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += s[i];
+  return total;
+}
+
+// softmax over a token's D values; NaN and +inf give NaN rows, as torch's softmax does.
+template <int V>
+DDPS_INLINE inline void softmax_row(const float* row, FloatV (&out)[V]) {
+  FloatV m = load(row);
+  for (int j = 1; j < V; ++j) {
+    const FloatV x = load(row + j * kLanes);
+    m = x > m ? x : m;
+  }
+  float top = m[0];
+  for (int i = 1; i < kLanes; ++i) top = m[i] > top ? m[i] : top;
+  for (int j = 0; j < V; ++j) out[j] = exp_lanes(load(row + j * kLanes) - top);
+  const float inv = 1.0f / lane_sum<V>(out);
+  for (int j = 0; j < V; ++j) out[j] *= inv;
+}
+
+// out[d][:] += sum over tokens n in [n0, n1) of coef_n[d] * rows(n)[:], and sums[d] += coef_n[d],
+// where coef(n, FloatV (&)[V]) gives a token's D coefficients. Four tokens per update of out: one
+// load and store of out per four multiply-adds.
+template <int V, typename Coef>
+DDPS_CLONES void outer_sums(Coef& coef, Rows vals, int64_t n0, int64_t n1, float* out, float* sums) {
+  constexpr int D = V * kLanes, kBlock = 4;
+  alignas(64) float c[kBlock][D];
+  FloatV total[V] = {};
+  for (int64_t n = n0; n < n1; n += kBlock) {
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, n1 - n));
+    FloatV val[kBlock][V];
+    for (int t = 0; t < kBlock; ++t) {
+      FloatV cv[V] = {};
+      if (t < count) {
+        coef(n + t, cv);
+        for (int j = 0; j < V; ++j) val[t][j] = load(vals(n + t) + j * kLanes);
+      } else {
+        for (int j = 0; j < V; ++j) val[t][j] = FloatV{};
+      }
+      for (int j = 0; j < V; ++j) {
+        store(c[t] + j * kLanes, cv[j]);
+        total[j] += cv[j];
+      }
+    }
+    for (int d = 0; d < D; ++d)
+      for (int j = 0; j < V; ++j) {
+        float* o = out + d * D + j * kLanes;
+        store(o, load(o) + c[0][d] * val[0][j] + c[1][d] * val[1][j] + c[2][d] * val[2][j] + c[3][d] * val[3][j]);
+      }
+  }
+  for (int j = 0; j < V; ++j) store(sums + j * kLanes, load(sums + j * kLanes) + total[j]);
+}
+
+// acc = sum_d coef[d] * mat[d][:] (mat D x D, row-major).
+template <int V>
+DDPS_INLINE inline void mat_vec(const float* coef, const float* mat, FloatV (&acc)[V]) {
+  constexpr int D = V * kLanes;
+  for (int j = 0; j < V; ++j) acc[j] = FloatV{};
+  for (int d = 0; d < D; ++d)
+    for (int j = 0; j < V; ++j) acc[j] += coef[d] * load(mat + d * D + j * kLanes);
+}
+
+// Per (sample, head) sums over all tokens of outer_sums, from per-split partials summed in split
+// order: mats [pairs, D, D], sums [pairs, D].
+template <int V, typename CoefOf, typename ValsOf>
+void token_sums(const Shape& s, CoefOf coef_of, ValsOf vals_of, float* mats, float* sums) {
+  constexpr int D = V * kLanes;
+  const int64_t splits = s.splits();
+  std::vector<float> partial(s.pairs() * splits * (D * D + D), 0.0f);
+  at::parallel_for(0, s.pairs() * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / splits, n0 = item % splits * kSplit;
+      auto coef = coef_of(pair);
+      float* p = partial.data() + item * (D * D + D);
+      outer_sums<V>(coef, vals_of(pair), n0, std::min(n0 + kSplit, s.n), p, p + D * D);
+    }
+  });
+  for (int64_t pair = 0; pair < s.pairs(); ++pair) {
+    float *mat = mats + pair * D * D, *sum = sums + pair * D;
+    std::fill(mat, mat + D * D, 0.0f);
+    std::fill(sum, sum + D, 0.0f);
+    for (int64_t split = 0; split < splits; ++split) {
+      const float* p = partial.data() + (pair * splits + split) * (D * D + D);
+      for (int i = 0; i < D * D; ++i) mat[i] += p[i];
+      for (int i = 0; i < D; ++i) sum[i] += p[D * D + i];
+    }
+  }
+}
+
+template <typename F>
+DDPS_CLONES void token_range(F& f, int64_t pair, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) f(pair, n);
+}
+
+// Runs f(pair, n) for every token of every (sample, head), in parallel over token ranges.
+template <typename F>
+void for_each_token(const Shape& s, F f) {
+  const int64_t splits = s.splits();
+  at::parallel_for(0, s.pairs() * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n0 = item % splits * kSplit;
+      token_range(f, item / splits, n0, std::min(n0 + kSplit, s.n));
+    }
+  });
+}
+
+Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->sizes() == q.sizes() && t->stride(2) == 1,
+                "linear_attention (cpu): q, k, v must be float32 [B, heads, D, N] views with D contiguous, got ",
+                t->sizes(), " with strides ", t->strides());
+  }
+  const Shape s{q.size(0), q.size(1), q.size(2), q.size(3)};
+  TORCH_CHECK(s.d % kLanes == 0 && s.d <= kMaxD && s.n > 0,
+              "linear_attention (cpu): D must be a multiple of 16 up to 64 and N >= 1, got D=", s.d, ", N=", s.n);
+  return s;
+}
+
+// The max over tokens of each of the D channels (the shift of k's softmax over tokens).
+template <int V>
+DDPS_CLONES void channel_max(Rows kr, int64_t n, float* out) {
+  FloatV m[V];
+  for (int j = 0; j < V; ++j) m[j] = FloatV{} - std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < V; ++j) {
+      const FloatV x = load(kr(i) + j * kLanes);
+      m[j] = x > m[j] ? x : m[j];
+    }
+  for (int j = 0; j < V; ++j) store(out + j * kLanes, m[j]);
+}
+
+// The coefficients of the context: exp(k - kmax) per token.
+auto k_exp(const Shape& s, Heads k, const float* kmax) {
+  return [&s, k, kmax](int64_t pair) {
+    const Rows kr = k(pair);
+    const float* m = kmax + pair * s.d;
+    return [kr, m](int64_t n, auto& out) DDPS_INLINE {
+      for (size_t j = 0; j < std::size(out); ++j)
+        out[j] = exp_lanes(load(kr(n) + j * kLanes) - load(m + j * kLanes));
+    };
+  };
+}
+
+// The coefficients of d(context): q's softmax over D per token.
+auto q_softmax(Heads q) {
+  return [q](int64_t pair) {
+    const Rows qr = q(pair);
+    return [qr](int64_t n, auto& out) DDPS_INLINE { softmax_row(qr(n), out); };
+  };
+}
+
+template <int V>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q,
+                                                                   const at::Tensor& k, const at::Tensor& v,
+                                                                   double scale) {
+  constexpr int D = V * kLanes;
+  auto opts = q.options();
+  at::Tensor kmax = at::empty({s.batch, s.heads, D}, opts), ksum = at::empty({s.batch, s.heads, D}, opts);
+  at::Tensor context = at::empty({s.batch, s.heads, D, D}, opts);
+  float *pm = kmax.data_ptr<float>(), *ps = ksum.data_ptr<float>(), *pc = context.data_ptr<float>();
+  const Heads qh(q), kh(k), vh(v);
+  at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) channel_max<V>(kh(pair), s.n, pm + pair * D);
+  });
+  token_sums<V>(s, k_exp(s, kh, pm), vh, pc, ps);
+  // context[d][e] = sum_n softmax_n(k)[d] v[e] / N * scale: the reference's v / N, q * scale.
+  for (int64_t pair = 0; pair < s.pairs(); ++pair)
+    for (int d = 0; d < D; ++d) {
+      const float f = static_cast<float>(scale / s.n) / ps[pair * D + d];
+      for (int e = 0; e < D; ++e) pc[(pair * D + d) * D + e] *= f;
+    }
+  // out [B, N, heads * D] in memory, returned as [B, heads * D, N] (what the output conv reads).
+  at::Tensor out = at::empty({s.batch, s.n, s.heads * D}, opts);
+  float* po = out.data_ptr<float>();
+  for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
+    const int64_t b = pair / s.heads, h = pair % s.heads;
+    FloatV sq[V], acc[V];
+    softmax_row(qh(pair)(n), sq);
+    alignas(64) float coef[D];
+    for (int j = 0; j < V; ++j) store(coef + j * kLanes, sq[j]);
+    mat_vec<V>(coef, pc + pair * D * D, acc);
+    for (int j = 0; j < V; ++j) store(po + (b * s.n + n) * s.heads * D + h * D + j * kLanes, acc[j]);
+  });
+  return {out.transpose(1, 2), context, kmax, ksum};
+}
+
+template <int V>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& context, const at::Tensor& kmax,
+                                                        const at::Tensor& ksum, double scale) {
+  constexpr int D = V * kLanes;
+  // grad [B, heads * D, N] with heads * D contiguous: per (sample, head) rows like q's.
+  const Heads gh(grad.data_ptr<float>(), grad.stride(0), D, grad.stride(2), s.heads), qh(q), kh(k), vh(v);
+  std::vector<float> dctx(s.pairs() * D * D), unused(s.pairs() * D);
+  token_sums<V>(s, q_softmax(qh), gh, dctx.data(), unused.data());
+  // With C the saved context: dv = sk G, dsk = G v, dk = sk (dsk - r), r = rowsum(dC * C), where
+  // G = dC * scale / N and sk = softmax_n(k); dq = sq (dsq - <sq, dsq>), dsq = C grad.
+  const float* pc = context.data_ptr<float>();
+  std::vector<float> ct(s.pairs() * D * D), g(s.pairs() * D * D), gt(s.pairs() * D * D), r(s.pairs() * D, 0.0f),
+      kinv(s.pairs() * D);
+  const float g_scale = static_cast<float>(scale / s.n);
+  for (int64_t pair = 0; pair < s.pairs(); ++pair) {
+    const int64_t o = pair * D * D;
+    for (int d = 0; d < D; ++d) {
+      for (int e = 0; e < D; ++e) {
+        const float dc = dctx[o + d * D + e];
+        ct[o + e * D + d] = pc[o + d * D + e];
+        g[o + d * D + e] = gt[o + e * D + d] = dc * g_scale;
+        r[pair * D + d] += dc * pc[o + d * D + e];
+      }
+      kinv[pair * D + d] = 1.0f / ksum.data_ptr<float>()[pair * D + d];
+    }
+  }
+  auto opts = q.options();
+  at::Tensor dq = at::empty({s.batch, s.n, s.heads, D}, opts), dk = at::empty_like(dq), dv = at::empty_like(dq);
+  float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
+  const float *pm = kmax.data_ptr<float>(), *pkinv = kinv.data(), *pr = r.data(), *pct = ct.data(),
+              *pg = g.data(), *pgt = gt.data();
+  for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
+    const int64_t b = pair / s.heads, h = pair % s.heads, o = pair * D * D, out = ((b * s.n + n) * s.heads + h) * D;
+    alignas(64) float gn[D], skn[D], vn[D];
+    FloatV sq[V], dsq[V], sk[V], dvv[V], dsk[V];
+    softmax_row(qh(pair)(n), sq);
+    const float *kr = kh(pair)(n), *gr = gh(pair)(n), *vr = vh(pair)(n);
+    for (int j = 0; j < V; ++j) {
+      sk[j] = exp_lanes(load(kr + j * kLanes) - load(pm + pair * D + j * kLanes)) * load(pkinv + pair * D + j * kLanes);
+      store(skn + j * kLanes, sk[j]);
+      store(gn + j * kLanes, load(gr + j * kLanes));
+      store(vn + j * kLanes, load(vr + j * kLanes));
+    }
+    mat_vec<V>(gn, pct + o, dsq);
+    FloatV prod[V];
+    for (int j = 0; j < V; ++j) prod[j] = sq[j] * dsq[j];
+    const float dot = lane_sum<V>(prod);
+    mat_vec<V>(skn, pg + o, dvv);
+    mat_vec<V>(vn, pgt + o, dsk);
+    for (int j = 0; j < V; ++j) {
+      store(pq + out + j * kLanes, sq[j] * (dsq[j] - dot));
+      store(pk + out + j * kLanes, sk[j] * (dsk[j] - load(pr + pair * D + j * kLanes)));
+      store(pv + out + j * kLanes, dvv[j]);
+    }
+  });
+  // [B, N, heads, D] in memory -> [B, heads, D, N] views, the layout of q, k, v.
+  return {dq.permute({0, 2, 3, 1}), dk.permute({0, 2, 3, 1}), dv.permute({0, 2, 3, 1})};
+}
+
+template <typename F>
+auto by_width(int64_t d, F f) {
+  switch (d / kLanes) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                       const at::Tensor& v, double scale) {
+  const Shape s = check_inputs(q, k, v);
+  return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& context, const at::Tensor& kmax,
+                                                            const at::Tensor& ksum, double scale) {
+  const Shape s = check_inputs(q, k, v);
+  TORCH_CHECK(grad.dim() == 3 && grad.scalar_type() == at::kFloat && grad.size(0) == s.batch &&
+                  grad.size(1) == s.heads * s.d && grad.size(2) == s.n && grad.stride(1) == 1,
+              "linear_attention (cpu): grad must be float32 [B, heads * D, N] with heads * D contiguous");
+  for (const at::Tensor* t : {&context, &kmax, &ksum})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "linear_attention (cpu): bad saved tensor");
+  return by_width(s.d, [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, context, kmax, ksum, scale); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddps, CPU, m) {
+  m.impl("linear_attention", &forward_cpu);
+  m.impl("linear_attention_backward", &backward_cpu);
+}
+
+}  // namespace ddps

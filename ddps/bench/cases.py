@@ -171,15 +171,21 @@ def sampling_cases(batch: int, size: int) -> list[Case]:
 
 # --- denoiser ops --------------------------------------------------------------------------------
 def _differentiated(fn, leaves):
-    """fwd+bwd: the call plus the gradients of ``leaves`` for a fixed random output gradient."""
+    """fwd+bwd: the call plus the gradients of ``leaves`` for a fixed output gradient."""
     grad = {}
 
     def call():
         out = fn()
-        if "g" not in grad:
-            grad["g"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-        return torch.autograd.grad(out, leaves, grad["g"])
+        return torch.autograd.grad(out, leaves, _output_grad(out, grad))
     return call
+
+
+def _output_grad(out, cache: dict):
+    """A fixed random gradient for ``out``, made on the first call and laid out as ``out`` is (as
+    the next layer's backward gives it: channels-last in the fused UNet)."""
+    if "grad" not in cache:
+        cache["grad"] = torch.empty_like(out).copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return cache["grad"]
 
 
 def _providers(mode, calls):
@@ -329,12 +335,13 @@ def _module_call(module, x, mode):
         return lambda: _no_grad(module, x)
     module.train()
     leaf = x.detach().clone().requires_grad_()
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+    grad = {}
 
     def call():
         module.zero_grad(set_to_none=True)
         leaf.grad = None
-        module(leaf).backward(grad)
+        out = module(leaf)
+        out.backward(_output_grad(out, grad))
         return leaf.grad
     return call
 

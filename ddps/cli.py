@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import __version__, backends
-from .bench.measure import machine_line, measure
+from .bench.measure import machine, machine_line, measure
 from .nn import DDPSHead
 from .ops import q_sample
 from .schedule import DiffusionSchedule
@@ -22,7 +22,7 @@ def demo(args) -> int:
         print("ddps demo: --device cuda needs a visible CUDA device", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    print(machine_line(device))
+    print(machine_line(machine(device)))
     for name, entry in backends().items():
         print(f"  backend {name:9s} {'yes' if entry['available'] else 'no ':3s}  {entry['reason']}")
 

@@ -224,6 +224,7 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
         def attention_case(op, side, mode=mode, grad=grad):
             fn = getattr(ops, op)
             ref_fn = getattr(reference, op)
+            fixed = PLAIN if op == "attention" else REFERENCE
 
             def build(device):
                 def core(backend):
@@ -231,15 +232,12 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
 
                 def ref(qkv):
                     return ref_fn(*_split_heads(qkv, 4), scale)
-                calls = {"reference": ((_qkv(batch, side, device, False, grad),), ref),
-                         "compile(reference)": ((_qkv(batch, side, device, False, grad),), ref)}
-                if op == "attention":
-                    calls["plain-torch"] = ((_qkv(batch, side, device, False, grad),),
-                                            lambda qkv: _sdpa_attention(qkv, scale))
+                calls = {name: ((_qkv(batch, side, device, False, grad),),
+                                (lambda qkv: _sdpa_attention(qkv, scale)) if name == "plain-torch" else ref)
+                         for name in fixed}
                 for b in ddps_backends(op, device):  # the fused UNet's layout: a channels-last conv's output
                     calls[b] = ((_qkv(batch, side, device, True, grad),), core(b))
                 return _providers(mode, calls)
-            fixed = PLAIN if op == "attention" else REFERENCE
             return Case(op, "denoiser op", f"q,k,v [{batch},4,32,{side}x{side}]", mode, build, fixed, op)
 
         cases.append(attention_case("attention", size // 4))
@@ -257,29 +255,27 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
             film = [0.1 * torch.randn(batch, DIM, 1, 1, generator=g).to(device) for _ in range(2)]
             return [t.requires_grad_(grad) for t in (x, *params, *film)]
 
-        def layer_norm(device, mode=mode):
-            calls = {}
-            for name in ("reference", "compile(reference)", *ddps_backends("channel_layer_norm", device)):
-                x, gain, *_ = norm_inputs(device, name not in ("reference", "compile(reference)"))
-                fn = (reference.channel_layer_norm if "reference" in name else
-                      (lambda x, g, b=name: ops.channel_layer_norm(x, g, backend=b)))
-                calls[name] = ((x, gain.reshape(1, -1, 1, 1)), fn)
-            return _providers(mode, calls)
-
-        def epilogue(device, mode=mode):
-            calls = {}
-            for name in ("reference", "compile(reference)", *ddps_backends("group_norm_film_silu", device)):
-                inputs = norm_inputs(device, name not in ("reference", "compile(reference)"))
-                fn = ((lambda *a: reference.group_norm_film_silu(*a, 8)) if "reference" in name else
-                      (lambda *a, b=name: ops.group_norm_film_silu(*a, 8, backend=b)))
-                calls[name] = (inputs, fn)
-            return _providers(mode, calls)
+        def norm_build(op, extra, mode=mode):
+            """The providers of a norm op called as op(*inputs, *extra): x channels-last for the ddps
+            backends (the fused UNet's layout), contiguous for the reference."""
+            def build(device):
+                calls = {}
+                for name in (*REFERENCE, *ddps_backends(op, device)):
+                    on_reference = name in REFERENCE
+                    inputs = norm_inputs(device, not on_reference)
+                    if op == "channel_layer_norm":  # x and the gain, stored [1, C, 1, 1] by the module
+                        inputs = [inputs[0], inputs[1].reshape(1, -1, 1, 1)]
+                    fn = getattr(reference, op) if on_reference else getattr(ops, op)
+                    kw = {} if on_reference else {"backend": name}
+                    calls[name] = (inputs, lambda *a, fn=fn, kw=kw: fn(*a, *extra, **kw))
+                return _providers(mode, calls)
+            return build
 
         elems = batch * DIM * side * side * 4
         shape = f"x [{batch},{DIM},{side},{side}]"
         nbytes = 2 * elems if mode == "fwd" else None
-        for op, build in (("channel_layer_norm", layer_norm), ("group_norm_film_silu", epilogue)):
-            cases.append(Case(op, "denoiser op", shape, mode, build, REFERENCE, op, nbytes=nbytes))
+        for op, extra in (("channel_layer_norm", ()), ("group_norm_film_silu", (8,))):  # GroupNorm(8)
+            cases.append(Case(op, "denoiser op", shape, mode, norm_build(op, extra), REFERENCE, op, nbytes=nbytes))
     return cases
 
 

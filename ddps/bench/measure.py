@@ -3,6 +3,7 @@ one process, so ratios between providers are side by side."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 
 
+# Both fixed for the life of the process; machine() is asked at the start and end of every run.
+@functools.cache
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -22,6 +25,7 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+@functools.cache
 def _commit() -> str:
     """The source checkout's commit (with "+dirty" for local changes), or "unknown" for an install
     outside a git checkout."""
@@ -53,8 +57,8 @@ def machine(device: torch.device) -> dict:
                 python=platform.python_version(), ddps=__version__, commit=_commit())
 
 
-def machine_line(device: torch.device) -> str:
-    m = machine(device)
+def machine_line(m: dict) -> str:
+    """One line naming the machine and versions of ``machine()``'s dict."""
     return (f"device: {m['device']} | torch {m['torch']} | triton {m['triton']} | ddps {m['ddps']} "
             f"({m['commit']}) | torch threads {m['threads']} | python {m['python']}")
 

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .measure import machine_line
+
 COLUMNS = ("median ms", "q20", "q80", "speedup", "GB/s", "copy GB/s", "GFLOP/s", "peak MB")
 CSV_FIELDS = ("case", "group", "mode", "shape", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "gbps",
               "copy_gbps", "gflops", "peak_mb", "floor_ms", "check", "skipped", "error", "device", "threads",
@@ -14,9 +16,7 @@ CSV_FIELDS = ("case", "group", "mode", "shape", "provider", "median_ms", "q20_ms
 
 
 def header(machine: dict, profile: str, size: int) -> str:
-    return (f"device: {machine['device']} | torch {machine['torch']} | triton {machine['triton']} | "
-            f"ddps {machine['ddps']} ({machine['commit']}) | torch threads {machine['threads']} | "
-            f"python {machine['python']}\nprofile: {profile}, mask size {size}; speedup = reference median / "
+    return (f"{machine_line(machine)}\nprofile: {profile}, mask size {size}; speedup = reference median / "
             "provider median, both measured in this run")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _checks, reference
-from ..kernels._layout import block_d, heads_like, token_major
+from ..kernels._layout import as_heads_like, block_d, heads_like, token_major
 from . import _common
 from .attention import heads_output
 
@@ -63,7 +63,7 @@ def _kernel_takes(q, k, v) -> bool:
     """The C++ kernel's case: float32 token-major views, d a multiple of 16 up to 64."""
     d = q.shape[-2]
     return (all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
-            and d % 16 == 0 and d <= 64 and q.shape[-1] > 0 and q.numel() > 0)
+            and d % 16 == 0 and d <= 64 and q.numel() > 0)
 
 
 @_backend.register_fake("linear_attention")
@@ -86,8 +86,9 @@ def _cpu_setup_context(ctx, inputs, output):
 
 
 def _cpu_backward(ctx, grad, _context, _kmax, _ksum):
-    # The kernel reads grad with its heads * d channels contiguous per token (the output's layout).
-    grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    # The kernel reads grad with its heads * d channels contiguous per token: the output's layout,
+    # which is heads_like(q)'s for the views the kernel takes.
+    grad = as_heads_like(grad, ctx.saved_tensors[0]).reshape(grad.shape)
     return *torch.ops.ddps.linear_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None
 
 

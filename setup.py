@@ -12,10 +12,10 @@ import os
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["ddps", "ddps.bench", "ddps.nn", "ddps.ops", "ddps.kernels"]
+PACKAGES = ["ddps", "ddps.bench", "ddps.configs", "ddps.data", "ddps.nn", "ddps.ops", "ddps.kernels"]
 # The Triton kernels live in the top-level kernels/ folder of the repository but are installed
 # (wheel and editable alike) as ddps.kernels, never as a top-level `kernels` module.
-PACKAGE_DIR = {"ddps": "ddps", "ddps.kernels": "kernels"}
+PACKAGE_DIR = {"ddps": "ddps", "ddps.kernels": "kernels", "ddps.configs": "configs"}
 
 
 def _flag(name):
@@ -63,4 +63,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data={"ddps.configs": ["*.yaml"]}, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,11 +1,14 @@
 """The ``ddps`` command line. ``ddps bench``: ddps against the original implementation on this
-machine (the main job). ``ddps demo``: the DDPS sampling loop on random features, with the
-sampling op timed on every available backend."""
+machine (the main job). ``ddps train`` / ``eval`` / ``segment`` / ``convert``: the two-stage
+recipe, its evaluation, masks for image files, and original checkpoints into ddps weights.
+``ddps demo``: the DDPS sampling loop on random features, with the sampling op timed on every
+available backend."""
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,6 +68,103 @@ def bench(args) -> int:
     return bench_mod.main(args)
 
 
+def _config_path(name: str) -> Path:
+    """A config file, or the name of a shipped one (``synthetic``, ``ade20k``, ...)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    from importlib import resources
+    shipped = resources.files("ddps.configs") / f"{name.removesuffix('.yaml')}.yaml"
+    return Path(str(shipped)) if shipped.is_file() else path
+
+
+def train(args) -> int:
+    from . import config as config_mod
+    from . import training
+    from .checkpoint import checkpoints
+
+    cfg = config_mod.load(_config_path(args.config), args.overrides)
+    out = Path(args.out)
+    if not args.resume and (checkpoints(out / "checkpoints") or (out / "model.safetensors").exists()):
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    try:
+        training.train(cfg, out, resume=args.resume)
+    except training.Interrupted as e:
+        print(f"\nddps train: {e}; checkpoint written. Resume with: ddps train --config {args.config} "
+              f"--out {out} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def evaluate(args) -> int:
+    import json
+
+    from . import evaluation
+    from .data import build_dataset
+    from .model import load_run
+
+    cfg, segmentor, head = load_run(args.run, args.overrides, args.weights)
+    report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
+                                 limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
+                                 panels=cfg.eval.panels)
+    print(evaluation.table(report))
+    out = Path(args.json or Path(args.run) / "eval.json")
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def segment(args) -> int:
+    from PIL import Image
+
+    from . import evaluation
+    from .data import read_image
+    from .model import dataset_classes, load_run
+
+    cfg, segmentor, head = load_run(args.run, args.overrides, args.weights)
+    k, ignore = dataset_classes(cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    for name in args.images:
+        scores = evaluation.predict(segmentor, head, read_image(Path(name)), cfg, k)
+        stem = Path(name).stem
+        wanted = {"final": f"{stem}.png", "base": f"{stem}_segmentor.png"}
+        if args.steps:
+            wanted.update({n: f"{stem}_step{n.split()[1]}.png" for n in scores if n.startswith("step")})
+        for key, filename in wanted.items():
+            Image.fromarray(evaluation.colourise(scores[key].argmax(0), k, ignore)).save(out / filename)
+        print(f"{name} -> {out / wanted['final']}")
+    return 0
+
+
+def convert(args) -> int:
+    from . import checkpoint, config as config_mod
+    from .model import build_head, load_head_weights
+
+    cfg = config_mod.load(_config_path(args.config), args.overrides)
+    head = build_head(cfg, args.cond_channels, for_training=True)
+    state, ema, left_out = checkpoint.load_mmseg(args.checkpoint, list(head.state_dict()))
+    load_head_weights(head, state)  # checks every shape against the config
+    if ema:
+        load_head_weights(head, {**state, **ema})
+    tensors = {**checkpoint.prefixed(state, "head."), **checkpoint.prefixed(ema, "ema.")}
+    checkpoint.save_weights(args.out, tensors)
+    print(f"wrote {args.out}: {len(state)} head tensors, {len(ema)} EMA tensors; "
+          f"{len(left_out)} keys of other modules left out (backbone, segmentor head)")
+    return 0
+
+
+def _add_overrides(p) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.iters=500 eval.mode=slide (values are read as YAML)")
+
+
+def _add_run(p) -> None:
+    p.add_argument("--run", required=True, help="run directory written by ddps train")
+    p.add_argument("--weights", help="weights file to use instead of RUN/model.safetensors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddps", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ddps {__version__}")
@@ -94,6 +194,49 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", metavar="FILE", nargs="?", const="benchmarks/RESULTS.md",
                    help="write the results as markdown (default file: benchmarks/RESULTS.md)")
     b.set_defaults(func=bench)
+    t = sub.add_parser("train", help="train a segmentor and a DDPS head on it (the two-stage recipe), then evaluate",
+                       description="Stage 1 trains the segmentor (or loads segmentor.checkpoint); stage 2 freezes "
+                                   "it and trains the DDPS head with diffusion on first prediction; then the "
+                                   "held-out split is evaluated into OUT/eval.json. OUT also gets config.yaml, "
+                                   "model.safetensors, metrics.jsonl, panels/ and checkpoints/. Ctrl-C writes a "
+                                   "checkpoint and exits with 130; --resume continues from the last checkpoint. "
+                                   "Under torchrun each process trains one shard of every batch.")
+    t.add_argument("--config", default="synthetic",
+                   help="YAML config file or the name of a shipped one: synthetic (default), synthetic-smoke, "
+                        "ade20k, ade20k-150, cityscapes")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_overrides(t)
+    t.set_defaults(func=train)
+    e = sub.add_parser("eval", help="evaluate a trained run on its held-out split",
+                       description="mIoU, mBIoU and aAcc of the segmentor and of DDPS at every collected step; "
+                                   "eval.mode=single|ms-flip|slide picks the inference.")
+    _add_run(e)
+    e.add_argument("--json", help="output file (default: RUN/eval.json)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--panels", metavar="DIR", help="write eval.panels PNG panels (image | segmentor | steps | truth)")
+    e.add_argument("--base-only", action="store_true", help="evaluate the segmentor alone")
+    _add_overrides(e)
+    e.set_defaults(func=evaluate)
+    g = sub.add_parser("segment", help="segment image files into colourised mask PNGs",
+                       description="Writes OUT/<name>.png (DDPS, final step) and OUT/<name>_segmentor.png for "
+                                   "each image; --steps adds OUT/<name>_step<i>.png for each collected step.")
+    _add_run(g)
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--steps", action="store_true", help="also write the mask of every collected step")
+    g.add_argument("images", nargs="+", help="image files")
+    g.set_defaults(func=segment, overrides=())
+    c = sub.add_parser("convert", help="convert an original mmseg DDPS checkpoint into ddps head weights",
+                       description="Reads the checkpoint with torch.load(weights_only=True), takes the head keys "
+                                   "(decode_head.unet.*, conv_seg_new.*, embed.weight, schedule buffers) and "
+                                   "their EMA buffers, checks them against the config's head and writes "
+                                   "OUT (safetensors, keys head.* and ema.*).")
+    c.add_argument("checkpoint", help="mmseg checkpoint (.pth)")
+    c.add_argument("--config", default="ade20k", help="config whose head the checkpoint holds (default: ade20k)")
+    c.add_argument("--cond-channels", type=int, default=256, help="condition channels (default: 256, MiT-B2)")
+    c.add_argument("--out", required=True, help="output .safetensors file")
+    _add_overrides(c)
+    c.set_defaults(func=convert)
     p = sub.add_parser("demo", help="run the DDPS sampling loop on random features and time the sampling op",
                        description="Run the DDPS sampling loop on random features; time q_sample on every "
                                    "available backend against the reference.")
@@ -115,15 +258,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse matches all positionals in one go, so overrides placed after later options come
+    # back as unknown arguments; they are overrides all the same
+    args, unknown = parser.parse_known_args(argv)
+    stray = [a for a in unknown if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     args.argv = argv[1:]
     for name in ("batch", "classes", "size", "timesteps", "steps", "dim", "cond_channels", "repeats"):
-        value = getattr(args, name, None)
+        value = getattr(args, name, None) if args.command in ("bench", "demo") else None
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.command == "bench" and args.size % 4:
         parser.error(f"--size must be a multiple of 4 (the UNet halves it twice), got {args.size}")
-    return args.func(args)
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    from .config import ConfigError
+    from .data import DataError
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
+        if args.command in ("bench", "demo"):
+            raise
+        print(f"ddps {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The shipped run configs (``ddps train --config <name>``), installed as ``ddps.configs``."""

@@ -1,0 +1,252 @@
+"""Run configuration: YAML files with ``key=value`` command-line overrides, validated against the
+dataclasses below. An unknown key or a value of the wrong type is a ``ConfigError`` naming the
+key (``train.lr``), never a silent default."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 512
+    num_val: int = 64
+    size: int = 128           # image height and width
+    max_shapes: int = 4       # shapes per image: 1..max_shapes
+    noise: float = 0.35       # amplitude of the background and shape texture noise
+
+
+@dataclass
+class DataConfig:
+    # synthetic-shapes | ade20k (151 classes, 0 = other, the original's) | ade20k-150 (reduce
+    # zero label: 150 classes, 0 -> ignore) | cityscapes (labelTrainIds + 1, 255 -> 0) | folder
+    dataset: str = "synthetic-shapes"
+    root: str | None = None
+    train_split: str = "training"
+    val_split: str = "validation"
+    num_classes: int | None = None     # folder only: the others know theirs
+    ignore_index: int | None = None    # folder only (e.g. 255)
+    scale: list[int] = field(default_factory=lambda: [128, 128])  # (long, short) side bounds of the resize
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    crop_size: list[int] = field(default_factory=lambda: [128, 128])
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class SegmentorConfig:
+    type: str = "compact"          # compact | segformer
+    channels: int = 32             # compact: feature channels
+    pretrained: str | None = None  # segformer: local directory or hub id
+    checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
+    iters: int = 300               # segmentor training steps (0: keep the initial / pretrained weights)
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class HeadConfig:
+    dim: int = 32
+    dim_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    embed_dim: int = 16
+    num_timesteps: int = 100
+    schedule: str = "linear"
+    dropout_ratio: float = 0.1
+    cond_dropout: float = 0.0
+    backend: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1000
+    batch_size: int = 8
+    accumulate: int = 1            # gradient accumulation: batch_size samples per micro-step
+    lr: float = 1.5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.96])
+    weight_decay: float = 0.045
+    warmup_iters: int = 100
+    warmup_ratio: float = 1e-6
+    lr_steps: list[int] = field(default_factory=list)  # steps at which the LR is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    ema_momentum: float = 0.01
+    ema_interval: int = 25
+    amp: str = "none"              # none | bf16
+    checkpoint_interval: int = 200
+    keep_last: int = 2
+    log_interval: int = 20
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_timesteps: int = 20
+    inference_steps: int = 2
+    guidance_scale: float = 0.4
+    collect_timesteps: list[int] = field(default_factory=lambda: [0, 10, 19])
+    mode: str = "single"           # single | ms-flip | slide
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    crop_size: list[int] = field(default_factory=lambda: [128, 128])   # slide
+    stride: list[int] = field(default_factory=lambda: [96, 96])        # slide
+    boundary_dilation: float = 0.02  # boundary band width as a fraction of the image diagonal
+    use_ema: bool = True
+    panels: int = 4                # PNG panels written by `ddps train`'s final evaluation
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    segmentor: SegmentorConfig = field(default_factory=SegmentorConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.dataset": ("synthetic-shapes", "ade20k", "ade20k-150", "cityscapes", "folder"),
+    "segmentor.type": ("compact", "segformer"),
+    "head.schedule": ("linear", "cos"),
+    "head.backend": ("reference", "auto", "cpu", "cuda", "triton"),
+    "train.amp": ("none", "bf16"),
+    "eval.mode": ("single", "ms-flip", "slide"),
+}
+POSITIVE = {"data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.size", "data.synthetic.max_shapes",
+            "segmentor.channels", "segmentor.batch_size", "head.dim", "head.embed_dim", "head.num_timesteps",
+            "train.iters", "train.batch_size", "train.accumulate", "train.ema_interval", "train.checkpoint_interval",
+            "train.keep_last", "train.log_interval", "eval.num_timesteps", "eval.inference_steps"}
+
+
+def _check_type(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys of {prefix.rstrip('.') or 'the config'}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {choices}")
+    for key in POSITIVE:
+        if flat[key] < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {flat[key]}")
+    for key in ("data.scale", "data.crop_size", "data.ratio_range", "eval.crop_size", "eval.stride", "train.betas"):
+        if len(flat[key]) != 2:
+            raise ConfigError(f"{key}: expected two values, got {flat[key]}")
+    if cfg.data.dataset != "synthetic-shapes" and cfg.data.root is None:
+        raise ConfigError(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
+    if cfg.data.dataset == "folder" and cfg.data.num_classes is None:
+        raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
+    bad = [c for c in cfg.eval.collect_timesteps if not 0 <= c < cfg.eval.num_timesteps]
+    if bad:
+        raise ConfigError(f"eval.collect_timesteps: {bad} outside [0, eval.num_timesteps={cfg.eval.num_timesteps})")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def apply_override(values: dict, override: str) -> None:
+    """``a.b=value`` into the nested dict ``values``; the value is read as YAML (``lr=1e-4``,
+    ``dim_mults=[1,2]``, ``root=null``)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value")
+    node = values
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({e})") from None
+
+
+def load(path: str | Path | None = None, overrides=(), base: dict | None = None) -> Config:
+    """The config of ``path`` (YAML) over ``base`` (a saved run's), with overrides applied."""
+    values = dict(base or {})
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        values = _merge(values, loaded) if isinstance(loaded, dict) else loaded
+    for override in overrides:
+        apply_override(values, override)
+    cfg = _build(Config, values, "")
+    _validate(cfg)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,288 @@
+"""The two-stage recipe (SPEC §6): (1) train the segmentor (or load it), (2) freeze it and train the
+DDPS head with diffusion on first prediction, then evaluate on the held-out split.
+
+Resumability: a checkpoint holds the segmentor, the head, its EMA and the optimiser, plus the
+stage and step. The data of a step is a function of (seed, step) (see ``ddps.data``) and the
+global RNG is seeded from (seed, stage, step, rank) before every step, so the LR schedule, the
+data and the random draws of a resumed run continue exactly where the checkpoint left them.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint, evaluation
+from .data import build_dataset, diffusion_labels, train_batches
+from .data import _mix as mix_seed
+from .model import build_head, dataset_classes, load_head_weights, save_run
+from .nn.head import SCHEDULE_BUFFERS
+from .segmentors import build_segmentor
+
+STAGES = ("segmentor", "head", "done")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def lr_at(step: int, base: float, warmup_iters: int, warmup_ratio: float, lr_steps, gamma: float) -> float:
+    """Linear warmup from base * warmup_ratio, then a step schedule (mmcv's 'step' policy)."""
+    lr = base * gamma ** sum(step >= s for s in lr_steps)
+    if step < warmup_iters:
+        lr *= 1 - (1 - step / warmup_iters) * (1 - warmup_ratio)
+    return lr
+
+
+class _HeadLoss(nn.Module):
+    """The head's training forward and loss as one module's forward, for DDP."""
+
+    def __init__(self, head, num_classes: int, ignore_index: int):
+        super().__init__()
+        self.head, self.k, self.ignore = head, num_classes, ignore_index
+
+    def forward(self, features, labels):
+        logits, _ = self.head.forward_train(features, diffusion_labels(labels, self.k, self.ignore))
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore)
+
+
+class _SegmentorLoss(nn.Module):
+    def __init__(self, segmentor, ignore_index: int):
+        super().__init__()
+        self.segmentor, self.ignore = segmentor, ignore_index
+
+    def forward(self, images, labels):
+        _, logits = self.segmentor(images)
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore)
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag that the loop reads between steps."""
+
+    def __init__(self):
+        self.caught = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _catch(self, signum, frame):
+        if self.caught is not None:  # a second Ctrl-C while the checkpoint is written: keep going
+            return
+        self.caught = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    def __init__(self, cfg, out: Path, resume: bool):
+        self.cfg, self.out = cfg, Path(out)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and dist.is_initialized():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        self.train_set = build_dataset(cfg, "train")
+        self.val_set = build_dataset(cfg, "val")
+        self.k, self.ignore = dataset_classes(cfg)
+        torch.manual_seed(cfg.seed)  # initial weights
+        self.segmentor = build_segmentor(cfg, self.k).to(self.device)
+        if cfg.segmentor.checkpoint:
+            state = checkpoint.unprefixed(checkpoint.load_weights(cfg.segmentor.checkpoint), "segmentor.")
+            self.segmentor.load_state_dict(state)
+        self.head = build_head(cfg, self.segmentor.feature_channels, for_training=True).to(self.device)
+        self.ema = {k: v.detach().clone() for k, v in self._ema_source().items()}
+        self.stage = "segmentor" if cfg.segmentor.iters > 0 and not cfg.segmentor.checkpoint else "head"
+        self.step = 0
+        self.optimizer = self._optimizer()
+        self.resumed_from = None
+        if resume:
+            self._resume()
+
+    # -- state -------------------------------------------------------------------------------
+    def _ema_source(self) -> dict:
+        # the frozen embedding is averaged too (it stays constant), so the EMA is a complete head
+        return {k: v for k, v in self.head.state_dict().items() if k not in SCHEDULE_BUFFERS}
+
+    def _trainable(self):
+        if self.stage == "segmentor":
+            return list(self.segmentor.parameters())
+        # only the UNet and the classifier train; the class embedding stays at its initial value
+        return list(self.head.unet.parameters()) + list(self.head.conv_seg_new.parameters())
+
+    def _optimizer(self):
+        params = self._trainable()
+        if self.stage == "segmentor":
+            s = self.cfg.segmentor
+            return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        t = self.cfg.train
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    def _state_tensors(self) -> tuple[dict, dict]:
+        optim_tensors, optim_structure = checkpoint.optimizer_tensors(self.optimizer)
+        tensors = {**checkpoint.prefixed(self.segmentor.state_dict(), "segmentor."),
+                   **checkpoint.prefixed(self.head.state_dict(), "head."),
+                   **checkpoint.prefixed(self.ema, "ema."), **optim_tensors}
+        return tensors, {"stage": self.stage, "optimizer": optim_structure, "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        if self.rank == 0:
+            tensors, state = self._state_tensors()
+            # the step number in the name orders checkpoints across stages
+            ordinal = STAGES.index(self.stage) * 10**7 + self.step
+            checkpoint.save_checkpoint(self.out / "checkpoints", ordinal, tensors,
+                                       {**state, "stage_step": self.step}, self.cfg.train.keep_last)
+        if self.world > 1:
+            dist.barrier()
+
+    def _resume(self) -> None:
+        records = checkpoint.checkpoints(self.out / "checkpoints")
+        if not records:
+            return
+        tensors, state = checkpoint.load_checkpoint(records[-1])
+        self.segmentor.load_state_dict(checkpoint.unprefixed(tensors, "segmentor."))
+        self.head.load_state_dict(checkpoint.unprefixed(tensors, "head."))
+        self.ema = {k: v.to(self.device) for k, v in checkpoint.unprefixed(tensors, "ema.").items()}
+        self.stage, self.step = state["stage"], state["stage_step"]
+        if self.stage != "done":
+            self.optimizer = self._optimizer()
+            checkpoint.load_optimizer(self.optimizer, tensors, state["optimizer"])
+        self.resumed_from = (self.stage, self.step, records[-1].name)
+
+    # -- loop --------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _run_stage(self, signals: _Signals) -> None:
+        cfg = self.cfg
+        if self.stage == "segmentor":
+            s = cfg.segmentor
+            iters, batch, accumulate = s.iters, s.batch_size, 1
+            lr_args = (s.lr, min(50, s.iters // 10), 0.1, (), 1.0)
+            module = _SegmentorLoss(self.segmentor, self.ignore)
+            self.segmentor.train()
+        else:
+            t = cfg.train
+            iters, batch, accumulate = t.iters, t.batch_size, t.accumulate
+            lr_args = (t.lr, t.warmup_iters, t.warmup_ratio, t.lr_steps, t.lr_gamma)
+            self.segmentor.eval().requires_grad_(False)
+            self.head.train()
+            self.head.embed.requires_grad_(False)
+            module = _HeadLoss(self.head, self.k, self.ignore)
+        if self.world > 1:
+            module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        stage_id = STAGES.index(self.stage)
+        loader = train_batches(self.train_set, cfg.data, mix_seed(cfg.seed, stage_id), batch,
+                               self.step * accumulate, iters * accumulate, self.rank, self.world)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16")
+        progress = None
+        if self.rank == 0 and cfg.train.progress:
+            from tqdm import tqdm
+            progress = tqdm(total=iters, initial=self.step, desc=f"{self.stage:9s}", dynamic_ncols=True)
+        tick, seen, losses = time.perf_counter(), 0, []
+        micro = 0
+        for images, labels in loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            torch.manual_seed(mix_seed(cfg.seed, stage_id, self.step, micro, self.rank))
+            last = micro == accumulate - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else module.no_sync()
+            with sync, amp:
+                if self.stage == "head":
+                    with torch.no_grad():
+                        features, _ = self.segmentor(images)
+                    loss = module(features, labels)
+                else:
+                    loss = module(images, labels)
+                (loss / accumulate).backward()
+            losses.append(loss.item())
+            seen += len(images) * self.world
+            micro += 1
+            if not last:
+                continue
+            micro = 0
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, *lr_args)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.stage == "head" and self.step % cfg.train.ema_interval == 0:
+                m = cfg.train.ema_momentum
+                with torch.no_grad():
+                    for key, value in self._ema_source().items():
+                        self.ema[key].mul_(1 - m).add_(value.detach(), alpha=m)
+            if self.step % cfg.train.log_interval == 0 or self.step == iters:
+                elapsed = time.perf_counter() - tick
+                record = {"stage": self.stage, "step": self.step, "loss": sum(losses) / len(losses),
+                          "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": seen / elapsed}
+                self._log(record)
+                tick, seen, losses = time.perf_counter(), 0, []
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+            if progress is not None:
+                progress.update(1)
+            stop = signals.caught is not None
+            if self.world > 1:  # every rank stops at the same step when one of them is signalled
+                flag = torch.tensor([float(stop)], device=self.device)
+                dist.all_reduce(flag)
+                stop = flag.item() > 0
+            if stop or self.step % cfg.train.checkpoint_interval == 0:
+                self.save()
+            if stop:
+                if progress is not None:
+                    progress.close()
+                raise Interrupted(f"{signals.caught or 'a signal on another rank'}: stopped in stage "
+                                  f"{self.stage} at step {self.step}")
+        if progress is not None:
+            progress.close()
+
+    def run(self) -> dict | None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resumed_from and self.rank == 0:
+            print(f"resumed from {self.resumed_from[2]}: stage {self.resumed_from[0]}, step {self.resumed_from[1]}")
+        with _Signals() as signals:
+            while self.stage != "done":
+                self._run_stage(signals)
+                self.stage = STAGES[STAGES.index(self.stage) + 1]
+                self.step = 0
+                if self.stage != "done":
+                    self.optimizer = self._optimizer()
+                    self.ema = {k: v.detach().clone() for k, v in self._ema_source().items()}
+                self.save()  # the stage boundary: a resumed run never repeats a finished stage
+        if self.rank != 0:
+            return None
+        save_run(self.out, self.cfg, self.segmentor, self.head.state_dict(), self.ema)
+        head = build_head(self.cfg, self.segmentor.feature_channels, for_training=False).to(self.device)
+        load_head_weights(head, self.ema if self.cfg.eval.use_ema else self.head.state_dict())
+        report = evaluation.evaluate(self.cfg, self.segmentor.eval(), head.eval(), self.val_set,
+                                     self.out / "eval.json", self.out / "panels", self.cfg.eval.panels)
+        print(evaluation.table(report))
+        return report
+
+
+def train(cfg, out: Path, resume: bool = False) -> dict | None:
+    """Run (or resume) the recipe; under torchrun, one process per rank (gloo on CPU, nccl on GPU)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if cfg.device == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if cfg.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        return Trainer(cfg, out, resume).run()
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()

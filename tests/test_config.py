@@ -1,0 +1,77 @@
+import subprocess
+import sys
+
+import pytest
+
+from ddps import config
+from ddps.cli import _config_path
+
+SHIPPED = ("synthetic", "synthetic-smoke", "ade20k", "ade20k-150", "cityscapes")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_validate(name):
+    cfg = config.load(_config_path(name), ["data.root=/data"])
+    assert cfg.eval.collect_timesteps[-1] == cfg.eval.num_timesteps - 1
+
+
+def test_original_settings_in_ade20k_config():
+    cfg = config.load(_config_path("ade20k"), ["data.root=/data"])
+    assert (cfg.head.num_timesteps, cfg.eval.num_timesteps, cfg.eval.inference_steps, cfg.eval.guidance_scale) == (100, 20, 2, 0.4)
+    assert (cfg.train.lr, cfg.train.betas, cfg.train.weight_decay) == (1.5e-4, [0.9, 0.96], 0.045)
+    assert (cfg.train.ema_momentum, cfg.train.ema_interval, cfg.head.dim, cfg.head.dim_mults) == (0.01, 25, 256, [1, 1, 1])
+
+
+def test_overrides_are_typed():
+    cfg = config.load(_config_path("synthetic"), ["train.lr=1e-3", "head.dim_mults=[1, 2]", "train.amp=bf16",
+                                                   "data.synthetic.num_val=3"])
+    assert cfg.train.lr == 1e-3 and cfg.head.dim_mults == [1, 2] and cfg.train.amp == "bf16"
+    assert cfg.data.synthetic.num_val == 3
+    assert config.load(None, ["train.lr=1"]).train.lr == 1.0  # an int where a float is expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key train.lrr"),
+    ("data.synthetic.sizes=3", "unknown config key data.synthetic.sizes"),
+    ("nope.x=1", "unknown config key nope"),
+    ("train.iters=abc", "train.iters: expected int, got str"),
+    ("train.iters=true", "train.iters: expected int, got bool"),
+    ("train.iters=0", "train.iters: must be >= 1"),
+    ("head.dim_mults=3", "head.dim_mults: expected a list"),
+    ("head.dim_mults=[1, x]", "head.dim_mults[1]: expected int"),
+    ("eval.mode=fast", "eval.mode: 'fast' is not one of"),
+    ("data.crop_size=[1, 2, 3]", "data.crop_size: expected two values"),
+    ("data.dataset=folder", "data.root: dataset 'folder' needs its directory"),
+    ("eval.collect_timesteps=[25]", "eval.collect_timesteps: [25] outside"),
+    ("train", "is not key=value"),
+    ("train=3", "train: expected a mapping"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.load(_config_path("synthetic"), [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  iters: [\n")
+    with pytest.raises(config.ConfigError, match="a.yaml is not valid YAML"):
+        config.load(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("train:\n  warmup: 3\n")
+    with pytest.raises(config.ConfigError, match="unknown config key train.warmup"):
+        config.load(tmp_path / "b.yaml")
+    with pytest.raises(config.ConfigError, match="cannot read config"):
+        config.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "segment", "convert"])
+def test_help(command):
+    for argv in (["-m", "ddps", command, "--help"], ["-m", f"ddps.{command}", "--help"]):
+        out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert f"usage: ddps {command}" in out.stdout
+
+
+def test_cli_config_error_exit_code(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ddps", "train", "--config", "synthetic-smoke", "--out",
+                          str(tmp_path / "r"), "train.bogus=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "unknown config key train.bogus" in out.stderr

@@ -1,0 +1,81 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddps.evaluation import Metrics
+
+
+def naive_band(mask: np.ndarray, d: int) -> np.ndarray:
+    """Pixels of mask with a non-mask pixel or the outside of the image within Chebyshev distance d."""
+    h, w = mask.shape
+    band = np.zeros_like(mask)
+    for y in range(h):
+        for x in range(w):
+            if not mask[y, x]:
+                continue
+            y0, y1, x0, x1 = y - d, y + d + 1, x - d, x + d + 1
+            if y0 < 0 or x0 < 0 or y1 > h or x1 > w or not mask[y0:y1, x0:x1].all():
+                band[y, x] = True
+    return band
+
+
+def naive_metrics(preds, gts, k, ignore, dilation):
+    inter, union, b_inter, b_union = (np.zeros(k) for _ in range(4))
+    correct = total = 0
+    for p, g in zip(preds, gts):
+        valid = g != ignore
+        if 0 <= ignore < k:
+            valid &= p != ignore
+        d = max(1, round(dilation * math.hypot(*g.shape)))
+        correct += (p[valid] == g[valid]).sum()
+        total += valid.sum()
+        for c in range(k):
+            pm, gm = (p == c) & valid, (g == c) & valid
+            inter[c] += (pm & gm).sum()
+            union[c] += (pm | gm).sum()
+            pb, gb = naive_band(pm, d), naive_band(gm, d)
+            b_inter[c] += (pb & gb).sum()
+            b_union[c] += (pb | gb).sum()
+    counted = union > 0
+    if 0 <= ignore < k:
+        counted[ignore] = False
+    miou = 100 * np.mean(inter[counted] / union[counted])
+    bcounted = counted & (b_union > 0)
+    mbiou = 100 * np.mean(b_inter[bcounted] / b_union[bcounted])
+    return miou, mbiou, 100 * correct / total
+
+
+@pytest.mark.parametrize("k, ignore", [(4, 255), (5, 0)])
+def test_metrics_match_a_direct_computation(k, ignore):
+    g = torch.Generator().manual_seed(k)
+    gts, preds = [], []
+    for h, w in ((20, 24), (17, 13)):
+        gt = torch.randint(0, k, (h // 4 + 1, w // 4 + 1), generator=g).repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
+        pred = torch.where(torch.rand(h, w, generator=g) < 0.8, gt, torch.randint(0, k, (h, w), generator=g))
+        gt[0, :5] = ignore
+        gts.append(gt)
+        preds.append(pred)
+    metrics = Metrics(k, ignore, 0.05)
+    for p, gt in zip(preds, gts):
+        metrics.update(p, gt)
+    result = metrics.result()
+    miou, mbiou, aacc = naive_metrics([p.numpy() for p in preds], [x.numpy() for x in gts], k, ignore, 0.05)
+    assert result["mIoU"] == pytest.approx(miou, abs=0.006)
+    assert result["mBIoU"] == pytest.approx(mbiou, abs=0.006)
+    assert result["aAcc"] == pytest.approx(aacc, abs=0.006)
+    assert len(result["IoU"]) == k
+    if ignore == 0:
+        assert result["IoU"][0] is None
+
+
+def test_perfect_and_disjoint_predictions():
+    gt = torch.zeros(16, 16, dtype=torch.long)
+    gt[4:12, 4:12] = 1
+    m = Metrics(2, 255, 0.02)
+    m.update(gt.clone(), gt)
+    assert (m.result()["mIoU"], m.result()["mBIoU"], m.result()["aAcc"]) == (100.0, 100.0, 100.0)
+    m = Metrics(2, 255, 0.02)
+    m.update(1 - gt, gt)
+    assert (m.result()["mIoU"], m.result()["aAcc"]) == (0.0, 0.0)

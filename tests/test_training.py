@@ -1,0 +1,229 @@
+"""The two-stage recipe end to end on the smoke config: outputs, resume after Ctrl-C and after
+SIGKILL (bitwise the uninterrupted run), atomic checkpoints, data-parallel training, convert,
+segment and eval."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddps import checkpoint
+from ddps.checkpoint import load_weights
+
+SMOKE = ["--config", "synthetic-smoke"]
+# enough steps to interrupt the head stage part-way
+LONGER = ["train.iters=40", "train.checkpoint_interval=4", "train.log_interval=1"]
+
+
+def cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "ddps", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "ddps", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = cli("train", *SMOKE, "--out", str(out), *LONGER)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_run_directory(straight):
+    for name in ("config.yaml", "model.safetensors", "metrics.jsonl", "eval.json"):
+        assert (straight / name).is_file(), name
+    report = json.loads((straight / "eval.json").read_text())
+    assert set(report) == {"base", "ddps"} and set(report["ddps"]) == {"final", "steps"}
+    assert list(report["ddps"]["steps"]) == ["0", "5", "9"]
+    for r in [report["base"], report["ddps"]["final"], *report["ddps"]["steps"].values()]:
+        assert {"mIoU", "mBIoU", "aAcc"} <= set(r) and 0 <= r["mIoU"] <= 100
+    assert report["ddps"]["final"] == report["ddps"]["steps"]["9"]  # the last step is the final one
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "head"] == list(range(1, 41))
+    assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
+    panels = sorted((straight / "panels").glob("*.png"))
+    assert len(panels) == 2
+    with Image.open(panels[0]) as im:
+        assert im.size == (64 * 7, 64)  # image | segmentor | 3 steps | final | truth
+    assert len(checkpoint.checkpoints(straight / "checkpoints")) == 2  # keep_last
+
+
+def test_refuses_to_overwrite_a_run(straight):
+    result = cli("train", *SMOKE, "--out", str(straight))
+    assert result.returncode == 2 and "already holds a run: pass --resume" in result.stderr
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _head_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum('"stage": "head"' in line for line in path.read_text().splitlines())
+
+
+def _same_weights(a: Path, b: Path):
+    wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_interrupt_then_resume_is_exact(straight, tmp_path, how):
+    """Ctrl-C writes a checkpoint at the step it stops at; after SIGKILL the last checkpoint is at
+    most one interval (4 steps) old. Either way --resume ends with the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    proc = start("train", *SMOKE, "--out", str(out), *LONGER)
+    _wait_for(lambda: _head_steps(out) >= 6, proc)
+    if how == "ctrl-c":
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, stderr
+        assert "checkpoint written. Resume with" in stderr
+    else:
+        proc.kill()
+        proc.communicate()
+    stopped_at = _head_steps(out)
+    records = checkpoint.checkpoints(out / "checkpoints")
+    _, state = checkpoint.load_checkpoint(records[-1])  # complete, never half-written
+    assert state["stage"] == "head" and 6 <= stopped_at < 40
+    lost = stopped_at - state["stage_step"]
+    assert lost == 0 if how == "ctrl-c" else 0 <= lost <= 4
+    result = cli("train", *SMOKE, "--out", str(out), "--resume", *LONGER)
+    assert result.returncode == 0, result.stderr
+    assert f"stage head, step {state['stage_step']}" in result.stdout
+    _same_weights(out, straight)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    d = tmp_path / "ck"
+    first = checkpoint.save_checkpoint(d, 1, {"w": torch.ones(3)}, {"stage": "head"}, keep_last=2)
+
+    def fail(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(d, 2, {"w": torch.zeros(3)}, {"stage": "head"}, keep_last=2)
+    monkeypatch.undo()
+    assert checkpoint.checkpoints(d) == [first]
+    assert sorted(p.name for p in d.iterdir()) == ["step-00000001.json", "step-00000001.safetensors"]
+    tensors, _ = checkpoint.load_checkpoint(first)
+    assert torch.equal(tensors["w"], torch.ones(3))
+    # a record whose weights file was cut short is refused, not read
+    weights = d / "step-00000001.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        checkpoint.load_checkpoint(first)
+
+
+def test_keep_last_and_order(tmp_path):
+    d = tmp_path / "ck"
+    for step in (3, 12, 7, 100):
+        checkpoint.save_checkpoint(d, step, {"w": torch.full((1,), float(step))}, {}, keep_last=2)
+    assert [p.name for p in checkpoint.checkpoints(d)] == ["step-00000012.json", "step-00000100.json"]
+    assert len(list(d.glob("*.safetensors"))) == 2
+
+
+def test_optimizer_state_round_trip():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.96))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, structure = checkpoint.optimizer_tensors(opt)
+    structure = json.loads(json.dumps(structure))
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.1)
+    checkpoint.load_optimizer(opt2, tensors, structure)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for name in a["state"][i]:
+            assert torch.equal(a["state"][i][name], b["state"][i][name])
+
+
+def test_bf16_and_accumulation(tmp_path):
+    result = cli("train", *SMOKE, "--out", str(tmp_path / "r"), "train.amp=bf16", "train.accumulate=2",
+                 "segmentor.iters=2", "train.iters=3", "eval.panels=0")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_bad_dataset_input_names_the_file(tmp_path):
+    root = tmp_path / "data"
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "images" / split / "x.png")
+        Image.fromarray(np.full((64, 64), 9, np.uint8)).save(root / "masks" / split / "x.png")
+    result = cli("train", *SMOKE, "--out", str(tmp_path / "r"), "data.dataset=folder", f"data.root={root}",
+                 "data.num_classes=3")
+    assert result.returncode == 2
+    assert f"{root}/masks/training/x.png: label values [9]" in result.stderr
+    result = cli("train", *SMOKE, "--out", str(tmp_path / "r"), "data.dataset=folder",
+                 f"data.root={tmp_path}/missing", "data.num_classes=3")
+    assert result.returncode == 2 and f"{tmp_path}/missing/images/training does not exist" in result.stderr
+
+
+def test_data_parallel_matches_one_process(tmp_path):
+    """torchrun with two gloo processes, each with half of every batch, against one process with
+    the whole batch. The segmentor stage is deterministic: after one AdamW step its weights must
+    agree. That step moves each weight by lr * sign(gradient), so a weight whose gradient is at
+    rounding level may move the other way: such weights must be rare (under 1 %; a rank training
+    on its half batch alone moves a large share of them the other way). The head stage draws its noise per rank, so there the processes are only checked to finish."""
+    # no padding (ratio >= 1): every rank then averages its loss over as many pixels as the other
+    common = [*SMOKE, "segmentor.iters=1", "train.iters=2", "eval.panels=0", "data.synthetic.num_val=1",
+              "data.ratio_range=[1.0, 1.5]"]
+    single = cli("train", "--out", str(tmp_path / "one"), *common)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ddps.train", "--out", str(tmp_path / "two"), *common],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_w, two_w = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "two" / "model.safetensors")
+    seg = [k for k in one_w if k.startswith("segmentor.") and one_w[k].is_floating_point()]
+    differ = sum(int(((two_w[k] - one_w[k]).abs() > 1e-5).sum()) for k in seg)
+    total = sum(one_w[k].numel() for k in seg)
+    assert differ <= total // 100, f"{differ} of {total} segmentor weights differ"
+    assert all(torch.isfinite(two_w[k]).all() for k in two_w if k.startswith(("head.unet.", "ema.unet.")))
+
+
+def test_eval_modes_and_segment(straight, tmp_path):
+    for mode in ("slide", "ms-flip"):
+        out = tmp_path / f"{mode}.json"
+        result = cli("eval", "--run", str(straight), "--json", str(out), "--limit", "2", f"eval.mode={mode}")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(out.read_text())
+        assert list(report["ddps"]["steps"]) == ["0", "5", "9"]
+    images = []
+    for i, size in enumerate(((64, 64), (50, 70))):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "masks"), "--steps", *images)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert names == sorted(f"img{i}{s}.png" for i in range(2) for s in ("", "_segmentor", "_step0", "_step5", "_step9"))
+    with Image.open(tmp_path / "masks" / "img1.png") as im:
+        assert im.size == (70, 50)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "m2"), str(bad))
+    assert result.returncode == 2 and f"{bad}: cannot read image" in result.stderr

@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ddps-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: bench test demo install nvcc-check clean
+.PHONY: bench test demo train install nvcc-check clean
 
 # The main job: ddps against the original implementation on this machine (quick profile).
 bench: $(STAMP)
@@ -15,6 +15,11 @@ bench: $(STAMP)
 # The DDPS sampling loop on random features with every available backend.
 demo: $(STAMP)
 	$(PY) -m ddps demo
+
+# The synthetic demo: a segmentor and a DDPS head trained on synthetic-shapes, then evaluated
+# (runs/synthetic/eval.json; --resume continues an interrupted run).
+train: $(STAMP)
+	$(PY) -m ddps train --out runs/synthetic $(if $(wildcard runs/synthetic/checkpoints),--resume)
 
 # The whole test suite (Triton kernels run on the CPU through the Triton interpreter).
 # pytest's exit code 5 (no test collected) is a failure here, not a pass.

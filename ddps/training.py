@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, evaluation
-from .data import build_dataset, diffusion_labels, train_batches
-from .data import _mix as mix_seed
+from .data import build_dataset, diffusion_labels, mix_seed, train_batches
 from .model import build_head, dataset_classes, load_head_weights, save_run
 from .nn.head import SCHEDULE_BUFFERS
 from .segmentors import build_segmentor

@@ -14,8 +14,8 @@ from .files import DataError, ade20k, cityscapes, folder, read_image
 from .synthetic import SyntheticShapes
 from .transforms import TrainTransform, rescale_size, resize
 
-__all__ = ["DataError", "build_dataset", "diffusion_labels", "head_classes", "read_image", "rescale_size", "resize",
-           "train_batches"]
+__all__ = ["DataError", "build_dataset", "diffusion_labels", "head_classes", "mix_seed", "read_image", "rescale_size",
+           "resize", "train_batches"]
 
 
 def build_dataset(cfg, split: str):
@@ -46,7 +46,7 @@ def diffusion_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) 
     return torch.where(labels == ignore_index, num_classes, labels)
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (splitmix64 steps), so nearby (seed, position) pairs give
     unrelated generators."""
     x = 0x9E3779B97F4A7C15
@@ -66,7 +66,7 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, position = key
         image, labels = self.dataset[index]
-        g = torch.Generator().manual_seed(_mix(self.seed, position))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, position))
         return self.transform(image, labels, g)
 
 
@@ -79,7 +79,7 @@ class _Positions(torch.utils.data.Sampler):
         epoch, offset = divmod(position, self.n)
         if epoch != getattr(self, "_epoch", None):
             self._epoch = epoch
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
         return int(self._perm[offset])
 
     def __len__(self):

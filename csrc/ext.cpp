@@ -27,6 +27,9 @@ TORCH_LIBRARY(ddps, m) {
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, Tensor kmax, "
         "Tensor ksum, float scale) -> (Tensor, Tensor, Tensor)");
+  // 3x3 convolution, stride 1, padding 1, of x channels-last [B, Cin, H, W]: weight [Cout, Cin, 3, 3] is
+  // what autograd differentiates, u [16, Cout, Cin, 1, 1] its Winograd transform (the kernel's operand).
+  m.def("conv3x3(Tensor x, Tensor weight, Tensor u, Tensor? bias) -> Tensor");
 }
 
 static PyModuleDef ddps_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

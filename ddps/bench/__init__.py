@@ -7,13 +7,15 @@ reference of the same case, measured in the same run.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from .. import _backend
 from . import cases as cases_mod
 from .measure import copy_gbps, machine, measure, profiled_call, summary
 
@@ -63,6 +65,20 @@ def _check(case, out, expected) -> str:
     return "same shape" if shapes(out) == shapes(expected) else f"SHAPE {shapes(out)} != {shapes(expected)}"
 
 
+@functools.cache
+def _count_winograd_flops() -> None:
+    """Teach the FLOP counter ddps::conv3x3: the FLOPs it does (16 products of Cin x Cout per 2x2
+    output tile), not the direct convolution's 2.25x more, so that a head's FLOP floor is what is
+    left after the algebraic savings."""
+    if _backend.extension() is None:
+        return
+
+    @register_flop_formula(torch.ops.ddps.conv3x3)
+    def _(x_shape, weight_shape, *_args, out_shape=None, **_kwargs) -> int:
+        b, cin, h, w = x_shape
+        return 2 * 16 * b * -(-h // 2) * -(-w // 2) * cin * weight_shape[0]
+
+
 def _counted(fn, counter: FlopCounterMode):
     """fn under ``counter`` (matmul and convolution FLOPs)."""
     def call():
@@ -73,6 +89,7 @@ def _counted(fn, counter: FlopCounterMode):
 
 def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None) -> dict:
     """Measure every case; ``log(row)`` is called as each row is ready (for live printing)."""
+    _count_winograd_flops()
     rows = []
     for case in cases:
         reps = repeats or ((2 if profile == QUICK else 5) if case.heavy else 5)

@@ -23,6 +23,7 @@ from .. import _backend, ops, reference
 from ..nn import DDPSHead
 from ..nn.unet import Attention, LinearAttention, UNet, _split_heads
 from ..ops import _tables
+from ..ops.conv3x3 import winograd_weight
 from ..schedule import DiffusionSchedule
 
 K, T, DIM = 151, 20, 256
@@ -276,7 +277,34 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
         nbytes = 2 * elems if mode == "fwd" else None
         for op, extra in (("channel_layer_norm", ()), ("group_norm_film_silu", (8,))):  # GroupNorm(8)
             cases.append(Case(op, "denoiser op", shape, mode, norm_build(op, extra), REFERENCE, op, nbytes=nbytes))
+        cases.append(Case("conv3x3", "denoiser op", f"x [{batch},{DIM},{size},{size}], 3x3 {DIM}->{DIM}", mode,
+                          _conv3x3_build(batch, size, mode), PLAIN, "conv3x3", flops=True))
     return cases
+
+
+def _conv3x3_build(batch, size, mode):
+    """The Blocks' convolution at the first level: the reference's F.conv2d on NCHW tensors,
+    plain-torch's on channels-last ones (what the fused UNet ran before conv3x3), the ddps backends
+    on channels-last ones, with the weight's transform kept in fwd (as the fused UNet in eval) and
+    recomputed per call in fwd+bwd (as in training)."""
+    def build(device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, DIM, size, size, generator=g)
+        weight = torch.randn(DIM, DIM, 3, 3, generator=g) / (9 * DIM) ** 0.5
+        bias = torch.randn(DIM, generator=g)
+        calls = {}
+        for name in (*PLAIN, *ddps_backends("conv3x3", device)):
+            layout = torch.contiguous_format if name in REFERENCE else torch.channels_last
+            inputs = [t.to(device).contiguous(memory_format=layout) for t in (x, weight)] + [bias.to(device)]
+            inputs = [t.requires_grad_(mode != "fwd") for t in inputs]
+            if name in PLAIN:
+                calls[name] = (inputs, lambda x, w, b: F.conv2d(x, w, b, padding=1))
+            else:
+                kept = winograd_weight(inputs[1]) if mode == "fwd" else None
+                calls[name] = (inputs, lambda x, w, b, name=name, kept=kept: ops.conv3x3(x, w, b, winograd=kept,
+                                                                                           backend=name))
+        return _providers(mode, calls)
+    return build
 
 
 # --- modules and the whole head -------------------------------------------------------------------

@@ -4,8 +4,9 @@ state dicts load with ``strict=True``.
 
 ``backend=`` selects the kernels of the module's ops: ``"reference"`` (``ddps.reference``, the
 original's op sequence, bitwise) or ``"fused"`` (``ddps.ops``: attention, linear_attention,
-channel_layer_norm, group_norm_film_silu on the backend the resolver picks, and weight
-standardisation computed once per weight version wherever no gradient flows into the weight).
+channel_layer_norm, group_norm_film_silu and conv3x3 on the backend the resolver picks, and weight
+standardisation and conv3x3's weight transform computed once per weight version wherever no
+gradient flows into the weight).
 ``UNet(backend="fused")`` also keeps its convolution weights and activations channels-last
 (``torch.channels_last``): its state dict has the same keys and values, in that memory format.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
+from ..ops.conv3x3 import winograd_weight
 
 MODULE_BACKENDS = ("reference", "fused")
 
@@ -48,31 +50,41 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((emb.sin(), emb.cos()), dim=-1)
 
 
-class WeightStandardizedConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardised per output channel (biased variance). The reference
-    backend recomputes it on every call, as the original; the fused one keeps it while the weight
-    is unchanged (same tensor, same version counter, same dtype) and no gradient flows into it."""
+class Conv3x3(nn.Conv2d):
+    """3x3 convolution, stride 1, padding 1. The fused backend runs ``ops.conv3x3`` (Winograd on
+    CPU) and keeps the weight's Winograd transform while the weight is unchanged (same tensor,
+    same version counter, same dtype) and no gradient flows into it."""
 
-    def __init__(self, *args, backend: str = "reference", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, dim: int, dim_out: int, backend: str = "reference"):
+        super().__init__(dim, dim_out, 3, padding=1)
         self.backend = check_backend(backend)
-        self._cached = None  # (key, standardised weight)
+        self._cached = None  # (key, convolution weight, its Winograd transform)
 
-    def standardized_weight(self, x: torch.Tensor) -> torch.Tensor:
-        eps = reference._norm_eps(x)
-        weight = self.weight
-        cacheable = (self.backend == "fused" and not (torch.is_grad_enabled() and weight.requires_grad)
-                     and not torch.compiler.is_compiling())
-        if not cacheable:
-            return reference.weight_standardize(weight, eps)
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, eps)
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, reference.weight_standardize(weight.detach(), eps))
-        return self._cached[1]
+    def conv_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The weight the convolution applies, from the parameter (the identity here)."""
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.standardized_weight(x), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        if self.backend == "reference":
+            return F.conv2d(x, self.conv_weight(self.weight, x), self.bias, padding=1)
+        weight = self.weight
+        cacheable = not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
+        if not cacheable:
+            return ops.conv3x3(x, self.conv_weight(weight, x), self.bias)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, reference._norm_eps(x))
+        if self._cached is None or self._cached[0] != key:
+            applied = self.conv_weight(weight.detach(), x)
+            self._cached = (key, applied, winograd_weight(applied))
+        return ops.conv3x3(x, self._cached[1], self.bias, winograd=self._cached[2])
+
+
+class WeightStandardizedConv2d(Conv3x3):
+    """Conv3x3 whose weight is standardised per output channel (biased variance). The reference
+    backend recomputes it on every call, as the original; the fused one keeps it with the
+    Winograd transform."""
+
+    def conv_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return reference.weight_standardize(weight, reference._norm_eps(x))
 
 
 class LayerNorm(nn.Module):
@@ -156,7 +168,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, dim_out: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
         self.backend = check_backend(backend)
-        self.proj = WeightStandardizedConv2d(dim, dim_out, 3, padding=1, backend=backend)
+        self.proj = WeightStandardizedConv2d(dim, dim_out, backend=backend)
         self.norm = nn.GroupNorm(groups, dim_out)
 
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
@@ -180,8 +192,8 @@ class ResnetBlock(nn.Module):
         return h + self.res_conv(x)
 
 
-def _upsample(dim: int, dim_out: int) -> nn.Module:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
+def _upsample(dim: int, dim_out: int, backend: str) -> nn.Module:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), Conv3x3(dim, dim_out, backend=backend))
 
 
 class UNet(nn.Module):
@@ -220,7 +232,7 @@ class UNet(nn.Module):
             is_last = ind == len(in_out) - 1
             self.downs.append(nn.ModuleList([
                 resnet(d_in, d_in), resnet(d_in, d_in), attention(d_in, LinearAttention),
-                nn.Conv2d(d_in, d_out, 3, padding=1) if is_last else nn.Conv2d(d_in, d_out, 4, 2, 1),
+                Conv3x3(d_in, d_out, backend=backend) if is_last else nn.Conv2d(d_in, d_out, 4, 2, 1),
             ]))
         mid_dim = dims[-1]
         self.mid_block1 = resnet(mid_dim, mid_dim)
@@ -231,7 +243,7 @@ class UNet(nn.Module):
             is_last = ind == len(in_out) - 1
             self.ups.append(nn.ModuleList([
                 resnet(d_out + d_in, d_out), resnet(d_out + d_in, d_out), attention(d_out, LinearAttention),
-                nn.Conv2d(d_out, d_in, 3, padding=1) if is_last else _upsample(d_out, d_in),
+                Conv3x3(d_out, d_in, backend=backend) if is_last else _upsample(d_out, d_in, backend),
             ]))
         self.final_res_block = resnet(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, out_dim, 1)

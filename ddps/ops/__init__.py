@@ -3,6 +3,7 @@
 every backend and for any thread count)."""
 from .attention import attention
 from .channel_layer_norm import channel_layer_norm
+from .conv3x3 import conv3x3
 from .group_norm_film_silu import group_norm_film_silu
 from .linear_attention import linear_attention
 from .p_posterior_sample import p_posterior_sample
@@ -11,4 +12,4 @@ from .q_posterior_sample import q_posterior_sample
 from .q_sample import q_sample
 from .renoise import renoise
 
-__all__ = ["attention", "channel_layer_norm", "group_norm_film_silu", "linear_attention", "p_posterior_sample", "posterior_log_probs", "q_posterior_sample", "q_sample", "renoise"]
+__all__ = ["attention", "channel_layer_norm", "conv3x3", "group_norm_film_silu", "linear_attention", "p_posterior_sample", "posterior_log_probs", "q_posterior_sample", "q_sample", "renoise"]

@@ -90,6 +90,9 @@ def _counted(fn, counter: FlopCounterMode):
 def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None) -> dict:
     """Measure every case; ``log(row)`` is called as each row is ready (for live printing)."""
     _count_winograd_flops()
+    # Every case compiles its own shapes of the same module code: past dynamo's default of 8
+    # graphs per code object the compile(reference) rows would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     rows = []
     for case in cases:
         reps = repeats or ((2 if profile == QUICK else 5) if case.heavy else 5)

@@ -2,7 +2,9 @@
 and the whole head, each with its providers.
 
 Providers: ``reference`` (the original's eager ops: the baseline of every speedup),
-``compile(reference)`` (torch.compile of the same function), ``plain-torch`` (the best formulation
+``compile(reference)`` (torch.compile of the same function, static shapes: each shape gets its own
+graph, as a user compiling for one input size would have, and Inductor 2.13 fails on the dynamic
+LinearAttention fwd+bwd graph that the second shape would otherwise trigger), ``plain-torch`` (the best formulation
 in stock torch ops where it differs from both the reference and ddps) and each ddps backend that
 runs on the device (``cpu``, ``cuda``, ``triton``; modules and heads: ``fused``/``ddps``).
 
@@ -77,7 +79,7 @@ def ddps_backends(op: str, device: torch.device) -> list[str]:
 
 
 def _compiled(fn, *args):
-    compiled = torch.compile(fn)
+    compiled = torch.compile(fn, dynamic=False)
     return lambda: compiled(*args)
 
 
@@ -195,7 +197,7 @@ def _providers(mode, calls):
     out = {}
     for name, (inputs, fn) in calls.items():
         if name.startswith("compile"):
-            fn = torch.compile(fn)
+            fn = torch.compile(fn, dynamic=False)
         call = (lambda fn=fn, inputs=inputs: fn(*inputs))
         out[name] = call if mode == "fwd" else _differentiated(call, inputs)
     return out
@@ -325,7 +327,7 @@ def module_cases(batch: int, size: int, modes) -> list[Case]:
                 x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
                 # As inside UNet(backend="fused"): channels-last weights and activations.
                 fused = fused.to(memory_format=torch.channels_last)
-                inputs = {"reference": (ref, x), "compile(reference)": (torch.compile(ref), x),
+                inputs = {"reference": (ref, x), "compile(reference)": (torch.compile(ref, dynamic=False), x),
                           "fused": (fused, x.contiguous(memory_format=torch.channels_last))}
                 return {name: _module_call(m, x, mode) for name, (m, x) in inputs.items()}
             return build
@@ -340,7 +342,7 @@ def module_cases(batch: int, size: int, modes) -> list[Case]:
         ref, fused = (m.to(device).eval() for m in _module_pair(UNet, DIM, DIM, DIM + 16, (1, 1, 1)))
         x = torch.randn(1, DIM + 16, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         t = torch.tensor([5], device=device)
-        compiled = torch.compile(ref)
+        compiled = torch.compile(ref, dynamic=False)
         return {name: (lambda m=m: _no_grad(m, x, t))
                 for name, m in (("reference", ref), ("compile(reference)", compiled), ("fused", fused))}
     cases.append(Case("UNet", "module", f"x [1,{DIM + 16},{size},{size}]", "fwd", unet, MODULE, flops=True,

@@ -113,9 +113,14 @@ def _backends() -> dict[str, dict]:
 # torch.compile runs the resolver once at trace time and keeps its answer: the choice depends on
 # the environment and the installed build, not on tensor data.
 @torch.compiler.assume_constant_result
-def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
-    """The backend that runs ``op`` on ``device``. ``implemented``: the backends the op has."""
+def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...],
+            env_optional: bool = False) -> str:
+    """The backend that runs ``op`` on ``device``. ``implemented``: the backends the op has.
+    ``env_optional``: a ``DDPS_BACKEND`` naming a backend the op lacks leaves it on its default
+    instead of raising (for an op the fused modules call whatever that process-wide choice is)."""
     requested = backend if backend is not None else os.environ.get("DDPS_BACKEND") or None
+    if backend is None and env_optional and requested in BACKENDS and requested not in implemented:
+        requested = None
     if requested is not None:
         source = "backend=" if backend is not None else "DDPS_BACKEND="
         if requested not in BACKENDS:

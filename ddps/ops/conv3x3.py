@@ -10,13 +10,10 @@ float64 convolution: no larger error than ``F.conv2d``'s own).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks
-from .._backend import backends as ddps_backends
 
 IMPLEMENTED = ("cpu", "reference")
 
@@ -47,11 +44,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"conv3x3: bias must be [Cout={weight.shape[0]}], got shape {tuple(bias.shape)}")
-    if backend is None and os.environ.get("DDPS_BACKEND") in ("triton", "cuda"):
-        # No Triton or CUDA kernel (on GPUs cuDNN's convolution is the fast path): a process-wide
-        # choice of either, meant for the other ops, leaves conv3x3 on its default.
-        backend = "cpu" if x.device.type == "cpu" and ddps_backends()["cpu"]["available"] else "reference"
-    chosen = _backend.resolve("conv3x3", backend, x.device, IMPLEMENTED)
+    # No Triton or CUDA kernel (on GPUs cuDNN's convolution is the fast path): DDPS_BACKEND=triton
+    # or cuda, meant for the other ops, leaves conv3x3 on its default.
+    chosen = _backend.resolve("conv3x3", backend, x.device, IMPLEMENTED, env_optional=True)
     if chosen == "reference" or not _kernel_takes(x, weight, bias):
         return F.conv2d(x, weight, bias, padding=1)
     if winograd is None:

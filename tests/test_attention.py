@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ddps import reference
-from ddps.ops import attention, linear_attention
+from ddps.ops import attention, linear_attention, linear_attention_qkv
 from ddps.ops.attention import token_major
 from denoiser import DENOISER, assert_matches_reference
 
@@ -136,3 +136,52 @@ def test_linear_attention_kernel_nan_and_inf_as_reference():
             assert expected.isnan().sum() == spoiled
             assert torch.equal(got.isnan(), expected.isnan())
             torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+# linear_attention_qkv: the same op on the qkv convolution's whole output (what LinearAttention calls).
+def _split_reference(qkv, heads, scale):
+    b, _, h, w = qkv.shape
+    q, k, v = (x.reshape(b, heads, -1, h * w) for x in qkv.chunk(3, dim=1))
+    return reference.linear_attention(q, k, v, scale).reshape(b, -1, h, w)
+
+
+@pytest.mark.parametrize("backend", DENOISER + ["reference"])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
+@pytest.mark.parametrize("shape,heads", [((2, 3 * 4 * 32, 9, 7), 4), ((1, 3 * 2 * 16, 41, 30), 2)],
+                         ids=["B2h4d32", "B1h2d16N1230"])
+def test_linear_attention_qkv_matches_reference(backend, layout, shape, heads):
+    scale = 0.2
+
+    def fused(qkv):
+        out = linear_attention_qkv(qkv.contiguous(memory_format=layout), heads, scale, backend=backend)
+        assert out.shape == (shape[0], shape[1] // 3, *shape[2:])
+        return out
+
+    assert_matches_reference(fused, lambda qkv: _split_reference(qkv, heads, scale), [torch.randn(shape)])
+
+
+@CPU_KERNEL
+def test_linear_attention_qkv_is_the_kernel_with_one_gradient():
+    # Bit for bit the q, k, v entry's results, with d(qkv) and the output both channels-last with
+    # a batch stride torch reads as such at B = 1 (else the convolutions around it copy them).
+    qkv = torch.randn(1, 3 * 4 * 32, 20, 30).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = linear_attention_qkv(qkv, 4, 0.2, backend="cpu")
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    packed_grad, qkv.grad = qkv.grad, None
+    q, k, v = (x.reshape(1, 4, 32, 600) for x in qkv.chunk(3, dim=1))
+    split = linear_attention(q, k, v, 0.2, backend="cpu")
+    split.backward(grad_out.reshape(split.shape))
+    assert torch.equal(out, split.reshape(out.shape)) and torch.equal(packed_grad, qkv.grad)
+    for t in (out, packed_grad):
+        c = t.shape[1]
+        assert t.stride() == (600 * c, 1, 30 * c, c)
+
+
+def test_linear_attention_qkv_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"qkv must be \[B, 3 \* heads \* d, H, W\] with heads=4, got shape \(1, 90, 3, 3\)"):
+        linear_attention_qkv(torch.randn(1, 90, 3, 3), 4, 1.0)
+    with pytest.raises(ValueError, match="with heads=2, got shape"):
+        linear_attention_qkv(torch.randn(1, 96, 9), 2, 1.0)
+    with pytest.raises(TypeError, match="q must be float32"):
+        linear_attention_qkv(torch.ones(1, 96, 3, 3, dtype=torch.long), 2, 1.0)

@@ -4,7 +4,7 @@
 // softmaxes k over strided tokens and copies every operand for its matmuls; here each pass walks
 // the tokens once, in memory order, with the D x D matrices in L1.
 // Forward: a max pass over k, a context pass, an output pass. Backward: a d(context) pass and a
-// pass for dq, dk, dv. Sums over tokens are taken over fixed token ranges and combined in a fixed
+// pass for dq, dk, dv (returned packed as one [B, 3 * heads * D, N] tensor, token-major). Sums over tokens are taken over fixed token ranges and combined in a fixed
 // order, so the results do not depend on the thread count.
 // Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
 // bit for bit.
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& 
 }
 
 template <int V>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
+at::Tensor backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& context, const at::Tensor& kmax,
                                                         const at::Tensor& ksum, double scale) {
@@ -274,13 +274,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at
       kinv[pair * D + d] = 1.0f / psum[pair * D + d];
     }
   }
-  auto opts = q.options();
-  at::Tensor dq = at::empty({s.batch, s.n, s.heads, D}, opts), dk = at::empty_like(dq), dv = at::empty_like(dq);
-  float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
+  // dq, dk, dv side by side per token, [B, N, 3, heads, D] in memory: the gradient of the channels-last
+  // qkv convolution's output as one tensor, which autograd would otherwise concatenate from three.
+  const int64_t hd = s.heads * D;
+  at::Tensor dqkv = at::empty({s.batch, s.n, 3 * hd}, q.options());
+  float *pq = dqkv.data_ptr<float>(), *pk = pq + hd, *pv = pk + hd;
   const float *pm = kmax.data_ptr<float>(), *pkinv = kinv.data(), *pr = r.data(), *pct = ct.data(),
               *pg = g.data(), *pgt = gt.data();
   for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
-    const int64_t b = pair / s.heads, h = pair % s.heads, o = pair * D * D, out = ((b * s.n + n) * s.heads + h) * D;
+    const int64_t b = pair / s.heads, h = pair % s.heads, o = pair * D * D, out = (b * s.n + n) * 3 * hd + h * D;
     // grad's and v's rows are copied to the stack before mat_vec reads them element by element:
     // reading them in place measured 2x slower for the whole pass (likely the dq, dk, dv stores
     // below sharing their addresses' low bits, which the load unit treats as a possible conflict).
@@ -306,8 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at
       store(pv + out + j * kLanes, dvv[j]);
     }
   });
-  // [B, N, heads, D] in memory -> [B, heads, D, N] views, the layout of q, k, v.
-  return {dq.permute({0, 2, 3, 1}), dk.permute({0, 2, 3, 1}), dv.permute({0, 2, 3, 1})};
+  return dqkv.transpose(1, 2);  // [B, 3 * heads * D, N]
 }
 
 template <typename F>
@@ -326,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at:
   return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q,
+at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& q,
                                                             const at::Tensor& k, const at::Tensor& v,
                                                             const at::Tensor& context, const at::Tensor& kmax,
                                                             const at::Tensor& ksum, double scale) {

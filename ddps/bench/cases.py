@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from .. import _backend, ops, reference
 from ..nn import DDPSHead
-from ..nn.unet import Attention, LinearAttention, UNet, _split_heads
+from ..nn.unet import Attention, LinearAttention, UNet
 from ..ops import _tables
+from ..ops.attention import split_heads
 from ..ops.conv3x3 import winograd_weight
 from ..schedule import DiffusionSchedule
 
@@ -213,7 +214,7 @@ def _qkv(batch, side, device, channels_last, grad):
 
 def _sdpa_attention(qkv, scale):
     """An SDPA-based module's core: token-major copies of q, k, v, then torch's fused attention."""
-    q, k, v = (x.transpose(-1, -2).contiguous() for x in _split_heads(qkv, 4))
+    q, k, v = (x.transpose(-1, -2).contiguous() for x in split_heads(qkv, 4))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(-1, -2).reshape(qkv.shape[0], -1, qkv.shape[-1] * qkv.shape[-2])
 
@@ -224,28 +225,33 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
     for mode in modes:
         grad = mode != "fwd"
 
-        def attention_case(op, side, mode=mode, grad=grad):
-            fn = getattr(ops, op)
+        def attention_case(name, side, mode=mode, grad=grad):
+            # linear_attention_qkv: linear_attention's backends on the whole qkv tensor (4-d output).
+            op = "linear_attention" if name == "linear_attention_qkv" else name
             ref_fn = getattr(reference, op)
             fixed = PLAIN if op == "attention" else REFERENCE
 
             def build(device):
                 def core(backend):
-                    return lambda qkv: fn(*_split_heads(qkv, 4), scale, backend=backend)
+                    if name == "linear_attention_qkv":
+                        return lambda qkv: ops.linear_attention_qkv(qkv, 4, scale, backend=backend)
+                    return lambda qkv: getattr(ops, op)(*split_heads(qkv, 4), scale, backend=backend)
 
                 def ref(qkv):
-                    return ref_fn(*_split_heads(qkv, 4), scale)
+                    out = ref_fn(*split_heads(qkv, 4), scale)
+                    return out.reshape(*out.shape[:2], *qkv.shape[-2:]) if name == "linear_attention_qkv" else out
                 calls = {name: ((_qkv(batch, side, device, False, grad),),
                                 (lambda qkv: _sdpa_attention(qkv, scale)) if name == "plain-torch" else ref)
                          for name in fixed}
                 for b in ddps_backends(op, device):  # the fused UNet's layout: a channels-last conv's output
                     calls[b] = ((_qkv(batch, side, device, True, grad),), core(b))
                 return _providers(mode, calls)
-            return Case(op, "denoiser op", f"q,k,v [{batch},4,32,{side}x{side}]", mode, build, fixed, op)
+            return Case(name, "denoiser op", f"q,k,v [{batch},4,32,{side}x{side}]", mode, build, fixed, op)
 
         cases.append(attention_case("attention", size // 4))
-        for side in (size, size // 2, size // 4):
-            cases.append(attention_case("linear_attention", side))
+        for name in ("linear_attention", "linear_attention_qkv"):
+            for side in (size, size // 2, size // 4):
+                cases.append(attention_case(name, side))
 
         side = size // 2
 

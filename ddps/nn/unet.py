@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
+from ..ops.attention import merge_heads, split_heads
 from ..ops.conv3x3 import winograd_weight
 
 MODULE_BACKENDS = ("reference", "fused")
@@ -118,12 +119,6 @@ class Residual(nn.Module):
         return self.fn(x) + x
 
 
-def _split_heads(qkv: torch.Tensor, heads: int):
-    """[B, 3 * heads * d, H, W] -> three [B, heads, d, H * W] views."""
-    b, _, h, w = qkv.shape
-    return (part.reshape(b, heads, -1, h * w) for part in qkv.chunk(3, dim=1))
-
-
 class LinearAttention(nn.Module):
     """Linear attention: softmax over d for q, over tokens for k; [B, dim, H, W] -> same."""
 
@@ -137,10 +132,8 @@ class LinearAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim, backend=backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        out = ops.linear_attention(q, k, v, self.scale, backend=op_backend(self.backend))
-        return self.to_out(out.reshape(b, -1, h, w))
+        out = ops.linear_attention_qkv(self.to_qkv(x), self.heads, self.scale, backend=op_backend(self.backend))
+        return self.to_out(out)
 
 
 class Attention(nn.Module):
@@ -156,10 +149,9 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        q, k, v = _split_heads(self.to_qkv(x), self.heads)
+        q, k, v = split_heads(self.to_qkv(x), self.heads)
         out = ops.attention(q, k, v, self.scale, backend=op_backend(self.backend))
-        return self.to_out(out.reshape(b, -1, h, w))
+        return self.to_out(merge_heads(out, *x.shape[-2:]))
 
 
 class Block(nn.Module):

@@ -20,6 +20,24 @@ from . import _common
 IMPLEMENTED = ("cpu", "triton", "reference")
 
 
+def split_heads(qkv: torch.Tensor, heads: int):
+    """The qkv convolution's output [B, 3 * heads * d, H, W] -> q, k, v: three [B, heads, d, H * W]
+    views (token-major when qkv is channels-last)."""
+    b, _, h, w = qkv.shape
+    return tuple(part.reshape(b, heads, -1, h * w) for part in qkv.chunk(3, dim=1))
+
+
+def merge_heads(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """An attention op's output [B, heads * d, N] as [B, heads * d, H, W]. A token-major output is
+    viewed through its [B, N, C] memory: reshaping the [B, C, N] view itself gives a one-sample
+    batch a batch stride that torch's layout check reads as not channels-last, and the output
+    convolution (and its backward) then copies the whole tensor to NCHW first."""
+    b, c, _ = out.shape
+    if token_major(out):
+        return out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return out.reshape(b, c, h, w)
+
+
 def heads_output(out: torch.Tensor) -> torch.Tensor:
     """[B, heads, N, d] -> [B, heads * d, N] laid out token-major (one copy), which a channels-last
     output convolution reads without a reorder."""

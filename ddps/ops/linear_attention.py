@@ -18,7 +18,7 @@ import torch
 from .. import _backend, _checks, reference
 from ..kernels._layout import as_heads_like, block_d, heads_like, token_major
 from . import _common
-from .attention import heads_output
+from .attention import heads_output, merge_heads, split_heads
 
 IMPLEMENTED = ("cpu", "triton", "reference")
 
@@ -40,6 +40,40 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     context = torch.matmul(k.softmax(dim=-1), v.transpose(-1, -2)) * (scale / q.shape[-1])  # [B, h, d, e]
     out = torch.matmul(context.transpose(-1, -2), q.softmax(dim=-2))  # [B, h, e, N]
     return out.reshape(q.shape[0], -1, q.shape[-1])
+
+
+def linear_attention_qkv(qkv: torch.Tensor, heads: int, scale: float, backend: str | None = None) -> torch.Tensor:
+    """linear_attention on the qkv convolution's whole output: qkv [B, 3 * heads * d, H, W] (q, k, v
+    its three chunks) -> [B, heads * d, H, W]. The same op; in the C++ kernel's case (channels-last
+    float32 qkv) its gradient comes back as one tensor in qkv's layout, where autograd would
+    otherwise concatenate dq, dk, dv (a copy of the whole gradient)."""
+    if qkv.dim() != 4 or heads < 1 or qkv.shape[1] % (3 * heads):
+        raise ValueError(f"qkv must be [B, 3 * heads * d, H, W] with heads={heads}, got shape {tuple(qkv.shape)}")
+    q, k, v = split_heads(qkv, heads)
+    _checks.heads(q, k, v)
+    h, w = qkv.shape[-2:]
+    chosen = _backend.resolve("linear_attention", backend, qkv.device, IMPLEMENTED)
+    if chosen == "cpu" and _kernel_takes(q, k, v):
+        return merge_heads(_Packed.apply(qkv, heads, scale), h, w)
+    return merge_heads(linear_attention(q, k, v, scale, backend=chosen), h, w)
+
+
+class _Packed(torch.autograd.Function):
+    """The C++ kernel with qkv itself as the differentiable input (the kernel writes d(qkv))."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads, scale):
+        out, *saved = torch.ops.ddps.linear_attention(*split_heads(qkv, heads), scale)
+        ctx.save_for_backward(qkv, *saved)
+        ctx.heads, ctx.scale = heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, *saved = ctx.saved_tensors
+        q, k, v = split_heads(qkv, ctx.heads)
+        dqkv = torch.ops.ddps.linear_attention_backward(_grad_rows(grad, q), q, k, v, *saved, ctx.scale)
+        return merge_heads(dqkv, *qkv.shape[-2:]), None, None
 
 
 def _linear_attention_tokens(q, k, v, scale):
@@ -76,7 +110,7 @@ def _cpu_fake(q, k, v, scale):
 @_backend.register_fake("linear_attention_backward")
 def _cpu_backward_fake(grad, q, k, v, context, kmax, ksum, scale):
     b, h, d, n = q.shape
-    return tuple(q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3))
+    return q.new_empty((b, n, 3 * h * d)).transpose(1, 2)
 
 
 def _cpu_setup_context(ctx, inputs, output):
@@ -85,11 +119,16 @@ def _cpu_setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _grad_rows(grad, q):
+    """grad as the kernel reads it: heads * d channels contiguous per token (the output's layout,
+    which is heads_like(q)'s for the views the kernel takes)."""
+    return as_heads_like(grad, q).reshape(grad.shape)
+
+
 def _cpu_backward(ctx, grad, _context, _kmax, _ksum):
-    # The kernel reads grad with its heads * d channels contiguous per token: the output's layout,
-    # which is heads_like(q)'s for the views the kernel takes.
-    grad = as_heads_like(grad, ctx.saved_tensors[0]).reshape(grad.shape)
-    return *torch.ops.ddps.linear_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None
+    q = ctx.saved_tensors[0]
+    dqkv = torch.ops.ddps.linear_attention_backward(_grad_rows(grad, q), *ctx.saved_tensors, ctx.scale)
+    return *dqkv.unflatten(1, (3, *q.shape[1:3])).unbind(1), None
 
 
 _backend.register_autograd("linear_attention", _cpu_backward, _cpu_setup_context)

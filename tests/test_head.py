@@ -149,12 +149,15 @@ def _relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name", ["head0", "head2"])
-def test_fused_step_matches_reference_step(official_heads, name):
+@pytest.mark.parametrize("batch_guidance", [False, True], ids=["two_calls", "batched"])
+@pytest.mark.parametrize("name", ["head0", "head1", "head2"])
+def test_fused_step_matches_reference_step(official_heads, name, batch_guidance):
     # The fused step: fused UNet, init_conv's condition share computed once, guidance from the
-    # bias-only share. The reference step: the original's two full denoiser calls.
+    # bias-only share (head0: scale 0.4, head2: 0; head1: 1, no guidance branch), its two calls
+    # made one on a doubled batch or not. The reference step: the original's two full denoiser calls.
     golden = official_heads[name]
     ref, fused = _reference_and_fused(golden)
+    fused.batch_guidance = batch_guidance
     cond = golden["cond"]
     g = torch.Generator().manual_seed(1)
     ref_step, fused_step = ref._step(cond), fused._step(cond)

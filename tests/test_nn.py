@@ -158,3 +158,18 @@ def test_fused_unet_compiles_fullgraph():
     compiled = torch.compile(fused, fullgraph=True)
     with torch.no_grad():
         assert _relative_error(compiled(x, t), ref(x, t)) <= 1e-4
+
+
+def test_fused_linear_attention_trains_under_compile_fullgraph():
+    # The C++ kernel's path (channels-last float32, d = 32) with d(qkv) written as one tensor.
+    module = ddps.nn.LinearAttention(16, backend="fused").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    results = []
+    for fn in (torch.compile(module, fullgraph=True), module):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fn(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad, module.to_qkv.weight.grad])
+    for got, expected in zip(*results):
+        assert _relative_error(got, expected) <= 1e-5

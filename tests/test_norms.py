@@ -33,12 +33,14 @@ def _with_groups(fn, groups, memory_format=torch.contiguous_format, **kw):
                                       groups, **kw)
 
 
-# channels_last float32 is the C++ kernel's case (16-channel vectors, 256-pixel chunks: the shapes
-# cover a partial vector, one pixel, and several chunks); the rest runs torch's kernels.
+# channels_last float32 is the C++ kernel's case (16-channel vectors, 256-pixel chunks, sums over
+# blocks of 128 channels kept in registers: the shapes cover a partial vector, one pixel, several
+# chunks, whole blocks and a block plus leftover channels); the rest runs torch's kernels.
 @pytest.mark.parametrize("backend", DENOISER)
 @pytest.mark.parametrize("film", [True, False], ids=["film", "no-film"])
 @pytest.mark.parametrize("shape,groups", [((2, 64, 9, 7), 8), ((1, 8, 1, 1), 2), ((2, 16, 16, 16), 4),
-                                          ((2, 24, 17, 19), 8)], ids=str)
+                                          ((2, 24, 17, 19), 8), ((2, 160, 9, 7), 8), ((1, 256, 20, 18), 8)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
@@ -73,7 +75,7 @@ def test_group_norm_film_silu_nan_and_inf_spread_over_their_group(backend, memor
 
 @pytest.mark.skipif(not DENOISER, reason="needs the compiled extension")
 def test_group_norm_film_silu_kernel_is_thread_count_invariant():
-    x, w, bias, scale, shift = _norm_inputs((2, 48, 40, 40), True)
+    x, w, bias, scale, shift = _norm_inputs((2, 176, 40, 40), True)
     x = x.contiguous(memory_format=torch.channels_last)
     results = []
     before = torch.get_num_threads()

@@ -24,10 +24,11 @@ TORCH_LIBRARY(ddps, m) {
   // q, k, v [B, heads, D, N] with D contiguous. Forward returns (out [B, heads * D, N] laid out
   // token-major, context [B, heads, D, D] with scale / N and k's softmax sums folded in, kmax and
   // ksum [B, heads, D]: the shift and sum of k's softmax over tokens); the backward takes them and
-  // returns dq, dk, dv packed as one [B, 3 * heads * D, N] tensor laid out token-major.
+  // returns dq, dk, dv laid out token-major: packed, one [B, 3 * heads * D, N] tensor (d(qkv));
+  // else three [B, heads * D, N] ones.
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, Tensor kmax, "
-        "Tensor ksum, float scale) -> Tensor");
+        "Tensor ksum, float scale, bool packed) -> Tensor[]");
   // 3x3 convolution, stride 1, padding 1, of x channels-last [B, Cin, H, W]: weight [Cout, Cin, 3, 3] is
   // what autograd differentiates, u [16, Cout, Cin, 1, 1] its Winograd transform (the kernel's operand).
   m.def("conv3x3(Tensor x, Tensor weight, Tensor u, Tensor? bias) -> Tensor");

@@ -4,7 +4,7 @@
 // softmaxes k over strided tokens and copies every operand for its matmuls; here each pass walks
 // the tokens once, in memory order, with the D x D matrices in L1.
 // Forward: a max pass over k, a context pass, an output pass. Backward: a d(context) pass and a
-// pass for dq, dk, dv (returned packed as one [B, 3 * heads * D, N] tensor, token-major). Sums over tokens are taken over fixed token ranges and combined in a fixed
+// pass for dq, dk, dv. Sums over tokens are taken over fixed token ranges and combined in a fixed
 // order, so the results do not depend on the thread count.
 // Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
 // bit for bit.
@@ -247,10 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& 
 }
 
 template <int V>
-at::Tensor backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
+std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& context, const at::Tensor& kmax,
-                                                        const at::Tensor& ksum, double scale) {
+                                                        const at::Tensor& ksum, double scale, bool packed) {
   constexpr int D = V * kLanes;
   // grad [B, heads * D, N] with heads * D contiguous: per (sample, head) rows like q's.
   const Heads gh(grad.data_ptr<float>(), grad.stride(0), D, grad.stride(2), s.heads), qh(q), kh(k), vh(v);
@@ -274,15 +274,21 @@ at::Tensor backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
       kinv[pair * D + d] = 1.0f / psum[pair * D + d];
     }
   }
-  // dq, dk, dv side by side per token, [B, N, 3, heads, D] in memory: the gradient of the channels-last
-  // qkv convolution's output as one tensor, which autograd would otherwise concatenate from three.
-  const int64_t hd = s.heads * D;
-  at::Tensor dqkv = at::empty({s.batch, s.n, 3 * hd}, q.options());
-  float *pq = dqkv.data_ptr<float>(), *pk = pq + hd, *pv = pk + hd;
+  // packed: dq, dk, dv side by side per token, [B, N, 3, heads, D] in memory, the gradient of the
+  // channels-last qkv convolution's output as one tensor (which autograd would otherwise
+  // concatenate from three). Else three [B, N, heads, D] tensors: separate allocations, which
+  // stay below the allocator's threshold for fresh (page-faulting) memory where one of three
+  // times the size does not.
+  const int64_t hd = s.heads * D, token_stride = packed ? 3 * hd : hd;
+  std::vector<at::Tensor> grads;
+  for (int i = 0; i < (packed ? 1 : 3); ++i) grads.push_back(at::empty({s.batch, s.n, token_stride}, q.options()));
+  float* pq = grads[0].data_ptr<float>();
+  float* pk = packed ? pq + hd : grads[1].data_ptr<float>();
+  float* pv = packed ? pk + hd : grads[2].data_ptr<float>();
   const float *pm = kmax.data_ptr<float>(), *pkinv = kinv.data(), *pr = r.data(), *pct = ct.data(),
               *pg = g.data(), *pgt = gt.data();
   for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
-    const int64_t b = pair / s.heads, h = pair % s.heads, o = pair * D * D, out = (b * s.n + n) * 3 * hd + h * D;
+    const int64_t b = pair / s.heads, h = pair % s.heads, o = pair * D * D, out = (b * s.n + n) * token_stride + h * D;
     // grad's and v's rows are copied to the stack before mat_vec reads them element by element:
     // reading them in place measured 2x slower for the whole pass (likely the dq, dk, dv stores
     // below sharing their addresses' low bits, which the load unit treats as a possible conflict).
@@ -308,7 +314,8 @@ at::Tensor backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
       store(pv + out + j * kLanes, dvv[j]);
     }
   });
-  return dqkv.transpose(1, 2);  // [B, 3 * heads * D, N]
+  for (at::Tensor& g : grads) g = g.transpose(1, 2);  // [B, 3 * heads * D, N] or [B, heads * D, N]
+  return grads;
 }
 
 template <typename F>
@@ -327,17 +334,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at:
   return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
 }
 
-at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& q,
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q,
                                                             const at::Tensor& k, const at::Tensor& v,
                                                             const at::Tensor& context, const at::Tensor& kmax,
-                                                            const at::Tensor& ksum, double scale) {
+                                                            const at::Tensor& ksum, double scale, bool packed) {
   const Shape s = check_inputs(q, k, v);
   TORCH_CHECK(grad.dim() == 3 && grad.scalar_type() == at::kFloat && grad.size(0) == s.batch &&
                   grad.size(1) == s.heads * s.d && grad.size(2) == s.n && grad.stride(1) == 1,
               "linear_attention (cpu): grad must be float32 [B, heads * D, N] with heads * D contiguous");
   for (const at::Tensor* t : {&context, &kmax, &ksum})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "linear_attention (cpu): bad saved tensor");
-  return by_width(s.d, [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, context, kmax, ksum, scale); });
+  return by_width(s.d, [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, context, kmax, ksum, scale, packed);
+  });
 }
 
 }  // namespace

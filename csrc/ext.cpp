@@ -32,6 +32,9 @@ TORCH_LIBRARY(ddps, m) {
   // 3x3 convolution, stride 1, padding 1, of x channels-last [B, Cin, H, W]: weight [Cout, Cin, 3, 3] is
   // what autograd differentiates, u [16, Cout, Cin, 1, 1] its Winograd transform (the kernel's operand).
   m.def("conv3x3(Tensor x, Tensor weight, Tensor u, Tensor? bias) -> Tensor");
+  // d(loss)/dU [16, Cin, Cout] of conv3x3 from the gradient of its output and x (the weight's
+  // gradient is G^T dU G).
+  m.def("conv3x3_weight_grad(Tensor grad, Tensor x) -> Tensor");
 }
 
 static PyModuleDef ddps_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

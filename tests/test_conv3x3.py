@@ -86,6 +86,8 @@ def test_conv3x3_same_bits_for_any_thread_count():
 def test_conv3x3_kernel_opcheck():
     x, weight, bias = (t.detach().requires_grad_() for t in _inputs(2, 8, 40, 5, 6))
     torch.library.opcheck(torch.ops.ddps.conv3x3.default, (x, weight, winograd_weight(weight), bias))
+    grad = _randn(2, 40, 5, 6, seed=3).contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.ddps.conv3x3_weight_grad.default, (grad, x.detach()))
 
 
 def test_conv3x3_bad_input():

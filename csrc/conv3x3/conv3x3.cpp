@@ -30,6 +30,7 @@ namespace {
 constexpr int kPositions = 16;  // the 4 x 4 tile
 constexpr int kRows = 12;            // tiles per register block of products
 constexpr int64_t kChunk = 4 * kRows;  // tiles per chunk (48 measured best of 48, 96, 192)
+constexpr int64_t kWeightChunk = 16 * kRows;  // weight-gradient tiles per chunk (as fast as 96; 384: 1.3x slower)
 
 struct Tile {
   int64_t b, i, j;
@@ -58,10 +59,18 @@ DDPS_INLINE inline void output_1d(const FloatV (&z)[4], FloatV (&out)[2]) {
   out[1] = z[1] - z[2] - z[3];
 }
 
-// v[(k * stride + t) * C + c] = (B^T d B)[k] for the n tiles first .. first + n - 1 (tile index
-// (b * tiles_h + i) * tiles_w + j): d is the 4 x 4 patch of x at rows 2i-1 .. 2i+2 and columns
-// 2j-1 .. 2j+2, zero outside the image (the padding).
-DDPS_CLONES void input_tiles(const float* x, float* v, const Dims& d, int64_t C, int64_t first, int64_t n,
+// A z, the adjoint of output_1d: what a gradient at the two outputs is at the four values.
+DDPS_INLINE inline void output_1d_adjoint(const FloatV (&z)[2], FloatV (&out)[4]) {
+  out[0] = z[0];
+  out[1] = z[0] + z[1];
+  out[2] = z[0] - z[1];
+  out[3] = FloatV{} - z[1];
+}
+
+// v[(k * stride + t) * ld + c] = (B^T d B)[k] for the n tiles first .. first + n - 1 (tile index
+// (b * tiles_h + i) * tiles_w + j), c < C: d is the 4 x 4 patch of x at rows 2i-1 .. 2i+2 and
+// columns 2j-1 .. 2j+2, zero outside the image (the padding).
+DDPS_CLONES void input_tiles(const float* x, float* v, const Dims& d, int64_t C, int64_t ld, int64_t first, int64_t n,
                              int64_t stride) {
   for (int64_t t = 0; t < n; ++t) {
     const auto [b, i, j] = d.tile(first + t);
@@ -82,7 +91,7 @@ DDPS_CLONES void input_tiles(const float* x, float* v, const Dims& d, int64_t C,
       for (int s = 0; s < 4; ++s) {
         FloatV z[4] = {rows[0][s], rows[1][s], rows[2][s], rows[3][s]}, out[4];
         input_1d(z, out);
-        for (int r = 0; r < 4; ++r) store(v + ((4 * r + s) * stride + t) * C + c, out[r], count);
+        for (int r = 0; r < 4; ++r) store(v + ((4 * r + s) * stride + t) * ld + c, out[r], count);
       }
     }
   }
@@ -149,6 +158,67 @@ DDPS_CLONES void output_tiles(const float* m, const float* bias, float* out, con
   }
 }
 
+// The adjoint of output_tiles (bias aside): (A g A^T)[k], g the 2 x 2 block of grad [B, C, H, W]
+// (channels-last) at rows 2i, 2i+1 and columns 2j, 2j+1, zero outside the image: the gradient of
+// the tile's M, for the n tiles first .. first + n - 1. In 32-channel panels, each position's
+// panel holding its stride tiles contiguously: channel c of tile t at
+// m[((k * panels + c / 32) * stride + t) * 32 + c % 32], as weight_products reads them.
+DDPS_CLONES void grad_tiles(const float* grad, float* m, const Dims& d, int64_t C, int64_t panels, int64_t first,
+                            int64_t n, int64_t stride) {
+  for (int64_t t = 0; t < n; ++t) {
+    const auto [b, i, j] = d.tile(first + t);
+    const float* sample = grad + b * d.height * d.width * C;
+    for (int64_t c = 0; c < C; c += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, C - c));
+      FloatV cols[2][4];  // A applied down each of the block's two columns
+      for (int e = 0; e < 2; ++e) {
+        FloatV z[2];
+        for (int a = 0; a < 2; ++a) {
+          const int64_t yy = 2 * i + a, xx = 2 * j + e;
+          z[a] = yy < d.height && xx < d.width ? load(sample + (yy * d.width + xx) * C + c, count) : FloatV{};
+        }
+        output_1d_adjoint(z, cols[e]);
+      }
+      for (int r = 0; r < 4; ++r) {
+        FloatV z[2] = {cols[0][r], cols[1][r]}, out[4];
+        output_1d_adjoint(z, out);
+        for (int q = 0; q < 4; ++q)
+          store(m + (((4 * r + q) * panels + c / 32) * stride + t) * 32 + c % 32, out[q], count);
+      }
+    }
+  }
+}
+
+// du[k][ci][co-panel p] += sum over the chunk's rows t of v[k][t][ci] * m[k][p][t], for
+// item = k * panels + p: a 12 x 32 block of du per pass over the rows, in 24 registers (as in
+// products, with the reduction over tiles instead of channels). v rows hold cin_pad values (a
+// multiple of kRows, zero beyond Cin); m as grad_tiles writes it (zero beyond Cout), each panel
+// contiguous, so that it stays in L1 while every block of 12 input channels passes over it.
+DDPS_CLONES void weight_products(const float* v, const float* m, float* du, int64_t cin_pad, int64_t cout_pad,
+                                 int64_t rows, int64_t stride, int64_t item) {
+  const int64_t panels = cout_pad / 32, k = item / panels, p = item % panels;
+  const float* vk = v + k * stride * cin_pad;
+  const float* mk = m + item * stride * 32;
+  float* dk = du + k * cin_pad * cout_pad + p * 32;
+  for (int64_t ci = 0; ci < cin_pad; ci += kRows) {
+    // The chunk's sum, then added to du: sums of a chunk's length, not of every tile's, round.
+    FloatV acc[kRows][2] = {};
+    for (int64_t t = 0; t < rows; ++t) {
+      const FloatV g0 = load(mk + t * 32), g1 = load(mk + t * 32 + 16);
+      const float* vr = vk + t * cin_pad + ci;
+      for (int r = 0; r < kRows; ++r) {
+        acc[r][0] += vr[r] * g0;
+        acc[r][1] += vr[r] * g1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      float* row = dk + (ci + r) * cout_pad;
+      store(row, load(row) + acc[r][0]);
+      store(row + 16, load(row + 16) + acc[r][1]);
+    }
+  }
+}
+
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
                        const std::optional<at::Tensor>& bias) {
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -182,7 +252,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
     std::vector<float> v(kPositions * kChunk * cin, 0.0f), m(kPositions * kChunk * cout_pad);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t first = item * kChunk, n = std::min(kChunk, d.tiles() - first);
-      input_tiles(xp, v.data(), d, cin, first, n, kChunk);
+      input_tiles(xp, v.data(), d, cin, cin, first, n, kChunk);
       products(v.data(), up, m.data(), cin, cout_pad, (n + kRows - 1) / kRows * kRows, kChunk);
       output_tiles(m.data(), bp, op, d, cout, cout_pad, first, n, kChunk);
     }
@@ -190,8 +260,47 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// d(loss)/dU for the gradient grad of conv3x3's output (both float32 channels-last, grad
+// [B, Cout, H, W]): [16, Cin, Cout], the sum over all tiles of every sample of V[k]^T M[k]; the
+// weight's gradient is G^T dU G (ddps/ops/conv3x3.py). Per chunk of kWeightChunk tiles the
+// threads first transform x and grad, then share out the (position, 32-column panel) blocks of
+// dU: each block is summed by one thread over the tiles in order, whatever the thread count.
+at::Tensor weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(cl) && grad.dim() == 4 &&
+                  grad.scalar_type() == at::kFloat && grad.is_contiguous(cl) && grad.size(0) == x.size(0) &&
+                  grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
+              "conv3x3_weight_grad: grad and x must be float32 [B, C, H, W] channels-last tensors of one batch and size");
+  const int64_t cin = x.size(1), cout = grad.size(1);
+  const int64_t cin_pad = (cin + kRows - 1) / kRows * kRows, cout_pad = (cout + 31) / 32 * 32;
+  const Dims d{x.size(0), x.size(2), x.size(3), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
+  at::Tensor du = at::zeros({kPositions, cin_pad, cout_pad}, x.options());
+  if (cin > 0 && cout > 0) {
+    const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>();
+    float* dp = du.data_ptr<float>();
+    // Zero-filled once: the padding columns are never written.
+    std::vector<float> v(kPositions * kWeightChunk * cin_pad, 0.0f), m(kPositions * kWeightChunk * cout_pad, 0.0f);
+    for (int64_t first = 0; first < d.tiles(); first += kWeightChunk) {
+      const int64_t n = std::min(kWeightChunk, d.tiles() - first);
+      at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
+        const int64_t t0 = begin * kRows, count = std::min(end * kRows, n) - t0;
+        input_tiles(xp, v.data() + t0 * cin_pad, d, cin, cin_pad, first + t0, count, kWeightChunk);
+        grad_tiles(gp, m.data() + t0 * 32, d, cout, cout_pad / 32, first + t0, count, kWeightChunk);
+      });
+      at::parallel_for(0, kPositions * (cout_pad / 32), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item)
+          weight_products(v.data(), m.data(), dp, cin_pad, cout_pad, n, kWeightChunk, item);
+      });
+    }
+  }
+  return du.narrow(1, 0, cin).narrow(2, 0, cout).contiguous();
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddps, CPU, m) { m.impl("conv3x3", &forward_cpu); }
+TORCH_LIBRARY_IMPL(ddps, CPU, m) {
+  m.impl("conv3x3", &forward_cpu);
+  m.impl("conv3x3_weight_grad", &weight_grad_cpu);
+}
 
 }  // namespace ddps

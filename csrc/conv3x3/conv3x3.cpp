@@ -5,6 +5,8 @@
 // A^T hold only 0 and +-1, so the two transforms are additions; U comes from Python
 // (ddps/ops/conv3x3.py), computed once per weight. Every tile's arithmetic is the same whatever
 // chunk or thread it falls in, so the result does not depend on the thread count.
+// The weight's gradient comes from the same transforms run backwards: dU[k] = sum over tiles of
+// (B^T d B)[k]^T (A g A^T)[k], g the output gradient's 2x2 block, and Python takes G^T dU G.
 // Fused multiply-adds in the products: nothing here must match another backend bit for bit.
 //
 // Tiles (i, j), th x tw = ceil(H/2) x ceil(W/2) per sample, are numbered (b * th + i) * tw + j.

@@ -6,6 +6,7 @@ from ddps import reference
 from ddps.ops import attention, linear_attention, linear_attention_qkv
 from ddps.ops.attention import token_major
 from denoiser import DENOISER, assert_matches_reference
+from sampling import assert_thread_count_invariant
 
 SHAPES = [(2, 4, 32, 64), (1, 1, 32, 1), (2, 4, 32, 77), (1, 4, 8, 130)]  # [B, heads, d, N]
 IDS = [f"B{b}h{h}d{d}N{n}" for b, h, d, n in SHAPES]
@@ -84,18 +85,48 @@ def test_bad_input_is_a_clear_error(op):
         op(q, k, v, 1.0, backend="gpu")
 
 
-# The C++ kernel of linear_attention (cpu backend: float32 token-major views, d = 16k <= 64).
+# The C++ kernels of attention and linear_attention (cpu backend: float32 token-major views,
+# d = 16k <= 64).
 CPU_KERNEL = pytest.mark.skipif("cpu" not in DENOISER, reason="needs the compiled extension")
 
 
+# attention: query blocks of 12 rows (6 for d > 32) with the last one partial, key blocks of 32
+# and a last vector of N % 16 keys (its backward is torch's, from the kernel's output and lse);
+# linear_attention: N > 1024 spans several of the kernel's token ranges (summed in a fixed order).
+KERNEL_CASES = ([(attention, reference.attention, s) for s in [(1, 2, 16, 3), (2, 1, 48, 37), (1, 3, 64, 130),
+                                                                 (1, 4, 32, 1030)]]
+                + [(linear_attention, reference.linear_attention, s)
+                   for s in [(1, 2, 16, 2500), (2, 1, 48, 1030), (1, 3, 64, 17)]])
+
+
 @CPU_KERNEL
-@pytest.mark.parametrize("shape", [(1, 2, 16, 2500), (2, 1, 48, 1030), (1, 3, 64, 17)],
-                         ids=["d16N2500", "d48N1030", "d64N17"])
-def test_linear_attention_kernel_over_token_splits(shape):
-    # N > 1024 spans several of the kernel's token ranges (summed in a fixed order).
+@pytest.mark.parametrize("op,ref,shape", KERNEL_CASES,
+                         ids=[f"{op.__name__}-d{s[2]}N{s[3]}" for op, _, s in KERNEL_CASES])
+def test_kernels_over_blocks(op, ref, shape):
     scale = shape[2] ** -0.5
-    assert_matches_reference(lambda q, k, v: linear_attention(*_token_major(q, k, v), scale, backend="cpu"),
-                             lambda q, k, v: reference.linear_attention(q, k, v, scale), _qkv(shape))
+    assert_matches_reference(lambda q, k, v: op(*_token_major(q, k, v), scale, backend="cpu"),
+                             lambda q, k, v: ref(q, k, v, scale), _qkv(shape))
+
+
+@CPU_KERNEL
+def test_attention_kernel_opcheck_and_thread_count():
+    q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
+    torch.library.opcheck(torch.ops.ddps.attention.default, (q, k, v, 0.3))
+    q, k, v = _token_major(*_qkv((2, 4, 32, 300)))
+    assert_thread_count_invariant(lambda: torch.cat([t.flatten() for t in torch.ops.ddps.attention(q, k, v, 0.2)]))
+
+
+@CPU_KERNEL
+def test_attention_kernel_nan_as_reference():
+    # NaN in one query spoils that query's output row in its head; in one key, every row of the head.
+    for tensor, spoiled in ((0, 32), (1, 32 * 50)):
+        q, k, v = _qkv((1, 2, 32, 50))
+        (q, k, v)[tensor][0, 1, 5, 7] = float("nan")
+        got = attention(*_token_major(q, k, v), 0.2, backend="cpu")
+        expected = reference.attention(q, k, v, 0.2)
+        assert expected.isnan().sum() == spoiled
+        assert torch.equal(got.isnan(), expected.isnan())
+        torch.testing.assert_close(got, expected, equal_nan=True)
 
 
 @CPU_KERNEL
@@ -107,19 +138,13 @@ def test_linear_attention_kernel_opcheck():
 @CPU_KERNEL
 def test_linear_attention_kernel_same_bits_for_any_thread_count():
     q, k, v = _qkv((2, 4, 32, 2100))
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            views = [x.detach().requires_grad_() for x in _token_major(q, k, v)]
-            out = linear_attention(*views, 0.2, backend="cpu")
-            out.backward(torch.ones_like(out))
-            results.append([out.detach()] + [x.grad for x in views])
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+    def draw():
+        views = [x.detach().requires_grad_() for x in _token_major(q, k, v)]
+        out = linear_attention(*views, 0.2, backend="cpu")
+        out.backward(torch.ones_like(out))
+        return torch.cat([t.flatten() for t in (out.detach(), *(x.grad for x in views))])
+    assert_thread_count_invariant(draw)
 
 
 @CPU_KERNEL

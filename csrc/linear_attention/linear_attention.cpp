@@ -20,35 +20,13 @@
 #include <limits>
 #include <vector>
 
+#include "common/heads.h"
 #include "common/vec.h"
 
 namespace ddps {
 namespace {
 
 constexpr int64_t kSplit = 1024;  // tokens per partial sum over tokens
-constexpr int kMaxD = 64;
-
-// One (sample, head) of a [B, heads, D, N] view with D contiguous: token n's row.
-struct Rows {
-  const float* base;
-  int64_t stride;
-  const float* operator()(int64_t n) const { return base + n * stride; }
-};
-
-// Every (sample, head) of a [B, heads, D, N] view with D contiguous. Pointer and strides are read
-// from the tensor once: data_ptr() per token costs more than the token's arithmetic.
-struct Heads {
-  const float* data;
-  int64_t sample_stride, head_stride, token_stride, heads;
-  explicit Heads(const at::Tensor& t)
-      : data(t.data_ptr<float>()), sample_stride(t.stride(0)), head_stride(t.stride(1)), token_stride(t.stride(3)),
-        heads(t.size(1)) {}
-  Heads(const float* data, int64_t sample_stride, int64_t head_stride, int64_t token_stride, int64_t heads)
-      : data(data), sample_stride(sample_stride), head_stride(head_stride), token_stride(token_stride), heads(heads) {}
-  Rows operator()(int64_t pair) const {
-    return {data + pair / heads * sample_stride + pair % heads * head_stride, token_stride};
-  }
-};
 
 struct Shape {
   int64_t batch, heads, d, n;
@@ -167,15 +145,8 @@ void for_each_token(const Shape& s, F f) {
 }
 
 Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->sizes() == q.sizes() && t->stride(2) == 1,
-                "linear_attention (cpu): q, k, v must be float32 [B, heads, D, N] views with D contiguous, got ",
-                t->sizes(), " with strides ", t->strides());
-  }
-  const Shape s{q.size(0), q.size(1), q.size(2), q.size(3)};
-  TORCH_CHECK(s.d % kLanes == 0 && s.d <= kMaxD && s.n > 0,
-              "linear_attention (cpu): D must be a multiple of 16 up to 64 and N >= 1, got D=", s.d, ", N=", s.n);
-  return s;
+  check_heads("linear_attention", q, k, v);
+  return {q.size(0), q.size(1), q.size(2), q.size(3)};
 }
 
 // The max over tokens of each of the D channels (the shift of k's softmax over tokens).
@@ -316,16 +287,6 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
   });
   for (at::Tensor& g : grads) g = g.transpose(1, 2);  // [B, 3 * heads * D, N] or [B, heads * D, N]
   return grads;
-}
-
-template <typename F>
-auto by_width(int64_t d, F f) {
-  switch (d / kLanes) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,

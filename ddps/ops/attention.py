@@ -1,12 +1,15 @@
 """attention: the mid block's softmax attention, in the layouts of the convolutions around it.
 
 Backends: ``triton`` (kernels/attention.py: flash-style forward and backward, any layout the
-three share, output token-major when the inputs are), ``cpu`` (torch's
-scaled_dot_product_attention on token-major copies: on this package's reference CPU it is 4x the
-reference at the mid-block shape, while the same call on the transposed views is slower than the
-reference; views of a channels-last conv's output are already token-major and go in as they are,
-and the output then comes back token-major too) and ``reference``
+three share, output token-major when the inputs are), ``cpu`` and ``reference``
 (``ddps.reference.attention``). Differentiable on all three.
+
+``cpu``: float32 views of a channels-last conv's output (token-major, d a multiple of 16 up to 64:
+the fused UNet's case) go to the C++ kernel (csrc/attention/: register-blocked scores, softmax and
+weighted sum per block of query rows; 2x torch's SDPA here, whose sgemm is slow on this package's
+reference CPU), whose backward is torch's flash-attention backward from the kernel's output and
+log-sum-exp. Everything else runs torch's scaled_dot_product_attention on token-major views
+(copies where the inputs are not), the output then token-major too.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, reference
-from ..kernels._layout import heads_like, token_major
+from ..kernels._layout import as_heads_like, heads_like, token_major
 from . import _common
 
 IMPLEMENTED = ("cpu", "triton", "reference")
@@ -55,11 +58,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         return reference.attention(q, k, v, scale)
     if chosen == "triton":
         return _triton()(q, k, v, scale)[0]
+    if kernel_takes(q, k, v):
+        return torch.ops.ddps.attention(q, k, v, scale)[0]
     if token_major(q):  # channels-last qkv conv: SDPA reads the views as they are
         out = F.scaled_dot_product_attention(*(x.transpose(-1, -2) for x in (q, k, v)), scale=scale)
         return heads_output(out)
     out = F.scaled_dot_product_attention(*(x.transpose(-1, -2).contiguous() for x in (q, k, v)), scale=scale)
     return out.transpose(-1, -2).reshape(q.shape[0], -1, q.shape[-1])  # [B, heads * d, N]
+
+
+def kernel_takes(q, k, v) -> bool:
+    """The case of the C++ kernels of attention and linear_attention: float32 token-major views, d
+    a multiple of 16 up to 64."""
+    d = q.shape[-2]
+    return (all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
+            and d % 16 == 0 and d <= 64 and q.numel() > 0)
+
+
+@_backend.register_fake("attention")
+def _cpu_fake(q, k, v, scale):
+    b, h, d, n = q.shape
+    return q.new_empty((b, n, h * d)).transpose(1, 2), q.new_empty((b, h, n))
+
+
+def _cpu_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _cpu_backward(ctx, grad, _lse):
+    # torch's flash-attention backward, on [B, heads, N, d] views, from the kernel's output and
+    # log-sum-exp (its forward's convention: natural log of the scaled scores' sum of exps).
+    q, k, v, out, lse = ctx.saved_tensors
+    rows = [x.transpose(-1, -2) for x in (q, k, v, as_heads_like(out, q), as_heads_like(grad, q))]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        rows[4], *rows[:4], lse, 0.0, False, scale=ctx.scale)
+    return dq.transpose(-1, -2), dk.transpose(-1, -2), dv.transpose(-1, -2), None
+
+
+_backend.register_autograd("attention", _cpu_backward, _cpu_setup_context)
 
 
 def _fwd_fake(q, k, v, scale):

@@ -18,7 +18,7 @@ import torch
 from .. import _backend, _checks, reference
 from ..kernels._layout import as_heads_like, block_d, heads_like, token_major
 from . import _common
-from .attention import heads_output, merge_heads, split_heads
+from .attention import heads_output, kernel_takes, merge_heads, split_heads
 
 IMPLEMENTED = ("cpu", "triton", "reference")
 
@@ -33,7 +33,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return reference.linear_attention(q, k, v, scale)
     if chosen == "triton":
         return _triton()(q, k, v, scale)[0]
-    if _kernel_takes(q, k, v):
+    if kernel_takes(q, k, v):
         return torch.ops.ddps.linear_attention(q, k, v, scale)[0]
     if token_major(q):
         return _linear_attention_tokens(q, k, v, scale)
@@ -53,7 +53,7 @@ def linear_attention_qkv(qkv: torch.Tensor, heads: int, scale: float, backend: s
     _checks.heads(q, k, v)
     h, w = qkv.shape[-2:]
     chosen = _backend.resolve("linear_attention", backend, qkv.device, IMPLEMENTED)
-    if chosen == "cpu" and _kernel_takes(q, k, v):
+    if chosen == "cpu" and kernel_takes(q, k, v):
         return merge_heads(_Packed.apply(qkv, heads, scale), h, w)
     return merge_heads(linear_attention(q, k, v, scale, backend=chosen), h, w)
 
@@ -91,13 +91,6 @@ def _linear_attention_tokens(q, k, v, scale):
         context = torch.matmul(kb.permute(1, 2, 0), vb.transpose(0, 1)) * nb  # [h, d, e]
         out.append(torch.matmul(qb.softmax(dim=-1).transpose(0, 1), context))  # [h, N, e]
     return heads_output(torch.stack(out))
-
-
-def _kernel_takes(q, k, v) -> bool:
-    """The C++ kernel's case: float32 token-major views, d a multiple of 16 up to 64."""
-    d = q.shape[-2]
-    return (all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
-            and d % 16 == 0 and d <= 64 and q.numel() > 0)
 
 
 @_backend.register_fake("linear_attention")

@@ -1,0 +1,58 @@
+// The q, k, v views the attention kernels take: [B, heads, D, N] with a token's D values contiguous
+// and tokens strided (a channels-last qkv convolution's output), addressed per (sample, head) pair.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/vec.h"
+
+namespace ddps {
+
+// One (sample, head) of such a view: token n's row.
+struct Rows {
+  const float* base;
+  int64_t stride;
+  const float* operator()(int64_t n) const { return base + n * stride; }
+};
+
+// Every (sample, head) of such a view. Pointer and strides are read from the tensor once:
+// data_ptr() per token costs more than the token's arithmetic.
+struct Heads {
+  const float* data;
+  int64_t sample_stride, head_stride, token_stride, heads;
+  explicit Heads(const at::Tensor& t)
+      : data(t.data_ptr<float>()), sample_stride(t.stride(0)), head_stride(t.stride(1)), token_stride(t.stride(3)),
+        heads(t.size(1)) {}
+  Heads(const float* data, int64_t sample_stride, int64_t head_stride, int64_t token_stride, int64_t heads)
+      : data(data), sample_stride(sample_stride), head_stride(head_stride), token_stride(token_stride), heads(heads) {}
+  Rows operator()(int64_t pair) const {
+    return {data + pair / heads * sample_stride + pair % heads * head_stride, token_stride};
+  }
+};
+
+// Checks q, k, v as the kernels take them: float32 [B, heads, D, N] views of one shape with D
+// contiguous, D = 16, 32, 48 or 64, N >= 1; op names the kernel in the error.
+inline void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->sizes() == q.sizes() && t->stride(2) == 1, op,
+                " (cpu): q, k, v must be float32 [B, heads, D, N] views with D contiguous, got ", t->sizes(),
+                " with strides ", t->strides());
+  TORCH_CHECK(q.size(2) % kLanes == 0 && q.size(2) <= 4 * kLanes && q.size(3) > 0, op,
+              " (cpu): D must be a multiple of 16 up to 64 and N >= 1, got D=", q.size(2), ", N=", q.size(3));
+}
+
+// f(std::integral_constant<int, D / 16>{}): the kernels are compiled per head width.
+template <typename F>
+auto by_width(int64_t d, F f) {
+  switch (d / kLanes) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+}  // namespace ddps

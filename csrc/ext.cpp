@@ -25,6 +25,8 @@ TORCH_LIBRARY(ddps, m) {
   // lse [B, heads, N]: the log-sum-exp of each query's scaled scores, which torch's flash-attention
   // backward takes).
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
   // q, k, v [B, heads, D, N] with D contiguous. Forward returns (out [B, heads * D, N] laid out
   // token-major, context [B, heads, D, D] with scale / N and k's softmax sums folded in, kmax and
   // ksum [B, heads, D]: the shift and sum of k's softmax over tokens); the backward takes them and

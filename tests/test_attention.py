@@ -4,6 +4,7 @@ import torch
 
 from ddps import reference
 from ddps.ops import attention, linear_attention, linear_attention_qkv
+from ddps.kernels._layout import as_heads_like
 from ddps.ops.attention import token_major
 from denoiser import DENOISER, assert_matches_reference
 from sampling import assert_thread_count_invariant
@@ -112,8 +113,19 @@ def test_kernels_over_blocks(op, ref, shape):
 def test_attention_kernel_opcheck_and_thread_count():
     q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
     torch.library.opcheck(torch.ops.ddps.attention.default, (q, k, v, 0.3))
+    out, lse = torch.ops.ddps.attention(q, k, v, 0.3)
+    grad = torch.randn_like(out.detach())
+    torch.library.opcheck(torch.ops.ddps.attention_backward.default,
+                          (as_heads_like(grad, q), q.detach(), k.detach(), v.detach(), as_heads_like(out.detach(), q),
+                           lse.detach(), 0.3))
     q, k, v = _token_major(*_qkv((2, 4, 32, 300)))
-    assert_thread_count_invariant(lambda: torch.cat([t.flatten() for t in torch.ops.ddps.attention(q, k, v, 0.2)]))
+
+    def draw():
+        views = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = attention(*views, 0.2, backend="cpu")
+        out.backward(torch.ones_like(out))
+        return torch.cat([t.flatten() for t in (out.detach(), *(x.grad for x in views))])
+    assert_thread_count_invariant(draw)
 
 
 @CPU_KERNEL

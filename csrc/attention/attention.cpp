@@ -2,11 +2,12 @@
 // token-major views (a token's D values contiguous, tokens strided: a channels-last qkv
 // convolution's output, as in the fused UNet), D a multiple of 16 up to 64. torch's CPU SDPA
 // spends its time in sgemm, which on this package's reference (AMD) CPU runs at a third of the
-// rate of the register-blocked products here (as in conv3x3.cpp): a block of query rows takes its
-// scores against every key, their softmax and the weighted sum of the values, with the rows of
-// scores in cache. The backward is torch's flash-attention backward (ddps/ops/attention.py), from
-// this forward's output and log-sum-exp. Each query row's arithmetic does not depend on the block
-// or thread it falls in, so neither do the results.
+// rate of the register-blocked products here (as in conv3x3.cpp). Forward: a block of query rows
+// takes its scores against every key, their softmax and the weighted sum of the values, with the
+// rows of scores in cache. Backward: the probabilities recomputed from the saved log-sum-exp, per
+// block of query rows for dq and per block of keys (the transposed products) for dk and dv, so
+// that every output row has one writer (no atomics, no partial sums). Each row's arithmetic does
+// not depend on the block or thread it falls in, so neither do the results.
 // Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
 // bit for bit.
 #pragma GCC optimize("fp-contract=fast")
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/heads.h"
@@ -40,57 +42,91 @@ struct Shape {
   int64_t padded() const { return (n + kKeys - 1) / kKeys * kKeys + kLanes; }
 };
 
-// kt[pair][d][n] = k[pair][d][n] (zero past N): the keys of each head with tokens contiguous, the
-// layout in which a block of scores reads them.
-void transpose_keys(const Shape& s, const Heads& k, float* kt) {
+// t[pair][d][n] = x[pair][d][n] (zero past N): a head's tokens contiguous per channel, the layout
+// in which a block of scores reads its other operand.
+std::vector<float> transposed(const Shape& s, const Heads& x) {
   const int64_t np = s.padded();
+  std::vector<float> t(s.pairs() * s.d * np, 0.0f);
   at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
-      float* out = kt + pair * s.d * np;
-      std::fill(out, out + s.d * np, 0.0f);
-      const Rows rows = k(pair);
+      float* out = t.data() + pair * s.d * np;
+      const Rows rows = x(pair);
       for (int64_t n = 0; n < s.n; ++n) {
         const float* row = rows(n);
         for (int64_t d = 0; d < s.d; ++d) out[d * np + n] = row[d];
       }
     }
   });
+  return t;
 }
 
-// Rows n0 .. n0 + R - 1 of one head (repeating the last row past N): out and lse of each.
-template <int V>
-DDPS_CLONES void query_block(const Shape& s, const Heads& q, const Heads& v, const float* kt, float scale,
-                             int64_t pair, int64_t n0, float* scores, float* out, float* lse) {
-  constexpr int D = V * kLanes, R = rows_for(V);
-  const int64_t np = s.padded(), N = s.n;
-  alignas(64) float qs[R][D];  // scale * q
-  const Rows qrows = q(pair);
+// R rows of D values of one head (rows n0 .. n0 + R - 1, the last repeated past N), times f.
+template <int V, int R>
+DDPS_INLINE inline void load_rows(Rows rows, int64_t n0, int64_t n, float f, float (&out)[R][V * kLanes]) {
   for (int r = 0; r < R; ++r) {
-    const float* row = qrows(std::min(n0 + r, N - 1));
-    for (int j = 0; j < V; ++j) store(qs[r] + j * kLanes, load(row + j * kLanes) * scale);
+    const float* row = rows(std::min(n0 + r, n - 1));
+    for (int j = 0; j < V; ++j) store(out[r] + j * kLanes, load(row + j * kLanes) * f);
   }
-  // Scores of R rows against every key, kKeys at a time in R x 2 registers.
-  const float* ktp = kt + pair * D * np;
-  for (int64_t key = 0; key < N; key += kKeys) {
+}
+
+// out[r][m] = sum_d a[r][d] * bt[d][m] for m < n (whole blocks of kKeys): R x 2 registers per block.
+template <int V, int R>
+DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* bt, int64_t np, int64_t n, float* out) {
+  for (int64_t m = 0; m < n; m += kKeys) {
     FloatV acc[R][2] = {};
-    for (int d = 0; d < D; ++d) {
-      const FloatV k0 = load(ktp + d * np + key), k1 = load(ktp + d * np + key + kLanes);
+    for (int d = 0; d < V * kLanes; ++d) {
+      const FloatV b0 = load(bt + d * np + m), b1 = load(bt + d * np + m + kLanes);
       for (int r = 0; r < R; ++r) {
-        acc[r][0] += qs[r][d] * k0;
-        acc[r][1] += qs[r][d] * k1;
+        acc[r][0] += a[r][d] * b0;
+        acc[r][1] += a[r][d] * b1;
       }
     }
     for (int r = 0; r < R; ++r) {
-      store(scores + r * np + key, acc[r][0]);
-      store(scores + r * np + key + kLanes, acc[r][1]);
+      store(out + r * np + m, acc[r][0]);
+      store(out + r * np + m + kLanes, acc[r][1]);
     }
   }
-  // Softmax numerators in place, each row's max and sum: whole vectors, then the last N % 16 keys
-  // one by one (the padding past N takes no part).
-  const int64_t whole = N / kLanes * kLanes;
+}
+
+// acc[r] = sum over m < n of coef[r][m] * rows(m): R x V registers, one row of D values at a time.
+template <int V, int R>
+DDPS_INLINE inline void weighted_rows(const float* coef, int64_t np, Rows rows, int64_t n, FloatV (&acc)[R][V]) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = FloatV{};
+  for (int64_t m = 0; m < n; ++m) {
+    const float* row = rows(m);
+    FloatV x[V];
+    for (int j = 0; j < V; ++j) x[j] = load(row + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float c = coef[r * np + m];
+      for (int j = 0; j < V; ++j) acc[r][j] += c * x[j];
+    }
+  }
+}
+
+// row[m] = f(m, row[m]) for m < n, f taking and giving 16 lanes at m (whole vectors) or one value
+// (the last n % 16): the padding past n takes no part.
+template <typename F>
+DDPS_INLINE inline void map_row(float* row, int64_t n, F f) {
+  const int64_t whole = n / kLanes * kLanes;
+  for (int64_t m = 0; m < whole; m += kLanes) store(row + m, f(m, load(row + m)));
+  for (int64_t m = whole; m < n; ++m) row[m] = f(m, row[m]);
+}
+
+// A block of R query rows: scores against every key, softmax in place, out = softmax . v; out and
+// lse of each row.
+template <int V>
+DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, const float* kt, float scale,
+                               int64_t pair, int64_t n0, float* scores, float* out, float* lse) {
+  constexpr int D = V * kLanes, R = rows_for(V);
+  const int64_t np = s.padded(), N = s.n;
+  alignas(64) float qs[R][D];
+  load_rows<V, R>(q(pair), n0, N, scale, qs);
+  products<V, R>(qs, kt + pair * D * np, np, N, scores);
   float top[R], total[R];
   for (int r = 0; r < R; ++r) {
     float* row = scores + r * np;
+    const int64_t whole = N / kLanes * kLanes;
     FloatV m = FloatV{} - std::numeric_limits<float>::infinity();
     for (int64_t key = 0; key < whole; key += kLanes) {
       const FloatV x = load(row + key);
@@ -100,30 +136,23 @@ DDPS_CLONES void query_block(const Shape& s, const Heads& q, const Heads& v, con
     for (int i = 1; i < kLanes; ++i) top[r] = std::max(top[r], m[i]);
     for (int64_t key = whole; key < N; ++key) top[r] = std::max(top[r], row[key]);
     FloatV sum{};
-    for (int64_t key = 0; key < whole; key += kLanes) {
-      const FloatV e = exp_lanes(load(row + key) - top[r]);
-      store(row + key, e);
-      sum += e;
-    }
-    total[r] = 0.0f;
+    float tail = 0.0f;
+    map_row(row, N, [&](int64_t, auto x) DDPS_INLINE {
+      if constexpr (std::is_same_v<decltype(x), float>) {
+        const float e = std::exp(x - top[r]);
+        tail += e;
+        return e;
+      } else {
+        const FloatV e = exp_lanes(x - top[r]);
+        sum += e;
+        return e;
+      }
+    });
+    total[r] = tail;
     for (int i = 0; i < kLanes; ++i) total[r] += sum[i];
-    for (int64_t key = whole; key < N; ++key) {
-      row[key] = std::exp(row[key] - top[r]);
-      total[r] += row[key];
-    }
   }
-  // out = numerators . v / sum: R x V registers, one key at a time.
-  FloatV acc[R][V] = {};
-  const Rows vrows = v(pair);
-  for (int64_t key = 0; key < N; ++key) {
-    const float* vr = vrows(key);
-    FloatV vv[V];
-    for (int j = 0; j < V; ++j) vv[j] = load(vr + j * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float p = scores[r * np + key];
-      for (int j = 0; j < V; ++j) acc[r][j] += p * vv[j];
-    }
-  }
+  FloatV acc[R][V];
+  weighted_rows<V, R>(scores, np, v(pair), N, acc);
   const int64_t b = pair / s.heads, h = pair % s.heads;
   for (int r = 0; r < R && n0 + r < N; ++r) {
     const float inv = 1.0f / total[r];
@@ -138,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, 
                                            const at::Tensor& v, double scale) {
   constexpr int R = rows_for(V);
   const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
-  std::vector<float> kt(s.pairs() * s.d * np);
-  transpose_keys(s, Heads(k), kt.data());
+  const std::vector<float> kt = transposed(s, Heads(k));
   at::Tensor out = at::empty({s.batch, s.n, s.heads * s.d}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.n}, q.options());
   const Heads qh(q), vh(v);
@@ -147,10 +175,107 @@ std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, 
   at::parallel_for(0, s.pairs() * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(R * np);
     for (int64_t item = begin; item < end; ++item)
-      query_block<V>(s, qh, vh, kt.data(), static_cast<float>(scale), item / blocks, item % blocks * R,
-                     scores.data(), po, pl);
+      forward_block<V>(s, qh, vh, kt.data(), static_cast<float>(scale), item / blocks, item % blocks * R,
+                       scores.data(), po, pl);
   });
   return {out.transpose(1, 2), lse};  // out [B, heads * D, N], token-major
+}
+
+// What both backward passes read: the inputs, dO, the saved lse, delta = rowsum(dO * O) per query,
+// and the transposed operands of their score products.
+struct Saved {
+  Heads q, k, v, dout;
+  const float *lse, *delta, *qt, *kt, *vt, *dot;
+  float scale;
+};
+
+// With S the scaled scores and P = exp(S - lse): dS = P (dO v^T - delta). A block of R query rows
+// gives dq = scale * dS k; a block of R keys (the transposed products) dv = P^T dO and
+// dk = scale * dS^T q. Either way p and ds hold R rows of np.
+template <int V>
+DDPS_CLONES void backward_block(const Shape& s, const Saved& w, int64_t pair, int64_t n0, bool keys, float* p,
+                                float* ds, float* dq, float* dk, float* dv) {
+  constexpr int D = V * kLanes, R = rows_for(V);
+  const int64_t np = s.padded(), N = s.n, o = pair * D * np;
+  const float *lse = w.lse + pair * N, *delta = w.delta + pair * N;
+  alignas(64) float a[R][D], g[R][D];
+  // Rows: scale * q and dO (query block) or scale * k and v (key block).
+  load_rows<V, R>(keys ? w.k(pair) : w.q(pair), n0, N, w.scale, a);
+  load_rows<V, R>(keys ? w.v(pair) : w.dout(pair), n0, N, 1.0f, g);
+  products<V, R>(a, (keys ? w.qt : w.kt) + o, np, N, p);
+  products<V, R>(g, (keys ? w.dot : w.vt) + o, np, N, ds);
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = std::min(n0 + r, N - 1);
+    float *pr = p + r * np, *dr = ds + r * np;
+    // Per query: lse and delta of the row (query block) or of each column (key block).
+    map_row(pr, N, [&](int64_t m, auto x) DDPS_INLINE {
+      if constexpr (std::is_same_v<decltype(x), float>) {
+        return std::exp(x - lse[keys ? m : row]);
+      } else {
+        return exp_lanes(x - (keys ? load(lse + m) : FloatV{} + lse[row]));
+      }
+    });
+    map_row(dr, N, [&](int64_t m, auto x) DDPS_INLINE {
+      if constexpr (std::is_same_v<decltype(x), float>) {
+        return pr[m] * (x - delta[keys ? m : row]);
+      } else {
+        return load(pr + m) * (x - (keys ? load(delta + m) : FloatV{} + delta[row]));
+      }
+    });
+  }
+  const int64_t b = pair / s.heads, h = pair % s.heads;
+  FloatV acc[R][V];
+  auto write = [&](float* dst, float f) DDPS_INLINE {
+    for (int r = 0; r < R && n0 + r < N; ++r)
+      for (int j = 0; j < V; ++j) store(dst + ((b * N + n0 + r) * s.heads + h) * D + j * kLanes, acc[r][j] * f);
+  };
+  if (keys) {
+    weighted_rows<V, R>(p, np, w.dout(pair), N, acc);
+    write(dv, 1.0f);
+    weighted_rows<V, R>(ds, np, w.q(pair), N, acc);
+    write(dk, w.scale);
+  } else {
+    weighted_rows<V, R>(ds, np, w.k(pair), N, acc);
+    write(dq, w.scale);
+  }
+}
+
+template <int V>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out, const at::Tensor& lse, double scale) {
+  constexpr int D = V * kLanes, R = rows_for(V);
+  const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
+  const Heads qh(q), kh(k), vh(v), gh(grad), oh(out);
+  std::vector<float> delta(s.pairs() * s.n);
+  at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const Rows gr = gh(pair), orows = oh(pair);
+      for (int64_t n = 0; n < s.n; ++n) {
+        FloatV sum{};
+        for (int j = 0; j < V; ++j) sum += load(gr(n) + j * kLanes) * load(orows(n) + j * kLanes);
+        float total = 0.0f;
+        for (int i = 0; i < kLanes; ++i) total += sum[i];
+        delta[pair * s.n + n] = total;
+      }
+    }
+  });
+  const std::vector<float> qt = transposed(s, qh), kt = transposed(s, kh), vt = transposed(s, vh),
+                           dot = transposed(s, gh);
+  const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), kt.data(), vt.data(), dot.data(),
+                static_cast<float>(scale)};
+  at::Tensor dq = at::empty({s.batch, s.n, s.heads, D}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
+  float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
+  // Items: every block of query rows (dq), then every block of keys (dk, dv).
+  at::parallel_for(0, 2 * s.pairs() * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(R * np), ds(R * np);
+    for (int64_t item = begin; item < end; ++item) {
+      const bool keys = item >= s.pairs() * blocks;
+      const int64_t i = item % (s.pairs() * blocks);
+      backward_block<V>(s, w, i / blocks, i % blocks * R, keys, p.data(), ds.data(), pq, pk, pv);
+    }
+  });
+  return {dq.permute({0, 2, 3, 1}), dk.permute({0, 2, 3, 1}), dv.permute({0, 2, 3, 1})};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -160,8 +285,23 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& out, const at::Tensor& lse,
+                                                            double scale) {
+  check_heads("attention", q, k, v);
+  check_heads("attention", grad, out, q);
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == q.size(0) * q.size(1) * q.size(3),
+              "attention (cpu): lse must be the forward's contiguous float32 [B, heads, N]");
+  const Shape s{q.size(0), q.size(1), q.size(2), q.size(3)};
+  return by_width(s.d, [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, out, lse, scale); });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ddps, CPU, m) { m.impl("attention", &forward_cpu); }
+TORCH_LIBRARY_IMPL(ddps, CPU, m) {
+  m.impl("attention", &forward_cpu);
+  m.impl("attention_backward", &backward_cpu);
+}
 
 }  // namespace ddps

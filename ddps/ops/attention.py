@@ -5,11 +5,12 @@ three share, output token-major when the inputs are), ``cpu`` and ``reference``
 (``ddps.reference.attention``). Differentiable on all three.
 
 ``cpu``: float32 views of a channels-last conv's output (token-major, d a multiple of 16 up to 64:
-the fused UNet's case) go to the C++ kernel (csrc/attention/: register-blocked scores, softmax and
-weighted sum per block of query rows; 2x torch's SDPA here, whose sgemm is slow on this package's
-reference CPU), whose backward is torch's flash-attention backward from the kernel's output and
-log-sum-exp. Everything else runs torch's scaled_dot_product_attention on token-major views
-(copies where the inputs are not), the output then token-major too.
+the fused UNet's case) go to the C++ kernels (csrc/attention/: register-blocked scores, softmax and
+weighted sums per block of query rows; the backward recomputes the probabilities from the saved
+log-sum-exp, per block of query rows for dq and per block of keys for dk, dv; 2x torch's SDPA
+forward here, 1.6x its fwd+bwd, whose sgemm is slow on this package's reference CPU). Everything
+else runs torch's scaled_dot_product_attention on token-major views (copies where the inputs are
+not), the output then token-major too.
 """
 from __future__ import annotations
 
@@ -87,14 +88,16 @@ def _cpu_setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+@_backend.register_fake("attention_backward")
+def _cpu_backward_fake(grad, q, k, v, out, lse, scale):
+    b, h, d, n = q.shape
+    return tuple(q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3))
+
+
 def _cpu_backward(ctx, grad, _lse):
-    # torch's flash-attention backward, on [B, heads, N, d] views, from the kernel's output and
-    # log-sum-exp (its forward's convention: natural log of the scaled scores' sum of exps).
     q, k, v, out, lse = ctx.saved_tensors
-    rows = [x.transpose(-1, -2) for x in (q, k, v, as_heads_like(out, q), as_heads_like(grad, q))]
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        rows[4], *rows[:4], lse, 0.0, False, scale=ctx.scale)
-    return dq.transpose(-1, -2), dk.transpose(-1, -2), dv.transpose(-1, -2), None
+    return *torch.ops.ddps.attention_backward(as_heads_like(grad, q), q, k, v, as_heads_like(out, q), lse,
+                                              ctx.scale), None
 
 
 _backend.register_autograd("attention", _cpu_backward, _cpu_setup_context)

@@ -160,9 +160,10 @@ def test_fused_unet_compiles_fullgraph():
         assert _relative_error(compiled(x, t), ref(x, t)) <= 1e-4
 
 
-def test_fused_linear_attention_trains_under_compile_fullgraph():
-    # The C++ kernel's path (channels-last float32, d = 32) with d(qkv) written as one tensor.
-    module = ddps.nn.LinearAttention(16, backend="fused").to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
+def test_fused_attention_modules_train_under_compile_fullgraph(cls):
+    # The C++ kernels' path (channels-last float32, d = 32; LinearAttention's d(qkv) one tensor).
+    module = cls(16, backend="fused").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     results = []
     for fn in (torch.compile(module, fullgraph=True), module):

@@ -37,8 +37,8 @@ constexpr int rows_for(int V) { return V <= 2 ? 12 : 6; }
 struct Shape {
   int64_t batch, heads, d, n;
   int64_t pairs() const { return batch * heads; }
-  // Row length of the score and key buffers: whole key blocks, plus one vector so that the rows of
-  // a block do not all fall into the same L1 set (a multiple of 4 KiB apart) when N is a power of 2.
+  // Row length of the score and transposed-operand buffers: whole blocks of kKeys, plus one vector
+  // so that the rows of a block do not all fall into one L1 set (4 KiB apart) when N is a power of 2.
   int64_t padded() const { return (n + kKeys - 1) / kKeys * kKeys + kLanes; }
 };
 

@@ -22,8 +22,8 @@ TORCH_LIBRARY(ddps, m) {
   m.def("group_norm_film_silu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
         "Tensor? shift, Tensor mean, Tensor rstd, int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // q, k, v [B, heads, D, N] with D contiguous -> (out [B, heads * D, N] laid out token-major,
-  // lse [B, heads, N]: the log-sum-exp of each query's scaled scores, which torch's flash-attention
-  // backward takes).
+  // lse [B, heads, N]: the log-sum-exp of each query's scaled scores); the backward takes grad and
+  // out laid out as q and returns dq, dk, dv laid out token-major.
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
@@ -31,12 +31,13 @@ TORCH_LIBRARY(ddps, m) {
   // token-major, context [B, heads, D, D] with scale / N and k's softmax sums folded in, kmax and
   // ksum [B, heads, D]: the shift and sum of k's softmax over tokens); the backward takes them and
   // returns dq, dk, dv laid out token-major: packed, one [B, 3 * heads * D, N] tensor (d(qkv));
-  // else three [B, heads * D, N] ones.
+  // else three [B, heads, D, N] ones, as attention_backward.
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, Tensor kmax, "
         "Tensor ksum, float scale, bool packed) -> Tensor[]");
   // 3x3 convolution, stride 1, padding 1, of x channels-last [B, Cin, H, W]: weight [Cout, Cin, 3, 3] is
-  // what autograd differentiates, u [16, Cout, Cin, 1, 1] its Winograd transform (the kernel's operand).
+  // what autograd differentiates, u [16, ceil(Cout / 32), Cin, 32] its Winograd transform in 32-column
+  // panels (the kernel's operand, ddps/ops/conv3x3.py's winograd_weight).
   m.def("conv3x3(Tensor x, Tensor weight, Tensor u, Tensor? bias) -> Tensor");
   // d(loss)/dU [16, Cin, Cout] of conv3x3 from the gradient of its output and x (the weight's
   // gradient is G^T dU G).

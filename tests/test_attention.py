@@ -110,7 +110,7 @@ def test_kernels_over_blocks(op, ref, shape):
 
 
 @CPU_KERNEL
-def test_attention_kernel_opcheck_and_thread_count():
+def test_attention_kernel_opcheck():
     q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
     torch.library.opcheck(torch.ops.ddps.attention.default, (q, k, v, 0.3))
     out, lse = torch.ops.ddps.attention(q, k, v, 0.3)
@@ -118,14 +118,6 @@ def test_attention_kernel_opcheck_and_thread_count():
     torch.library.opcheck(torch.ops.ddps.attention_backward.default,
                           (as_heads_like(grad, q), q.detach(), k.detach(), v.detach(), as_heads_like(out.detach(), q),
                            lse.detach(), 0.3))
-    q, k, v = _token_major(*_qkv((2, 4, 32, 300)))
-
-    def draw():
-        views = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = attention(*views, 0.2, backend="cpu")
-        out.backward(torch.ones_like(out))
-        return torch.cat([t.flatten() for t in (out.detach(), *(x.grad for x in views))])
-    assert_thread_count_invariant(draw)
 
 
 @CPU_KERNEL
@@ -148,12 +140,14 @@ def test_linear_attention_kernel_opcheck():
 
 
 @CPU_KERNEL
-def test_linear_attention_kernel_same_bits_for_any_thread_count():
-    q, k, v = _qkv((2, 4, 32, 2100))
+@pytest.mark.parametrize("op,n", [(attention, 300), (linear_attention, 2100)], ids=OP_IDS)
+def test_kernels_same_bits_for_any_thread_count(op, n):
+    # Forward and backward; linear_attention's N spans several token ranges.
+    q, k, v = _qkv((2, 4, 32, n))
 
     def draw():
         views = [x.detach().requires_grad_() for x in _token_major(q, k, v)]
-        out = linear_attention(*views, 0.2, backend="cpu")
+        out = op(*views, 0.2, backend="cpu")
         out.backward(torch.ones_like(out))
         return torch.cat([t.flatten() for t in (out.detach(), *(x.grad for x in views))])
     assert_thread_count_invariant(draw)

@@ -285,7 +285,9 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
       store(pv + out + j * kLanes, dvv[j]);
     }
   });
-  for (at::Tensor& g : grads) g = g.transpose(1, 2);  // [B, 3 * heads * D, N] or [B, heads * D, N]
+  if (packed) return {grads[0].transpose(1, 2)};  // [B, 3 * heads * D, N]
+  // [B, N, heads, D] in memory -> [B, heads, D, N] views, the layout of q, k, v.
+  for (at::Tensor& g : grads) g = g.view({s.batch, s.n, s.heads, D}).permute({0, 2, 3, 1});
   return grads;
 }
 

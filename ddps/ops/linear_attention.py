@@ -103,7 +103,9 @@ def _cpu_fake(q, k, v, scale):
 @_backend.register_fake("linear_attention_backward")
 def _cpu_backward_fake(grad, q, k, v, context, kmax, ksum, scale, packed):
     b, h, d, n = q.shape
-    return [q.new_empty((b, n, c)).transpose(1, 2) for c in ([3 * h * d] if packed else [h * d] * 3)]
+    if packed:
+        return [q.new_empty((b, n, 3 * h * d)).transpose(1, 2)]
+    return [q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3)]
 
 
 def _cpu_setup_context(ctx, inputs, output):
@@ -120,9 +122,7 @@ def _grad_rows(grad, q):
 
 def _cpu_backward(ctx, grad, _context, _kmax, _ksum):
     q = ctx.saved_tensors[0]
-    grads = torch.ops.ddps.linear_attention_backward(_grad_rows(grad, q), *ctx.saved_tensors, ctx.scale, False)
-    # Viewed through each gradient's [B, N, heads, d] memory (a proper batch stride at B = 1).
-    return *(g.transpose(1, 2).unflatten(2, q.shape[1:3]).permute(0, 2, 3, 1) for g in grads), None
+    return *torch.ops.ddps.linear_attention_backward(_grad_rows(grad, q), *ctx.saved_tensors, ctx.scale, False), None
 
 
 _backend.register_autograd("linear_attention", _cpu_backward, _cpu_setup_context)

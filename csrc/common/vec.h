@@ -48,6 +48,27 @@ DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
   return p * scale;
 }
 
+// The sum (max) of x's lanes in every lane: four swap-and-add steps, pairing lanes i and i ^ w.
+// Both lanes of a pair compute a + b and b + a, which IEEE makes equal, so all lanes end equal. A
+// scalar loop over the lanes is one dependent add per lane, which per-token code waits on.
+template <typename Op>
+DDPS_INLINE inline FloatV butterfly(FloatV x, Op op) {
+  x = op(x, __builtin_shuffle(x, IntV{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  x = op(x, __builtin_shuffle(x, IntV{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  x = op(x, __builtin_shuffle(x, IntV{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  return op(x, __builtin_shuffle(x, IntV{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+}
+
+DDPS_INLINE inline FloatV lanes_sum(FloatV x) {
+  return butterfly(x, [](FloatV a, FloatV b) DDPS_INLINE { return a + b; });
+}
+
+// A NaN lane may be dropped, and the lanes may then differ: the callers shift by the max, and the
+// NaN element itself makes their result NaN either way.
+DDPS_INLINE inline FloatV lanes_max(FloatV x) {
+  return butterfly(x, [](FloatV a, FloatV b) DDPS_INLINE { return b > a ? b : a; });
+}
+
 // count < kLanes only at the end of a row; the full case is one vector load/store.
 DDPS_INLINE inline FloatV load(const float* p, int count = kLanes) {
   if (count == kLanes) return *reinterpret_cast<const FloatVU*>(p);

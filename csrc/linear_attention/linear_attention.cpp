@@ -35,12 +35,10 @@ struct Shape {
 };
 
 template <int V>
-DDPS_INLINE inline float lane_sum(const FloatV (&x)[V]) {
+DDPS_INLINE inline FloatV lane_sum(const FloatV (&x)[V]) {
   FloatV s = x[0];
   for (int j = 1; j < V; ++j) s += x[j];
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += s[i];
-  return total;
+  return lanes_sum(s);
 }
 
 // softmax over a token's D values; NaN and +inf give NaN rows, as torch's softmax does.
@@ -51,10 +49,9 @@ DDPS_INLINE inline void softmax_row(const float* row, FloatV (&out)[V]) {
     const FloatV x = load(row + j * kLanes);
     m = x > m ? x : m;
   }
-  float top = m[0];
-  for (int i = 1; i < kLanes; ++i) top = m[i] > top ? m[i] : top;
-  for (int j = 0; j < V; ++j) out[j] = exp_lanes(load(row + j * kLanes) - top);
-  const float inv = 1.0f / lane_sum<V>(out);
+  m = lanes_max(m);
+  for (int j = 0; j < V; ++j) out[j] = exp_lanes(load(row + j * kLanes) - m);
+  const FloatV inv = 1.0f / lane_sum<V>(out);
   for (int j = 0; j < V; ++j) out[j] *= inv;
 }
 
@@ -276,7 +273,7 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
     mat_vec<V>(gn, pct + o, dsq);
     FloatV prod[V];
     for (int j = 0; j < V; ++j) prod[j] = sq[j] * dsq[j];
-    const float dot = lane_sum<V>(prod);
+    const FloatV dot = lane_sum<V>(prod);
     mat_vec<V>(skn, pg + o, dvv);
     mat_vec<V>(vn, pgt + o, dsk);
     for (int j = 0; j < V; ++j) {

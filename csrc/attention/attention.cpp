@@ -4,10 +4,11 @@
 // spends its time in sgemm, which on this package's reference (AMD) CPU runs at a third of the
 // rate of the register-blocked products here (as in conv3x3.cpp). Forward: a block of query rows
 // takes its scores against every key, their softmax and the weighted sum of the values, with the
-// rows of scores in cache. Backward: the probabilities recomputed from the saved log-sum-exp, per
-// block of query rows for dq and per block of keys (the transposed products) for dk and dv, so
-// that every output row has one writer (no atomics, no partial sums). Each row's arithmetic does
-// not depend on the block or thread it falls in, so neither do the results.
+// rows of scores in cache. Backward, one (sample, head) at a time: per block of keys, the
+// probabilities recomputed from the saved log-sum-exp (the transposed products), dk, dv and the
+// block's rows of dS^T, kept for the whole head; then per block of query rows, dq from dS^T's
+// columns. Every output row has one writer (no atomics, no partial sums), and each row's
+// arithmetic does not depend on the block or thread it falls in, so neither do the results.
 // Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
 // bit for bit.
 #pragma GCC optimize("fp-contract=fast")
@@ -88,9 +89,11 @@ DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* b
   }
 }
 
-// acc[r] = sum over m < n of coef[r][m] * rows(m): R x V registers, one row of D values at a time.
+// acc[r] = sum over m < n of coef[r * rs + m * cs] * rows(m): R x V registers, one row of D values
+// at a time.
 template <int V, int R>
-DDPS_INLINE inline void weighted_rows(const float* coef, int64_t np, Rows rows, int64_t n, FloatV (&acc)[R][V]) {
+DDPS_INLINE inline void weighted_rows(const float* coef, int64_t rs, int64_t cs, Rows rows, int64_t n,
+                                      FloatV (&acc)[R][V]) {
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < V; ++j) acc[r][j] = FloatV{};
   for (int64_t m = 0; m < n; ++m) {
@@ -98,7 +101,7 @@ DDPS_INLINE inline void weighted_rows(const float* coef, int64_t np, Rows rows, 
     FloatV x[V];
     for (int j = 0; j < V; ++j) x[j] = load(row + j * kLanes);
     for (int r = 0; r < R; ++r) {
-      const float c = coef[r * np + m];
+      const float c = coef[r * rs + m * cs];
       for (int j = 0; j < V; ++j) acc[r][j] += c * x[j];
     }
   }
@@ -111,6 +114,16 @@ DDPS_INLINE inline void map_row(float* row, int64_t n, F f) {
   const int64_t whole = n / kLanes * kLanes;
   for (int64_t m = 0; m < whole; m += kLanes) store(row + m, f(m, load(row + m)));
   for (int64_t m = whole; m < n; ++m) row[m] = f(m, row[m]);
+}
+
+// Rows n0 .. n0 + R - 1 (those below N) of a [B, N, heads, D] output, times f.
+template <int V, int R>
+DDPS_INLINE inline void write_rows(const Shape& s, int64_t pair, int64_t n0, const FloatV (&acc)[R][V], float f,
+                                   float* out) {
+  constexpr int D = V * kLanes;
+  const int64_t b = pair / s.heads, h = pair % s.heads;
+  for (int r = 0; r < R && n0 + r < s.n; ++r)
+    for (int j = 0; j < V; ++j) store(out + ((b * s.n + n0 + r) * s.heads + h) * D + j * kLanes, acc[r][j] * f);
 }
 
 // A block of R query rows: scores against every key, softmax in place, out = softmax . v; out and
@@ -132,8 +145,7 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, c
       const FloatV x = load(row + key);
       m = x > m ? x : m;
     }
-    top[r] = m[0];
-    for (int i = 1; i < kLanes; ++i) top[r] = std::max(top[r], m[i]);
+    top[r] = lanes_max(m)[0];
     for (int64_t key = whole; key < N; ++key) top[r] = std::max(top[r], row[key]);
     FloatV sum{};
     float tail = 0.0f;
@@ -148,11 +160,10 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, c
         return e;
       }
     });
-    total[r] = tail;
-    for (int i = 0; i < kLanes; ++i) total[r] += sum[i];
+    total[r] = tail + lanes_sum(sum)[0];
   }
   FloatV acc[R][V];
-  weighted_rows<V, R>(scores, np, v(pair), N, acc);
+  weighted_rows<V, R>(scores, np, 1, v(pair), N, acc);
   const int64_t b = pair / s.heads, h = pair % s.heads;
   for (int r = 0; r < R && n0 + r < N; ++r) {
     const float inv = 1.0f / total[r];
@@ -181,63 +192,59 @@ std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, 
   return {out.transpose(1, 2), lse};  // out [B, heads * D, N], token-major
 }
 
-// What both backward passes read: the inputs, dO, the saved lse, delta = rowsum(dO * O) per query,
-// and the transposed operands of their score products.
+// What the backward passes read: the inputs, dO, the saved lse, delta = rowsum(dO * O) per query,
+// and the transposed operands of the keys' score products.
 struct Saved {
   Heads q, k, v, dout;
-  const float *lse, *delta, *qt, *kt, *vt, *dot;
+  const float *lse, *delta, *qt, *dot;
   float scale;
 };
 
-// With S the scaled scores and P = exp(S - lse): dS = P (dO v^T - delta). A block of R query rows
-// gives dq = scale * dS k; a block of R keys (the transposed products) dv = P^T dO and
-// dk = scale * dS^T q. Either way p and ds hold R rows of np.
+// With S the scaled scores and P = exp(S - lse): dS = P (dO v^T - delta). A block of R keys takes
+// its rows of P^T and dS^T (in p and dst, rows of np) from the transposed products, then
+// dv = P^T dO and dk = scale * dS^T q.
 template <int V>
-DDPS_CLONES void backward_block(const Shape& s, const Saved& w, int64_t pair, int64_t n0, bool keys, float* p,
-                                float* ds, float* dq, float* dk, float* dv) {
+DDPS_CLONES void key_block(const Shape& s, const Saved& w, int64_t pair, int64_t n0, float* p, float* dst,
+                           float* dk, float* dv) {
   constexpr int D = V * kLanes, R = rows_for(V);
   const int64_t np = s.padded(), N = s.n, o = pair * D * np;
   const float *lse = w.lse + pair * N, *delta = w.delta + pair * N;
   alignas(64) float a[R][D], g[R][D];
-  // Rows: scale * q and dO (query block) or scale * k and v (key block).
-  load_rows<V, R>(keys ? w.k(pair) : w.q(pair), n0, N, w.scale, a);
-  load_rows<V, R>(keys ? w.v(pair) : w.dout(pair), n0, N, 1.0f, g);
-  products<V, R>(a, (keys ? w.qt : w.kt) + o, np, N, p);
-  products<V, R>(g, (keys ? w.dot : w.vt) + o, np, N, ds);
+  load_rows<V, R>(w.k(pair), n0, N, w.scale, a);
+  load_rows<V, R>(w.v(pair), n0, N, 1.0f, g);
+  products<V, R>(a, w.qt + o, np, N, p);
+  products<V, R>(g, w.dot + o, np, N, dst);
   for (int r = 0; r < R; ++r) {
-    const int64_t row = std::min(n0 + r, N - 1);
-    float *pr = p + r * np, *dr = ds + r * np;
-    // Per query: lse and delta of the row (query block) or of each column (key block).
+    float *pr = p + r * np, *dr = dst + r * np;
     map_row(pr, N, [&](int64_t m, auto x) DDPS_INLINE {
       if constexpr (std::is_same_v<decltype(x), float>) {
-        return std::exp(x - lse[keys ? m : row]);
+        return std::exp(x - lse[m]);
       } else {
-        return exp_lanes(x - (keys ? load(lse + m) : FloatV{} + lse[row]));
+        return exp_lanes(x - load(lse + m));
       }
     });
     map_row(dr, N, [&](int64_t m, auto x) DDPS_INLINE {
       if constexpr (std::is_same_v<decltype(x), float>) {
-        return pr[m] * (x - delta[keys ? m : row]);
+        return pr[m] * (x - delta[m]);
       } else {
-        return load(pr + m) * (x - (keys ? load(delta + m) : FloatV{} + delta[row]));
+        return load(pr + m) * (x - load(delta + m));
       }
     });
   }
-  const int64_t b = pair / s.heads, h = pair % s.heads;
   FloatV acc[R][V];
-  auto write = [&](float* dst, float f) DDPS_INLINE {
-    for (int r = 0; r < R && n0 + r < N; ++r)
-      for (int j = 0; j < V; ++j) store(dst + ((b * N + n0 + r) * s.heads + h) * D + j * kLanes, acc[r][j] * f);
-  };
-  if (keys) {
-    weighted_rows<V, R>(p, np, w.dout(pair), N, acc);
-    write(dv, 1.0f);
-    weighted_rows<V, R>(ds, np, w.q(pair), N, acc);
-    write(dk, w.scale);
-  } else {
-    weighted_rows<V, R>(ds, np, w.k(pair), N, acc);
-    write(dq, w.scale);
-  }
+  weighted_rows<V, R>(p, np, 1, w.dout(pair), N, acc);
+  write_rows<V, R>(s, pair, n0, acc, 1.0f, dv);
+  weighted_rows<V, R>(dst, np, 1, w.q(pair), N, acc);
+  write_rows<V, R>(s, pair, n0, acc, w.scale, dk);
+}
+
+// dq = scale * dS k for a block of R query rows: the columns n0 .. n0 + R of the pair's dS^T.
+template <int V>
+DDPS_CLONES void query_block(const Shape& s, const Saved& w, int64_t pair, int64_t n0, const float* dst, float* dq) {
+  constexpr int R = rows_for(V);
+  FloatV acc[R][V];
+  weighted_rows<V, R>(dst + n0, 1, s.padded(), w.k(pair), s.n, acc);
+  write_rows<V, R>(s, pair, n0, acc, w.scale, dq);
 }
 
 template <int V>
@@ -254,27 +261,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at
       for (int64_t n = 0; n < s.n; ++n) {
         FloatV sum{};
         for (int j = 0; j < V; ++j) sum += load(gr(n) + j * kLanes) * load(orows(n) + j * kLanes);
-        float total = 0.0f;
-        for (int i = 0; i < kLanes; ++i) total += sum[i];
-        delta[pair * s.n + n] = total;
+        delta[pair * s.n + n] = lanes_sum(sum)[0];
       }
     }
   });
-  const std::vector<float> qt = transposed(s, qh), kt = transposed(s, kh), vt = transposed(s, vh),
-                           dot = transposed(s, gh);
-  const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), kt.data(), vt.data(), dot.data(),
-                static_cast<float>(scale)};
+  const std::vector<float> qt = transposed(s, qh), dot = transposed(s, gh);
+  const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), dot.data(), static_cast<float>(scale)};
   at::Tensor dq = at::empty({s.batch, s.n, s.heads, D}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
   float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
-  // Items: every block of query rows (dq), then every block of keys (dk, dv).
-  at::parallel_for(0, 2 * s.pairs() * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(R * np), ds(R * np);
-    for (int64_t item = begin; item < end; ++item) {
-      const bool keys = item >= s.pairs() * blocks;
-      const int64_t i = item % (s.pairs() * blocks);
-      backward_block<V>(s, w, i / blocks, i % blocks * R, keys, p.data(), ds.data(), pq, pk, pv);
-    }
-  });
+  // dS^T of one (sample, head) at a time, R rows per block of keys: the key blocks write it, the
+  // query blocks read their columns of it. Computing dS once instead of per query block and per
+  // key block saves two of the seven products, for N x np floats that stay in cache.
+  std::vector<float> dst(blocks * R * np);
+  for (int64_t pair = 0; pair < s.pairs(); ++pair) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> p(R * np);
+      for (int64_t block = begin; block < end; ++block)
+        key_block<V>(s, w, pair, block * R, p.data(), dst.data() + block * R * np, pk, pv);
+    });
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) query_block<V>(s, w, pair, block * R, dst.data(), pq);
+    });
+  }
   return {dq.permute({0, 2, 3, 1}), dk.permute({0, 2, 3, 1}), dv.permute({0, 2, 3, 1})};
 }
 

@@ -7,8 +7,8 @@ three share, output token-major when the inputs are), ``cpu`` and ``reference``
 ``cpu``: float32 views of a channels-last conv's output (token-major, d a multiple of 16 up to 64:
 the fused UNet's case) go to the C++ kernels (csrc/attention/: register-blocked scores, softmax and
 weighted sums per block of query rows; the backward recomputes the probabilities from the saved
-log-sum-exp, per block of query rows for dq and per block of keys for dk, dv; 2x torch's SDPA
-forward here, 1.6x its fwd+bwd, whose sgemm is slow on this package's reference CPU). Everything
+log-sum-exp per block of keys for dk, dv and the head's dS^T, from which dq follows; 2.2x torch's
+SDPA forward and fwd+bwd here, whose sgemm is slow on this package's reference CPU). Everything
 else runs torch's scaled_dot_product_attention on token-major views (copies where the inputs are
 not), the output then token-major too.
 """

@@ -120,6 +120,19 @@ def test_attention_kernel_opcheck():
                            lse.detach(), 0.3))
 
 
+def test_gradient_layout_copied_only_where_it_differs():
+    # A token-major gradient whose only odd stride is a one-sample batch's is used in place; the
+    # same strides at B = 2 address other elements, and the gradient is copied to q's layout.
+    for b, in_place in ((1, True), (2, False)):
+        q = torch.randn(b, 300, 2, 32).permute(0, 2, 3, 1)  # [B, heads, d, N], token-major
+        grad = torch.randn(b + 1, 300, 2, 32).permute(0, 2, 3, 1)[:b]
+        grad = grad.as_strided(grad.shape, (grad.stride(0) + 7, *grad.stride()[1:]))  # another batch stride
+        got = as_heads_like(grad, q)
+        assert (got.data_ptr() == grad.data_ptr()) == in_place
+        assert got.stride()[1:] == q.stride()[1:]
+        assert torch.equal(got, grad)
+
+
 @CPU_KERNEL
 def test_attention_kernel_nan_as_reference():
     # NaN in one query spoils that query's output row in its head; in one key, every row of the head.

@@ -1,4 +1,4 @@
-// Float vectors for the CPU kernels of the denoiser ops (group_norm_film_silu, linear_attention):
+// Float vectors for the CPU kernels of the denoiser ops (attention, group_norm_film_silu, linear_attention):
 // 16 lanes, one AVX-512 register, and the loops that use them are compiled as clones for AVX-512,
 // AVX2 and baseline x86-64 (DDPS_CLONES), with these helpers inlined into each clone.
 #pragma once

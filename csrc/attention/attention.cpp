@@ -164,13 +164,12 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, c
   }
   FloatV acc[R][V];
   weighted_rows<V, R>(scores, np, 1, v(pair), N, acc);
-  const int64_t b = pair / s.heads, h = pair % s.heads;
-  for (int r = 0; r < R && n0 + r < N; ++r) {
+  for (int r = 0; r < R; ++r) {
     const float inv = 1.0f / total[r];
-    float* o = out + ((b * N + n0 + r) * s.heads + h) * D;
-    for (int j = 0; j < V; ++j) store(o + j * kLanes, acc[r][j] * inv);
-    lse[pair * N + n0 + r] = top[r] + std::log(total[r]);
+    for (int j = 0; j < V; ++j) acc[r][j] *= inv;
   }
+  write_rows<V, R>(s, pair, n0, acc, 1.0f, out);
+  for (int r = 0; r < R && n0 + r < N; ++r) lse[pair * N + n0 + r] = top[r] + std::log(total[r]);
 }
 
 template <int V>

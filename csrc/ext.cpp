@@ -23,15 +23,15 @@ TORCH_LIBRARY(ddps, m) {
         "Tensor? shift, Tensor mean, Tensor rstd, int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // q, k, v [B, heads, D, N] with D contiguous -> (out [B, heads * D, N] laid out token-major,
   // lse [B, heads, N]: the log-sum-exp of each query's scaled scores); the backward takes grad and
-  // out laid out as q and returns dq, dk, dv laid out token-major.
+  // out laid out as q and returns dq, dk, dv laid out token-major: packed, one [B, 3 * heads * D, N]
+  // tensor (d(qkv)); else three [B, heads, D, N] ones.
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+        "bool packed) -> Tensor[]");
   // q, k, v [B, heads, D, N] with D contiguous. Forward returns (out [B, heads * D, N] laid out
   // token-major, context [B, heads, D, D] with scale / N and k's softmax sums folded in, kmax and
   // ksum [B, heads, D]: the shift and sum of k's softmax over tokens); the backward takes them and
-  // returns dq, dk, dv laid out token-major: packed, one [B, 3 * heads * D, N] tensor (d(qkv));
-  // else three [B, heads, D, N] ones, as attention_backward.
+  // returns dq, dk, dv as attention_backward does.
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor context, Tensor kmax, "
         "Tensor ksum, float scale, bool packed) -> Tensor[]");

@@ -1,9 +1,10 @@
-"""ddps.ops.attention and linear_attention against ddps.reference, forward and backward."""
+"""ddps.ops.attention and linear_attention (and their _qkv entries) against ddps.reference, forward and
+backward."""
 import pytest
 import torch
 
 from ddps import reference
-from ddps.ops import attention, linear_attention, linear_attention_qkv
+from ddps.ops import attention, attention_qkv, linear_attention, linear_attention_qkv
 from ddps.kernels._layout import as_heads_like
 from ddps.ops.attention import token_major
 from denoiser import DENOISER, assert_matches_reference
@@ -110,14 +111,15 @@ def test_kernels_over_blocks(op, ref, shape):
 
 
 @CPU_KERNEL
-def test_attention_kernel_opcheck():
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_attention_kernel_opcheck(packed):
     q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
     torch.library.opcheck(torch.ops.ddps.attention.default, (q, k, v, 0.3))
     out, lse = torch.ops.ddps.attention(q, k, v, 0.3)
     grad = torch.randn_like(out.detach())
     torch.library.opcheck(torch.ops.ddps.attention_backward.default,
                           (as_heads_like(grad, q), q.detach(), k.detach(), v.detach(), as_heads_like(out.detach(), q),
-                           lse.detach(), 0.3))
+                           lse.detach(), 0.3, packed))
 
 
 def test_gradient_layout_copied_only_where_it_differs():
@@ -147,9 +149,14 @@ def test_attention_kernel_nan_as_reference():
 
 
 @CPU_KERNEL
-def test_linear_attention_kernel_opcheck():
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_linear_attention_kernel_opcheck(packed):
     q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
     torch.library.opcheck(torch.ops.ddps.linear_attention.default, (q, k, v, 0.3))
+    out, *saved = (t.detach() for t in torch.ops.ddps.linear_attention(q, k, v, 0.3))
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.ddps.linear_attention_backward.default,
+                          (grad, q.detach(), k.detach(), v.detach(), *saved, 0.3, packed))
 
 
 @CPU_KERNEL
@@ -182,39 +189,46 @@ def test_linear_attention_kernel_nan_and_inf_as_reference():
             torch.testing.assert_close(got, expected, equal_nan=True)
 
 
-# linear_attention_qkv: the same op on the qkv convolution's whole output (what LinearAttention calls).
-def _split_reference(qkv, heads, scale):
+# attention_qkv, linear_attention_qkv: the same ops on the qkv convolution's whole output (what the
+# Attention and LinearAttention modules call).
+QKV_OPS = [(attention_qkv, attention), (linear_attention_qkv, linear_attention)]
+QKV_IDS = ["attention_qkv", "linear_attention_qkv"]
+
+
+def _split_reference(op, qkv, heads, scale):
     b, _, h, w = qkv.shape
     q, k, v = (x.reshape(b, heads, -1, h * w) for x in qkv.chunk(3, dim=1))
-    return reference.linear_attention(q, k, v, scale).reshape(b, -1, h, w)
+    return getattr(reference, op.__name__)(q, k, v, scale).reshape(b, -1, h, w)
 
 
 @pytest.mark.parametrize("backend", DENOISER + ["reference"])
+@pytest.mark.parametrize("op_qkv,op", QKV_OPS, ids=QKV_IDS)
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
 @pytest.mark.parametrize("shape,heads", [((2, 3 * 4 * 32, 9, 7), 4), ((1, 3 * 2 * 16, 41, 30), 2)],
                          ids=["B2h4d32", "B1h2d16N1230"])
-def test_linear_attention_qkv_matches_reference(backend, layout, shape, heads):
+def test_qkv_matches_reference(backend, op_qkv, op, layout, shape, heads):
     scale = 0.2
 
     def fused(qkv):
-        out = linear_attention_qkv(qkv.contiguous(memory_format=layout), heads, scale, backend=backend)
+        out = op_qkv(qkv.contiguous(memory_format=layout), heads, scale, backend=backend)
         assert out.shape == (shape[0], shape[1] // 3, *shape[2:])
         return out
 
-    assert_matches_reference(fused, lambda qkv: _split_reference(qkv, heads, scale), [torch.randn(shape)])
+    assert_matches_reference(fused, lambda qkv: _split_reference(op, qkv, heads, scale), [torch.randn(shape)])
 
 
 @CPU_KERNEL
-def test_linear_attention_qkv_is_the_kernel_with_one_gradient():
+@pytest.mark.parametrize("op_qkv,op", QKV_OPS, ids=QKV_IDS)
+def test_qkv_is_the_kernel_with_one_gradient(op_qkv, op):
     # Bit for bit the q, k, v entry's results, with d(qkv) and the output both channels-last with
     # a batch stride torch reads as such at B = 1 (else the convolutions around it copy them).
     qkv = torch.randn(1, 3 * 4 * 32, 20, 30).contiguous(memory_format=torch.channels_last).requires_grad_()
-    out = linear_attention_qkv(qkv, 4, 0.2, backend="cpu")
+    out = op_qkv(qkv, 4, 0.2, backend="cpu")
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     packed_grad, qkv.grad = qkv.grad, None
     q, k, v = (x.reshape(1, 4, 32, 600) for x in qkv.chunk(3, dim=1))
-    split = linear_attention(q, k, v, 0.2, backend="cpu")
+    split = op(q, k, v, 0.2, backend="cpu")
     split.backward(grad_out.reshape(split.shape))
     assert torch.equal(out, split.reshape(out.shape)) and torch.equal(packed_grad, qkv.grad)
     for t in (out, packed_grad):
@@ -222,10 +236,13 @@ def test_linear_attention_qkv_is_the_kernel_with_one_gradient():
         assert t.stride() == (600 * c, 1, 30 * c, c)
 
 
-def test_linear_attention_qkv_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"qkv must be \[B, 3 \* heads \* d, H, W\] with heads=4, got shape \(1, 90, 3, 3\)"):
-        linear_attention_qkv(torch.randn(1, 90, 3, 3), 4, 1.0)
+@pytest.mark.parametrize("op_qkv", [op for op, _ in QKV_OPS], ids=QKV_IDS)
+def test_qkv_bad_input_is_a_clear_error(op_qkv):
+    name = op_qkv.__name__
+    with pytest.raises(ValueError, match=name + r": qkv must be \[B, 3 \* heads \* d, H, W\] with heads=4, "
+                                              r"got shape \(1, 90, 3, 3\)"):
+        op_qkv(torch.randn(1, 90, 3, 3), 4, 1.0)
     with pytest.raises(ValueError, match="with heads=2, got shape"):
-        linear_attention_qkv(torch.randn(1, 96, 9), 2, 1.0)
+        op_qkv(torch.randn(1, 96, 9), 2, 1.0)
     with pytest.raises(TypeError, match="q must be float32"):
-        linear_attention_qkv(torch.ones(1, 96, 3, 3, dtype=torch.long), 2, 1.0)
+        op_qkv(torch.ones(1, 96, 3, 3, dtype=torch.long), 2, 1.0)

@@ -162,7 +162,7 @@ def test_fused_unet_compiles_fullgraph():
 
 @pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
 def test_fused_attention_modules_train_under_compile_fullgraph(cls):
-    # The C++ kernels' path (channels-last float32, d = 32; LinearAttention's d(qkv) one tensor).
+    # The C++ kernels' path (channels-last float32, d = 32; d(qkv) one tensor).
     module = cls(16, backend="fused").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     results = []

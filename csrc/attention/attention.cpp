@@ -116,14 +116,15 @@ DDPS_INLINE inline void map_row(float* row, int64_t n, F f) {
   for (int64_t m = whole; m < n; ++m) row[m] = f(m, row[m]);
 }
 
-// Rows n0 .. n0 + R - 1 (those below N) of a [B, N, heads, D] output, times f.
+// Rows n0 .. n0 + R - 1 (those below N) of a [B, N, heads, D] output whose tokens are token_stride
+// floats apart, times f.
 template <int V, int R>
-DDPS_INLINE inline void write_rows(const Shape& s, int64_t pair, int64_t n0, const FloatV (&acc)[R][V], float f,
-                                   float* out) {
+DDPS_INLINE inline void write_rows(const Shape& s, int64_t token_stride, int64_t pair, int64_t n0,
+                                   const FloatV (&acc)[R][V], float f, float* out) {
   constexpr int D = V * kLanes;
   const int64_t b = pair / s.heads, h = pair % s.heads;
   for (int r = 0; r < R && n0 + r < s.n; ++r)
-    for (int j = 0; j < V; ++j) store(out + ((b * s.n + n0 + r) * s.heads + h) * D + j * kLanes, acc[r][j] * f);
+    for (int j = 0; j < V; ++j) store(out + (b * s.n + n0 + r) * token_stride + h * D + j * kLanes, acc[r][j] * f);
 }
 
 // A block of R query rows: scores against every key, softmax in place, out = softmax . v; out and
@@ -168,7 +169,7 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, c
     const float inv = 1.0f / total[r];
     for (int j = 0; j < V; ++j) acc[r][j] *= inv;
   }
-  write_rows<V, R>(s, pair, n0, acc, 1.0f, out);
+  write_rows<V, R>(s, s.heads * D, pair, n0, acc, 1.0f, out);
   for (int r = 0; r < R && n0 + r < N; ++r) lse[pair * N + n0 + r] = top[r] + std::log(total[r]);
 }
 
@@ -192,11 +193,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, 
 }
 
 // What the backward passes read: the inputs, dO, the saved lse, delta = rowsum(dO * O) per query,
-// and the transposed operands of the keys' score products.
+// and the transposed operands of the keys' score products; and the token stride of dq, dk, dv.
 struct Saved {
   Heads q, k, v, dout;
   const float *lse, *delta, *qt, *dot;
   float scale;
+  int64_t grad_stride;
 };
 
 // With S the scaled scores and P = exp(S - lse): dS = P (dO v^T - delta). A block of R keys takes
@@ -232,9 +234,9 @@ DDPS_CLONES void key_block(const Shape& s, const Saved& w, int64_t pair, int64_t
   }
   FloatV acc[R][V];
   weighted_rows<V, R>(p, np, 1, w.dout(pair), N, acc);
-  write_rows<V, R>(s, pair, n0, acc, 1.0f, dv);
+  write_rows<V, R>(s, w.grad_stride, pair, n0, acc, 1.0f, dv);
   weighted_rows<V, R>(dst, np, 1, w.q(pair), N, acc);
-  write_rows<V, R>(s, pair, n0, acc, w.scale, dk);
+  write_rows<V, R>(s, w.grad_stride, pair, n0, acc, w.scale, dk);
 }
 
 // dq = scale * dS k for a block of R query rows: the columns n0 .. n0 + R of the pair's dS^T.
@@ -243,13 +245,13 @@ DDPS_CLONES void query_block(const Shape& s, const Saved& w, int64_t pair, int64
   constexpr int R = rows_for(V);
   FloatV acc[R][V];
   weighted_rows<V, R>(dst + n0, 1, s.padded(), w.k(pair), s.n, acc);
-  write_rows<V, R>(s, pair, n0, acc, w.scale, dq);
+  write_rows<V, R>(s, w.grad_stride, pair, n0, acc, w.scale, dq);
 }
 
 template <int V>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
-                                                        const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& out, const at::Tensor& lse, double scale) {
+std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+                                 bool packed) {
   constexpr int D = V * kLanes, R = rows_for(V);
   const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
   const Heads qh(q), kh(k), vh(v), gh(grad), oh(out);
@@ -265,9 +267,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at
     }
   });
   const std::vector<float> qt = transposed(s, qh), dot = transposed(s, gh);
-  const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), dot.data(), static_cast<float>(scale)};
-  at::Tensor dq = at::empty({s.batch, s.n, s.heads, D}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
-  float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
+  // packed: dq, dk, dv side by side per token, the gradient of the channels-last qkv convolution's
+  // output as one tensor (as in linear_attention.cpp); else three [B, N, heads, D] tensors.
+  const int64_t hd = s.heads * D;
+  const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), dot.data(), static_cast<float>(scale),
+                packed ? 3 * hd : hd};
+  std::vector<at::Tensor> grads;
+  for (int i = 0; i < (packed ? 1 : 3); ++i) grads.push_back(at::empty({s.batch, s.n, w.grad_stride}, q.options()));
+  float* pq = grads[0].data_ptr<float>();
+  float* pk = packed ? pq + hd : grads[1].data_ptr<float>();
+  float* pv = packed ? pk + hd : grads[2].data_ptr<float>();
   // dS^T of one (sample, head) at a time, R rows per block of keys: the key blocks write it, the
   // query blocks read their columns of it. Computing dS once instead of per query block and per
   // key block saves two of the seven products, for N x np floats that stay in cache.
@@ -282,7 +291,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const Shape& s, const at
       for (int64_t block = begin; block < end; ++block) query_block<V>(s, w, pair, block * R, dst.data(), pq);
     });
   }
-  return {dq.permute({0, 2, 3, 1}), dk.permute({0, 2, 3, 1}), dv.permute({0, 2, 3, 1})};
+  if (packed) return {grads[0].transpose(1, 2)};  // [B, 3 * heads * D, N]
+  for (at::Tensor& g : grads) g = g.view({s.batch, s.n, s.heads, D}).permute({0, 2, 3, 1});
+  return grads;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -292,16 +303,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q,
-                                                            const at::Tensor& k, const at::Tensor& v,
-                                                            const at::Tensor& out, const at::Tensor& lse,
-                                                            double scale) {
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+                                     bool packed) {
   check_heads("attention", q, k, v);
   check_heads("attention", grad, out, q);
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == q.size(0) * q.size(1) * q.size(3),
               "attention (cpu): lse must be the forward's contiguous float32 [B, heads, N]");
   const Shape s{q.size(0), q.size(1), q.size(2), q.size(3)};
-  return by_width(s.d, [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, out, lse, scale); });
+  return by_width(s.d,
+                  [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, out, lse, scale, packed); });
 }
 
 }  // namespace

@@ -226,29 +226,33 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
         grad = mode != "fwd"
 
         def attention_case(name, side, mode=mode, grad=grad):
-            # linear_attention_qkv: linear_attention's backends on the whole qkv tensor (4-d output).
-            op = "linear_attention" if name == "linear_attention_qkv" else name
-            ref_fn = getattr(reference, op)
+            # attention_qkv, linear_attention_qkv: the op's backends on the whole qkv tensor (4-d output).
+            whole = name.endswith("_qkv")
+            op = name.removesuffix("_qkv")
             fixed = PLAIN if op == "attention" else REFERENCE
 
             def build(device):
                 def core(backend):
-                    if name == "linear_attention_qkv":
-                        return lambda qkv: ops.linear_attention_qkv(qkv, 4, scale, backend=backend)
+                    if whole:
+                        return lambda qkv: getattr(ops, name)(qkv, 4, scale, backend=backend)
                     return lambda qkv: getattr(ops, op)(*split_heads(qkv, 4), scale, backend=backend)
 
-                def ref(qkv):
-                    out = ref_fn(*split_heads(qkv, 4), scale)
-                    return out.reshape(*out.shape[:2], *qkv.shape[-2:]) if name == "linear_attention_qkv" else out
+                def plain(fn):
+                    def call(qkv):
+                        out = fn(qkv)
+                        return out.reshape(*out.shape[:2], *qkv.shape[-2:]) if whole else out
+                    return call
                 calls = {name: ((_qkv(batch, side, device, False, grad),),
-                                (lambda qkv: _sdpa_attention(qkv, scale)) if name == "plain-torch" else ref)
+                                plain((lambda qkv: _sdpa_attention(qkv, scale)) if name == "plain-torch" else
+                                      (lambda qkv: getattr(reference, op)(*split_heads(qkv, 4), scale))))
                          for name in fixed}
                 for b in ddps_backends(op, device):  # the fused UNet's layout: a channels-last conv's output
                     calls[b] = ((_qkv(batch, side, device, True, grad),), core(b))
                 return _providers(mode, calls)
             return Case(name, "denoiser op", f"q,k,v [{batch},4,32,{side}x{side}]", mode, build, fixed, op)
 
-        cases.append(attention_case("attention", size // 4))
+        for name in ("attention", "attention_qkv"):
+            cases.append(attention_case(name, size // 4))
         for name in ("linear_attention", "linear_attention_qkv"):
             for side in (size, size // 2, size // 4):
                 cases.append(attention_case(name, side))

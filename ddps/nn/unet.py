@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
-from ..ops.attention import merge_heads, split_heads
 from ..ops.conv3x3 import winograd_weight
 
 MODULE_BACKENDS = ("reference", "fused")
@@ -149,9 +148,7 @@ class Attention(nn.Module):
         self.to_out = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = split_heads(self.to_qkv(x), self.heads)
-        out = ops.attention(q, k, v, self.scale, backend=op_backend(self.backend))
-        return self.to_out(merge_heads(out, *x.shape[-2:]))
+        return self.to_out(ops.attention_qkv(self.to_qkv(x), self.heads, self.scale, backend=op_backend(self.backend)))
 
 
 class Block(nn.Module):

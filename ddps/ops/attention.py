@@ -89,15 +89,28 @@ def _cpu_setup_context(ctx, inputs, output):
 
 
 @_backend.register_fake("attention_backward")
-def _cpu_backward_fake(grad, q, k, v, out, lse, scale):
+def _cpu_backward_fake(grad, q, k, v, out, lse, scale, packed):
+    return packed_grads_fake(q, packed)
+
+
+def packed_grads_fake(q, packed):
+    """The C++ backwards' dq, dk, dv (packed: one d(qkv)), laid out token-major."""
     b, h, d, n = q.shape
-    return tuple(q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3))
+    if packed:
+        return [q.new_empty((b, n, 3 * h * d)).transpose(1, 2)]
+    return [q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3)]
+
+
+def kernel_backward(grad, q, k, v, outputs, scale, packed):
+    """The C++ backward, given the forward's outputs."""
+    out, lse = outputs
+    return torch.ops.ddps.attention_backward(as_heads_like(grad, q), q, k, v, as_heads_like(out, q), lse, scale,
+                                             packed)
 
 
 def _cpu_backward(ctx, grad, _lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return *torch.ops.ddps.attention_backward(as_heads_like(grad, q), q, k, v, as_heads_like(out, q), lse,
-                                              ctx.scale), None
+    q, k, v, *outputs = ctx.saved_tensors
+    return *kernel_backward(grad, q, k, v, outputs, ctx.scale, False), None
 
 
 _backend.register_autograd("attention", _cpu_backward, _cpu_setup_context)

@@ -18,7 +18,7 @@ import torch
 from .. import _backend, _checks, reference
 from ..kernels._layout import as_heads_like, block_d, heads_like, token_major
 from . import _common
-from .attention import heads_output, kernel_takes, merge_heads, split_heads
+from .attention import heads_output, kernel_takes, packed_grads_fake
 
 IMPLEMENTED = ("cpu", "triton", "reference")
 
@@ -40,40 +40,6 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     context = torch.matmul(k.softmax(dim=-1), v.transpose(-1, -2)) * (scale / q.shape[-1])  # [B, h, d, e]
     out = torch.matmul(context.transpose(-1, -2), q.softmax(dim=-2))  # [B, h, e, N]
     return out.reshape(q.shape[0], -1, q.shape[-1])
-
-
-def linear_attention_qkv(qkv: torch.Tensor, heads: int, scale: float, backend: str | None = None) -> torch.Tensor:
-    """linear_attention on the qkv convolution's whole output: qkv [B, 3 * heads * d, H, W] (q, k, v
-    its three chunks) -> [B, heads * d, H, W]. The same op; in the C++ kernel's case (channels-last
-    float32 qkv) its gradient comes back as one tensor in qkv's layout, where autograd would
-    otherwise concatenate dq, dk, dv (a copy of the whole gradient)."""
-    if qkv.dim() != 4 or heads < 1 or qkv.shape[1] % (3 * heads):
-        raise ValueError(f"qkv must be [B, 3 * heads * d, H, W] with heads={heads}, got shape {tuple(qkv.shape)}")
-    q, k, v = split_heads(qkv, heads)
-    _checks.heads(q, k, v)
-    h, w = qkv.shape[-2:]
-    chosen = _backend.resolve("linear_attention", backend, qkv.device, IMPLEMENTED)
-    if chosen == "cpu" and kernel_takes(q, k, v):
-        return merge_heads(_Packed.apply(qkv, heads, scale), h, w)
-    return merge_heads(linear_attention(q, k, v, scale, backend=chosen), h, w)
-
-
-class _Packed(torch.autograd.Function):
-    """The C++ kernel with qkv itself as the differentiable input (the kernel writes d(qkv))."""
-
-    @staticmethod
-    def forward(ctx, qkv, heads, scale):
-        out, *saved = torch.ops.ddps.linear_attention(*split_heads(qkv, heads), scale)
-        ctx.save_for_backward(qkv, *saved)
-        ctx.heads, ctx.scale = heads, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        qkv, *saved = ctx.saved_tensors
-        q, k, v = split_heads(qkv, ctx.heads)
-        dqkv, = torch.ops.ddps.linear_attention_backward(_grad_rows(grad, q), q, k, v, *saved, ctx.scale, True)
-        return merge_heads(dqkv, *qkv.shape[-2:]), None, None
 
 
 def _linear_attention_tokens(q, k, v, scale):
@@ -102,27 +68,27 @@ def _cpu_fake(q, k, v, scale):
 
 @_backend.register_fake("linear_attention_backward")
 def _cpu_backward_fake(grad, q, k, v, context, kmax, ksum, scale, packed):
-    b, h, d, n = q.shape
-    if packed:
-        return [q.new_empty((b, n, 3 * h * d)).transpose(1, 2)]
-    return [q.new_empty((b, n, h, d)).permute(0, 2, 3, 1) for _ in range(3)]
+    return packed_grads_fake(q, packed)
 
 
 def _cpu_setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v, *output[1:])
+    ctx.save_for_backward(q, k, v, *output)
     ctx.scale = scale
 
 
-def _grad_rows(grad, q):
-    """grad as the kernel reads it: heads * d channels contiguous per token (the output's layout,
-    which is heads_like(q)'s for the views the kernel takes)."""
-    return as_heads_like(grad, q).reshape(grad.shape)
+def kernel_backward(grad, q, k, v, outputs, scale, packed):
+    """The C++ backward, given the forward's outputs (out itself is not read). grad goes in as
+    heads * d channels contiguous per token: the output's layout, which is heads_like(q)'s for the
+    views the kernel takes."""
+    _out, context, kmax, ksum = outputs
+    return torch.ops.ddps.linear_attention_backward(as_heads_like(grad, q).reshape(grad.shape), q, k, v, context,
+                                                    kmax, ksum, scale, packed)
 
 
 def _cpu_backward(ctx, grad, _context, _kmax, _ksum):
-    q = ctx.saved_tensors[0]
-    return *torch.ops.ddps.linear_attention_backward(_grad_rows(grad, q), *ctx.saved_tensors, ctx.scale, False), None
+    q, k, v, *outputs = ctx.saved_tensors
+    return *kernel_backward(grad, q, k, v, outputs, ctx.scale, False), None
 
 
 _backend.register_autograd("linear_attention", _cpu_backward, _cpu_setup_context)

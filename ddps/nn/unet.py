@@ -118,37 +118,36 @@ class Residual(nn.Module):
         return self.fn(x) + x
 
 
-class LinearAttention(nn.Module):
+class _QkvAttention(nn.Module):
+    """What the attention blocks share: a 1x1 qkv convolution, an op on its heads (``core``: one of
+    the ops' ``_qkv`` entries), then ``to_out`` (the subclass's); [B, dim, H, W] -> same."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, backend: str, core):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        self.core = core
+        self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_out(self.core(self.to_qkv(x), self.heads, self.scale, backend=op_backend(self.backend)))
+
+
+class LinearAttention(_QkvAttention):
     """Linear attention: softmax over d for q, over tokens for k; [B, dim, H, W] -> same."""
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
-        super().__init__()
-        self.backend = check_backend(backend)
-        self.scale = dim_head ** -0.5
-        self.heads = heads
-        hidden_dim = dim_head * heads
-        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), LayerNorm(dim, backend=backend))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = ops.linear_attention_qkv(self.to_qkv(x), self.heads, self.scale, backend=op_backend(self.backend))
-        return self.to_out(out)
+        super().__init__(dim, heads, dim_head, backend, ops.linear_attention_qkv)
+        self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1), LayerNorm(dim, backend=backend))
 
 
-class Attention(nn.Module):
+class Attention(_QkvAttention):
     """Full softmax attention over the H * W tokens; [B, dim, H, W] -> same."""
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
-        super().__init__()
-        self.backend = check_backend(backend)
-        self.scale = dim_head ** -0.5
-        self.heads = heads
-        hidden_dim = dim_head * heads
-        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
-        self.to_out = nn.Conv2d(hidden_dim, dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_out(ops.attention_qkv(self.to_qkv(x), self.heads, self.scale, backend=op_backend(self.backend)))
+        super().__init__(dim, heads, dim_head, backend, ops.attention_qkv)
+        self.to_out = nn.Conv2d(dim_head * heads, dim, 1)
 
 
 class Block(nn.Module):

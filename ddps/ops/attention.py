@@ -53,14 +53,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               backend: str | None = None) -> torch.Tensor:
     """softmax((q * scale)^T k) over keys, applied to v: q, k, v [B, heads, d, N] (the 1x1 qkv
     conv's output viewed per head) -> [B, heads * d, N] (what the output conv reads)."""
+    return dispatch("attention", q, k, v, scale, backend, _triton, _sdpa)
+
+
+def dispatch(op, q, k, v, scale, backend, triton, composite):
+    """attention's and linear_attention's backends: the reference, ``triton()`` (the op's Triton
+    autograd function), the C++ kernel where it takes the inputs, else ``composite`` (torch ops)."""
     _checks.heads(q, k, v)
-    chosen = _backend.resolve("attention", backend, q.device, IMPLEMENTED)
+    chosen = _backend.resolve(op, backend, q.device, IMPLEMENTED)
     if chosen == "reference":
-        return reference.attention(q, k, v, scale)
+        return getattr(reference, op)(q, k, v, scale)
     if chosen == "triton":
-        return _triton()(q, k, v, scale)[0]
+        return triton()(q, k, v, scale)[0]
     if kernel_takes(q, k, v):
-        return torch.ops.ddps.attention(q, k, v, scale)[0]
+        return getattr(torch.ops.ddps, op)(q, k, v, scale)[0]
+    return composite(q, k, v, scale)
+
+
+def _sdpa(q, k, v, scale):
     if token_major(q):  # channels-last qkv conv: SDPA reads the views as they are
         out = F.scaled_dot_product_attention(*(x.transpose(-1, -2) for x in (q, k, v)), scale=scale)
         return heads_output(out)

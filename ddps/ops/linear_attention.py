@@ -15,26 +15,20 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _checks, reference
+from .. import _backend
 from ..kernels._layout import as_heads_like, block_d, heads_like, token_major
 from . import _common
-from .attention import heads_output, kernel_takes, packed_grads_fake
-
-IMPLEMENTED = ("cpu", "triton", "reference")
+from .attention import IMPLEMENTED, dispatch, heads_output, packed_grads_fake
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      backend: str | None = None) -> torch.Tensor:
     """q softmax over d, k softmax over tokens, context = k v^T / N, out = context^T q * scale:
     q, k, v [B, heads, d, N] -> [B, heads * d, N]."""
-    _checks.heads(q, k, v)
-    chosen = _backend.resolve("linear_attention", backend, q.device, IMPLEMENTED)
-    if chosen == "reference":
-        return reference.linear_attention(q, k, v, scale)
-    if chosen == "triton":
-        return _triton()(q, k, v, scale)[0]
-    if kernel_takes(q, k, v):
-        return torch.ops.ddps.linear_attention(q, k, v, scale)[0]
+    return dispatch("linear_attention", q, k, v, scale, backend, _triton, _composite)
+
+
+def _composite(q, k, v, scale):
     if token_major(q):
         return _linear_attention_tokens(q, k, v, scale)
     context = torch.matmul(k.softmax(dim=-1), v.transpose(-1, -2)) * (scale / q.shape[-1])  # [B, h, d, e]

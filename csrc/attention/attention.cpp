@@ -70,9 +70,11 @@ DDPS_INLINE inline void load_rows(Rows rows, int64_t n0, int64_t n, float f, flo
   }
 }
 
-// out[r][m] = sum_d a[r][d] * bt[d][m] for m < n (whole blocks of kKeys): R x 2 registers per block.
-template <int V, int R>
-DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* bt, int64_t np, int64_t n, float* out) {
+// out[r][m] = sum_d a[r][d] * bt[d][m] for m < n (whole blocks of kKeys): R x 2 registers per block,
+// each block's also passed to block(r, m, lanes of m, lanes of m + 16) while in registers.
+template <int V, int R, typename Block>
+DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* bt, int64_t np, int64_t n, float* out,
+                                 Block block) {
   for (int64_t m = 0; m < n; m += kKeys) {
     FloatV acc[R][2] = {};
     for (int d = 0; d < V * kLanes; ++d) {
@@ -85,8 +87,14 @@ DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* b
     for (int r = 0; r < R; ++r) {
       store(out + r * np + m, acc[r][0]);
       store(out + r * np + m + kLanes, acc[r][1]);
+      block(r, m, acc[r][0], acc[r][1]);
     }
   }
+}
+
+template <int V, int R>
+DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* bt, int64_t np, int64_t n, float* out) {
+  products<V, R>(a, bt, np, n, out, [](int, int64_t, FloatV, FloatV) DDPS_INLINE {});
 }
 
 // acc[r] = sum over m < n of coef[r * rs + m * cs] * rows(m): R x V registers, one row of D values
@@ -136,17 +144,21 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, c
   const int64_t np = s.padded(), N = s.n;
   alignas(64) float qs[R][D];
   load_rows<V, R>(q(pair), n0, N, scale, qs);
-  products<V, R>(qs, kt + pair * D * np, np, N, scores);
+  // Each row's maximum over the whole blocks of keys is taken from the registers (a pass over the
+  // row saved), over the rest from the stored row.
+  const int64_t whole = N / kKeys * kKeys;
+  FloatV highest[R];
+  for (int r = 0; r < R; ++r) highest[r] = FloatV{} - std::numeric_limits<float>::infinity();
+  products<V, R>(qs, kt + pair * D * np, np, N, scores, [&](int r, int64_t m, FloatV x0, FloatV x1) DDPS_INLINE {
+    if (m < whole) {
+      highest[r] = x0 > highest[r] ? x0 : highest[r];
+      highest[r] = x1 > highest[r] ? x1 : highest[r];
+    }
+  });
   float top[R], total[R];
   for (int r = 0; r < R; ++r) {
     float* row = scores + r * np;
-    const int64_t whole = N / kLanes * kLanes;
-    FloatV m = FloatV{} - std::numeric_limits<float>::infinity();
-    for (int64_t key = 0; key < whole; key += kLanes) {
-      const FloatV x = load(row + key);
-      m = x > m ? x : m;
-    }
-    top[r] = lanes_max(m)[0];
+    top[r] = lanes_max(highest[r])[0];
     for (int64_t key = whole; key < N; ++key) top[r] = std::max(top[r], row[key]);
     FloatV sum{};
     float tail = 0.0f;

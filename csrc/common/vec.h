@@ -20,6 +20,7 @@ namespace ddps {
 constexpr int kLanes = 16;
 typedef float FloatV __attribute__((vector_size(4 * kLanes)));
 typedef int32_t IntV __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t UIntV __attribute__((vector_size(4 * kLanes)));
 // The same vector at any float's alignment: full-vector loads and stores are float-typed (a memcpy
 // store may alias anything, which makes GCC reload every captured pointer and size after it).
 typedef float FloatVU __attribute__((vector_size(4 * kLanes), aligned(4)));
@@ -32,8 +33,10 @@ DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
   const FloatV lo = FloatV{} - 87.0f, hi = FloatV{} + 88.0f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const FloatV magic = FloatV{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const FloatV n = (x * 1.44269504f + magic) - magic;
+  // Adding 1.5 * 2^23 rounds to an integer n and leaves it in the low mantissa bits of the sum, as
+  // 0x4B400000 + n, whose shift by 23 is n << 23 (the constant's part shifts out).
+  const FloatV magic = FloatV{} + 12582912.0f;
+  const FloatV shifted = x * 1.44269504f + magic, n = shifted - magic;
   const FloatV r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts
   FloatV p = FloatV{} + 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -42,7 +45,9 @@ DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const IntV bits = (__builtin_convertvector(n, IntV) + 127) << 23;
+  UIntV bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits << 23) + (127u << 23);
   FloatV scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;

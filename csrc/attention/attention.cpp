@@ -264,7 +264,7 @@ template <int V>
 std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
                                  bool packed) {
-  constexpr int D = V * kLanes, R = rows_for(V);
+  constexpr int R = rows_for(V);
   const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
   const Heads qh(q), kh(k), vh(v), gh(grad), oh(out);
   std::vector<float> delta(s.pairs() * s.n);
@@ -279,16 +279,10 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
     }
   });
   const std::vector<float> qt = transposed(s, qh), dot = transposed(s, gh);
-  // packed: dq, dk, dv side by side per token, the gradient of the channels-last qkv convolution's
-  // output as one tensor (as in linear_attention.cpp); else three [B, N, heads, D] tensors.
-  const int64_t hd = s.heads * D;
+  const QkvGrads grads(q, packed);
   const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), dot.data(), static_cast<float>(scale),
-                packed ? 3 * hd : hd};
-  std::vector<at::Tensor> grads;
-  for (int i = 0; i < (packed ? 1 : 3); ++i) grads.push_back(at::empty({s.batch, s.n, w.grad_stride}, q.options()));
-  float* pq = grads[0].data_ptr<float>();
-  float* pk = packed ? pq + hd : grads[1].data_ptr<float>();
-  float* pv = packed ? pk + hd : grads[2].data_ptr<float>();
+                grads.token_stride};
+  float *pq = grads.dq, *pk = grads.dk, *pv = grads.dv;
   // dS^T of one (sample, head) at a time, R rows per block of keys: the key blocks write it, the
   // query blocks read their columns of it. Computing dS once instead of per query block and per
   // key block saves two of the seven products, for N x np floats that stay in cache.
@@ -303,9 +297,7 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
       for (int64_t block = begin; block < end; ++block) query_block<V>(s, w, pair, block * R, dst.data(), pq);
     });
   }
-  if (packed) return {grads[0].transpose(1, 2)};  // [B, 3 * heads * D, N]
-  for (at::Tensor& g : grads) g = g.view({s.batch, s.n, s.heads, D}).permute({0, 2, 3, 1});
-  return grads;
+  return grads.results(q);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

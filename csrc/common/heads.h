@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "common/vec.h"
 
@@ -43,6 +44,36 @@ inline void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(q.size(2) % kLanes == 0 && q.size(2) <= 4 * kLanes && q.size(3) > 0, op,
               " (cpu): D must be a multiple of 16 up to 64 and N >= 1, got D=", q.size(2), ", N=", q.size(3));
 }
+
+// dq, dk, dv of the attention kernels' backwards for q of shape [B, heads, D, N], laid out
+// token-major. packed: dq, dk, dv side by side per token, [B, N, 3, heads, D] in memory, the
+// gradient of the channels-last qkv convolution's output as one tensor (which autograd would
+// otherwise concatenate from three). Else three [B, N, heads, D] tensors: separate allocations,
+// which stay below the allocator's threshold for fresh (page-faulting) memory where one of three
+// times the size does not.
+struct QkvGrads {
+  std::vector<at::Tensor> tensors;
+  float *dq, *dk, *dv;
+  int64_t token_stride;  // floats from one token's rows to the next's
+
+  QkvGrads(const at::Tensor& q, bool packed) : token_stride((packed ? 3 : 1) * q.size(1) * q.size(2)) {
+    for (int i = 0; i < (packed ? 1 : 3); ++i)
+      tensors.push_back(at::empty({q.size(0), q.size(3), token_stride}, q.options()));
+    const int64_t hd = q.size(1) * q.size(2);
+    dq = tensors[0].data_ptr<float>();
+    dk = packed ? dq + hd : tensors[1].data_ptr<float>();
+    dv = packed ? dk + hd : tensors[2].data_ptr<float>();
+  }
+
+  // packed: d(qkv) [B, 3 * heads * D, N]; else dq, dk, dv as [B, heads, D, N] views, q's layout.
+  std::vector<at::Tensor> results(const at::Tensor& q) const {
+    if (tensors.size() == 1) return {tensors[0].transpose(1, 2)};
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& g : tensors)
+      out.push_back(g.view({q.size(0), q.size(3), q.size(1), q.size(2)}).permute({0, 2, 3, 1}));
+    return out;
+  }
+};
 
 // f(std::integral_constant<int, D / 16>{}): the kernels are compiled per head width.
 template <typename F>

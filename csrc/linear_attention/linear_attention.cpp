@@ -242,17 +242,9 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
       kinv[pair * D + d] = 1.0f / psum[pair * D + d];
     }
   }
-  // packed: dq, dk, dv side by side per token, [B, N, 3, heads, D] in memory, the gradient of the
-  // channels-last qkv convolution's output as one tensor (which autograd would otherwise
-  // concatenate from three). Else three [B, N, heads, D] tensors: separate allocations, which
-  // stay below the allocator's threshold for fresh (page-faulting) memory where one of three
-  // times the size does not.
-  const int64_t hd = s.heads * D, token_stride = packed ? 3 * hd : hd;
-  std::vector<at::Tensor> grads;
-  for (int i = 0; i < (packed ? 1 : 3); ++i) grads.push_back(at::empty({s.batch, s.n, token_stride}, q.options()));
-  float* pq = grads[0].data_ptr<float>();
-  float* pk = packed ? pq + hd : grads[1].data_ptr<float>();
-  float* pv = packed ? pk + hd : grads[2].data_ptr<float>();
+  const QkvGrads grads(q, packed);
+  float *pq = grads.dq, *pk = grads.dk, *pv = grads.dv;
+  const int64_t token_stride = grads.token_stride;
   const float *pm = kmax.data_ptr<float>(), *pkinv = kinv.data(), *pr = r.data(), *pct = ct.data(),
               *pg = g.data(), *pgt = gt.data();
   for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
@@ -282,10 +274,7 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
       store(pv + out + j * kLanes, dvv[j]);
     }
   });
-  if (packed) return {grads[0].transpose(1, 2)};  // [B, 3 * heads * D, N]
-  // [B, N, heads, D] in memory -> [B, heads, D, N] views, the layout of q, k, v.
-  for (at::Tensor& g : grads) g = g.view({s.batch, s.n, s.heads, D}).permute({0, 2, 3, 1});
-  return grads;
+  return grads.results(q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,

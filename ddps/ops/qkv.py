@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _checks
+from .. import _backend
 from .attention import IMPLEMENTED, attention, kernel_backward as attention_backward, kernel_takes, merge_heads, \
     split_heads
 from .linear_attention import kernel_backward as linear_attention_backward, linear_attention
@@ -33,12 +33,12 @@ def _on_qkv(op, qkv, heads, scale, backend):
         raise ValueError(f"{op}_qkv: qkv must be [B, 3 * heads * d, H, W] with heads={heads}, "
                          f"got shape {tuple(qkv.shape)}")
     q, k, v = split_heads(qkv, heads)
-    _checks.heads(q, k, v)
     h, w = qkv.shape[-2:]
-    chosen = _backend.resolve(op, backend, qkv.device, IMPLEMENTED)
-    if chosen == "cpu" and kernel_takes(q, k, v):
-        return merge_heads(_Packed.apply(qkv, heads, scale, op), h, w)
-    return merge_heads(_OPS[op][0](q, k, v, scale, backend=chosen), h, w)
+    if kernel_takes(q, k, v):  # views of one float32 tensor: nothing for the op's input checks to catch
+        backend = _backend.resolve(op, backend, qkv.device, IMPLEMENTED)
+        if backend == "cpu":
+            return merge_heads(_Packed.apply(qkv, heads, scale, op), h, w)
+    return merge_heads(_OPS[op][0](q, k, v, scale, backend=backend), h, w)
 
 
 class _Packed(torch.autograd.Function):

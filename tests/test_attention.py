@@ -136,19 +136,6 @@ def test_gradient_layout_copied_only_where_it_differs():
 
 
 @CPU_KERNEL
-def test_attention_kernel_nan_as_reference():
-    # NaN in one query spoils that query's output row in its head; in one key, every row of the head.
-    for tensor, spoiled in ((0, 32), (1, 32 * 50)):
-        q, k, v = _qkv((1, 2, 32, 50))
-        (q, k, v)[tensor][0, 1, 5, 7] = float("nan")
-        got = attention(*_token_major(q, k, v), 0.2, backend="cpu")
-        expected = reference.attention(q, k, v, 0.2)
-        assert expected.isnan().sum() == spoiled
-        assert torch.equal(got.isnan(), expected.isnan())
-        torch.testing.assert_close(got, expected, equal_nan=True)
-
-
-@CPU_KERNEL
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_linear_attention_kernel_opcheck(packed):
     q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
@@ -173,20 +160,26 @@ def test_kernels_same_bits_for_any_thread_count(op, n):
     assert_thread_count_invariant(draw)
 
 
-@CPU_KERNEL
-def test_linear_attention_kernel_nan_and_inf_as_reference():
-    # NaN or inf in one token of q spoils that token's output in its head (32 values); in one
-    # entry of k, that channel's softmax over tokens, and through the context the head's every
-    # output (32 x 50).
-    for tensor, spoiled in ((0, 32), (1, 32 * 50)):
-        for bad in (float("nan"), float("inf")):
-            q, k, v = _qkv((1, 2, 32, 50))
-            (q, k, v)[tensor][0, 1, 5, 7] = bad
-            got = linear_attention(*_token_major(q, k, v), 0.2, backend="cpu")
-            expected = reference.linear_attention(q, k, v, 0.2)
-            assert expected.isnan().sum() == spoiled
-            assert torch.equal(got.isnan(), expected.isnan())
-            torch.testing.assert_close(got, expected, equal_nan=True)
+NAN, INF = float("nan"), float("inf")
+# (tensor, value) pairs put into q, k or v, in one token, at channels 5 and 9. NaN and inf spoil
+# rows, heads or channels of the output, through softmaxes and contractions; -inf gives a zero
+# weight (exp(-inf) = 0 exactly), which times inf in the same token's v is NaN in the reference.
+NON_FINITE = {"q nan": [(0, NAN)], "k nan": [(1, NAN)], "v nan": [(2, NAN)], "q inf": [(0, INF)],
+              "k inf": [(1, INF)], "q -inf, v inf": [(0, -INF), (2, INF)], "k -inf, v inf": [(1, -INF), (2, INF)]}
+
+
+@pytest.mark.parametrize("backend", DENOISER)
+@pytest.mark.parametrize("op", [attention, linear_attention], ids=OP_IDS)
+@pytest.mark.parametrize("spoil", NON_FINITE.values(), ids=NON_FINITE.keys())
+def test_non_finite_inputs_as_reference(op, spoil, backend):
+    q, k, v = _qkv((1, 2, 32, 50))
+    for (tensor, value), channel in zip(spoil, (5, 9)):
+        (q, k, v)[tensor][0, 1, channel, 7] = value
+    got = op(*_token_major(q, k, v), 0.2, backend=backend)
+    expected = getattr(reference, op.__name__)(q, k, v, 0.2)
+    assert not expected.isfinite().all()
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got, expected, equal_nan=True)
 
 
 # attention_qkv, linear_attention_qkv: the same ops on the qkv convolution's whole output (what the

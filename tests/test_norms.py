@@ -73,6 +73,29 @@ def test_group_norm_film_silu_nan_and_inf_spread_over_their_group(backend, memor
     torch.testing.assert_close(got[~expected.isnan()], expected[~expected.isnan()])
 
 
+@pytest.mark.parametrize("backend", DENOISER)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_group_norm_film_silu_infinite_shift_as_reference(backend, memory_format):
+    # silu(inf) = inf and silu(-inf) = NaN in torch (-inf times sigmoid(-inf) = 0), and both make
+    # their channel's gradients NaN: the kernel's exp must give exp(-inf) = 0 and exp(inf) = inf.
+    inputs = _norm_inputs((2, 32, 8, 8), True)
+    inputs[4][0, 5], inputs[4][1, 9] = -float("inf"), float("inf")
+
+    def run(fn, memory_format=torch.contiguous_format, **kw):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        x, *rest = leaves
+        out = fn(x.contiguous(memory_format=memory_format), *rest, 4, **kw)
+        out.backward(_randn(*out.shape, seed=5))
+        return [out.detach(), *(t.grad for t in leaves)]
+    expected = run(reference.group_norm_film_silu)
+    got = run(group_norm_film_silu, memory_format, backend=backend)
+    assert expected[0].isnan().sum() == 64 and expected[0].isinf().sum() == 64
+    for g, e in zip(got, expected):
+        assert torch.equal(g.isnan(), e.isnan())
+        torch.testing.assert_close(g, e, equal_nan=True)
+
+
 @pytest.mark.skipif(not DENOISER, reason="needs the compiled extension")
 def test_group_norm_film_silu_kernel_is_thread_count_invariant():
     x, w, bias, scale, shift = _norm_inputs((2, 176, 40, 40), True)

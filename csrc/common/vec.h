@@ -26,11 +26,14 @@ typedef uint32_t UIntV __attribute__((vector_size(4 * kLanes)));
 typedef float FloatVU __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 // exp for a vector: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
-// (relative error < 3e-7), inputs clamped so that 2^n stays a normal float; NaN stays NaN (the
-// comparisons are false for it). libm's expf does not vectorise without -ffast-math, which the
-// rest of the extension must not have.
+// (relative error < 3e-7), on x clamped to [-88, 88.5]: there n runs from -127, whose 2^n the
+// bits below make +0, to 128, which they make inf. So exp(-inf) = 0 and exp(inf) = inf exactly
+// (a zero weight times an infinite value then gives NaN, as in the torch ops the kernels
+// reproduce), at the price of underflow from -87.7 and overflow from 88.4 instead of -87.3 and
+// 88.7. NaN stays NaN (the comparisons are false for it). libm's expf does not vectorise without
+// -ffast-math, which the rest of the extension must not have.
 DDPS_INLINE inline FloatV exp_lanes(FloatV x) {
-  const FloatV lo = FloatV{} - 87.0f, hi = FloatV{} + 88.0f;
+  const FloatV lo = FloatV{} - 88.0f, hi = FloatV{} + 88.5f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   // Adding 1.5 * 2^23 rounds to an integer n and leaves it in the low mantissa bits of the sum, as

@@ -166,7 +166,7 @@ def _add_run(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddps", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ddps", description=__doc__.replace("``", ""))  # plain text for --help
     parser.add_argument("--version", action="version", version=f"ddps {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser(

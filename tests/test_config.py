@@ -1,9 +1,10 @@
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from ddps import config
+from ddps import cli, config
 from ddps.cli import _config_path
 
 SHIPPED = ("synthetic", "synthetic-smoke", "ade20k", "ade20k-150", "cityscapes")
@@ -68,6 +69,15 @@ def test_help(command):
         out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert f"usage: ddps {command}" in out.stdout
+
+
+def test_help_is_plain_text():
+    # The top-level description is the module docstring, written in reST; --help shows no markup.
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"bench", "train", "eval", "segment", "convert", "demo"}
+    for p in (parser, *commands.values()):
+        assert "``" not in p.format_help()
 
 
 def test_cli_config_error_exit_code(tmp_path):

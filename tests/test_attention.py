@@ -239,3 +239,17 @@ def test_qkv_bad_input_is_a_clear_error(op_qkv):
         op_qkv(torch.randn(1, 96, 9), 2, 1.0)
     with pytest.raises(TypeError, match="q must be float32"):
         op_qkv(torch.ones(1, 96, 3, 3, dtype=torch.long), 2, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", *DENOISER])
+@pytest.mark.parametrize("op_qkv,op", QKV_OPS, ids=QKV_IDS)
+@pytest.mark.parametrize("batch,side", [(0, 4), (2, 0)], ids=["no samples", "no tokens"])
+def test_empty_input_gives_empty_output(op_qkv, op, batch, side, backend):
+    # The original's reshapes fail on these; the ops return the empty result and empty gradients.
+    qkv = torch.randn(batch, 3 * 2 * 16, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
+    q, k, v = (x.detach().requires_grad_() for x in _qkv((batch, 2, 16, side * side)))
+    for out, leaves, shape in ((op(q, k, v, 0.3, backend=backend), (q, k, v), (batch, 32, side * side)),
+                               (op_qkv(qkv, 2, 0.3, backend=backend), (qkv,), (batch, 32, side, side))):
+        assert out.shape == shape
+        out.sum().backward()
+        assert all(x.grad is not None and x.grad.shape == x.shape for x in leaves)

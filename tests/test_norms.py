@@ -147,3 +147,14 @@ def test_bad_input_is_a_clear_error():
         group_norm_film_silu(x, w, w, torch.ones(2, 8, 1, 1), None, 4)
     with pytest.raises(ValueError, match=r"scale and shift must be \[B, C, 1"):
         group_norm_film_silu(x, w, w, torch.ones(2, 4, 1, 1), torch.ones(2, 4, 1, 1), 4)
+    with pytest.raises(ValueError, match=r"scale and shift must be \[B, C, 1"):
+        group_norm_film_silu(x, w, w, torch.ones(2, 8, 3, 3), torch.ones(2, 8, 3, 3), 4)
+    with pytest.raises(ValueError, match=r"weight must be \[C=8\] for x of shape \(2, 8, 3, 3\), got \(4,\)"):
+        group_norm_film_silu(x, w[:4], w, None, None, 4)
+    with pytest.raises(ValueError, match=r"bias must be \[C=8\]"):
+        group_norm_film_silu(x, w, w.reshape(1, 8), None, None, 4)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        group_norm_film_silu(x, w.long(), w, None, None, 4)
+    for op, args in ((channel_layer_norm, (torch.ones(8),)), (group_norm_film_silu, (w, w, None, None, 4))):
+        with pytest.raises(ValueError, match=r"x must be \[B, C, \*spatial\], got shape \(8,\)"):
+            op(torch.ones(8), *args)

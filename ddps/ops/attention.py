@@ -27,8 +27,8 @@ IMPLEMENTED = ("cpu", "triton", "reference")
 def split_heads(qkv: torch.Tensor, heads: int):
     """The qkv convolution's output [B, 3 * heads * d, H, W] -> q, k, v: three [B, heads, d, H * W]
     views (token-major when qkv is channels-last)."""
-    b, _, h, w = qkv.shape
-    return tuple(part.reshape(b, heads, -1, h * w) for part in qkv.chunk(3, dim=1))
+    b, c, h, w = qkv.shape
+    return tuple(part.reshape(b, heads, c // (3 * heads), h * w) for part in qkv.chunk(3, dim=1))
 
 
 def merge_heads(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -52,7 +52,8 @@ def heads_output(out: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               backend: str | None = None) -> torch.Tensor:
     """softmax((q * scale)^T k) over keys, applied to v: q, k, v [B, heads, d, N] (the 1x1 qkv
-    conv's output viewed per head) -> [B, heads * d, N] (what the output conv reads)."""
+    conv's output viewed per head) -> [B, heads * d, N] (what the output conv reads). Empty inputs
+    (B = 0 or N = 0) give an empty output on every backend."""
     return dispatch("attention", q, k, v, scale, backend, _triton, _sdpa)
 
 
@@ -61,6 +62,10 @@ def dispatch(op, q, k, v, scale, backend, triton, composite):
     autograd function), the C++ kernel where it takes the inputs, else ``composite`` (torch ops)."""
     _checks.heads(q, k, v)
     chosen = _backend.resolve(op, backend, q.device, IMPLEMENTED)
+    if q.numel() == 0:  # no samples or no tokens: an empty output (which the original's reshapes fail on)
+        b, h, d, n = q.shape
+        # The inputs' sum, so that backward gives each its (empty) gradient.
+        return (q + k + v).reshape(b, h * d, n)
     if chosen == "reference":
         return getattr(reference, op)(q, k, v, scale)
     if chosen == "triton":

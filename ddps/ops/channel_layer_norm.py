@@ -24,9 +24,11 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     ([1, C, 1, 1] as the module stores it). eps None: 1e-5 for float32, else 1e-3 (the original)."""
     _checks.floating(x, "x")
     _checks.floating(g, "g")
-    if x.dim() < 2 or g.numel() != x.shape[1]:
-        raise ValueError(f"g must have C={x.shape[1] if x.dim() > 1 else '?'} elements for x of shape "
-                         f"{tuple(x.shape)}, got shape {tuple(g.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    if g.numel() != x.shape[1]:
+        raise ValueError(f"g must have C={x.shape[1]} elements for x of shape {tuple(x.shape)}, got shape "
+                         f"{tuple(g.shape)}")
     chosen = _backend.resolve("channel_layer_norm", backend, x.device, IMPLEMENTED)
     if chosen == "reference":
         return reference.channel_layer_norm(x, g, eps)

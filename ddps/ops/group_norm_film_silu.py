@@ -27,11 +27,18 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """x [B, C, H, W]; weight, bias [C] (GroupNorm affine); scale, shift [B, C, 1, 1] (FiLM from
     the time embedding; both None for no FiLM); groups divides C."""
     _checks.floating(x, "x")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"groups={groups} must divide the channels of x, shape {tuple(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        _checks.floating(p, name)
+        if p.shape != x.shape[1:2]:
+            raise ValueError(f"{name} must be [C={x.shape[1]}] for x of shape {tuple(x.shape)}, got {tuple(p.shape)}")
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift must be given together (or both None)")
-    if x.dim() < 2 or groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"groups={groups} must divide the channels of x, shape {tuple(x.shape)}")
-    if scale is not None and (scale.shape != shift.shape or scale.shape[:2] != x.shape[:2]):
+    if scale is not None and (scale.shape != shift.shape or scale.shape[:2] != x.shape[:2]
+                              or scale.numel() != x.shape[0] * x.shape[1]):
         raise ValueError(f"scale and shift must be [B, C, 1, ...] for x of shape {tuple(x.shape)}, got "
                          f"{tuple(scale.shape)} and {tuple(shift.shape)}")
     chosen = _backend.resolve("group_norm_film_silu", backend, x.device, IMPLEMENTED)

@@ -24,7 +24,8 @@ from .attention import IMPLEMENTED, dispatch, heads_output, packed_grads_fake
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      backend: str | None = None) -> torch.Tensor:
     """q softmax over d, k softmax over tokens, context = k v^T / N, out = context^T q * scale:
-    q, k, v [B, heads, d, N] -> [B, heads * d, N]."""
+    q, k, v [B, heads, d, N] -> [B, heads * d, N]. Empty inputs (B = 0 or N = 0) give an empty
+    output on every backend."""
     return dispatch("linear_attention", q, k, v, scale, backend, _triton, _composite)
 
 

@@ -63,12 +63,12 @@ def test_group_norm_film_silu_large_mean(backend):
 @pytest.mark.parametrize("backend", DENOISER)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])
-def test_group_norm_film_silu_nan_and_inf_spread_over_their_group(backend, memory_format):
+def test_group_norm_film_silu_nan_and_infinities_spread_over_their_group(backend, memory_format):
     x, w, bias, scale, shift = _norm_inputs((2, 32, 8, 8), True)
-    x[0, 3, 2, 2], x[1, 21, 1, 1] = float("nan"), float("inf")
+    x[0, 3, 2, 2], x[1, 21, 1, 1], x[1, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
     expected = reference.group_norm_film_silu(x, w, bias, scale, shift, 4)
     got = group_norm_film_silu(x.contiguous(memory_format=memory_format), w, bias, scale, shift, 4, backend=backend)
-    assert expected.isnan().sum() == 2 * 8 * 64  # the two groups, whole
+    assert expected.isnan().sum() == 3 * 8 * 64  # the three groups, whole
     assert torch.equal(got.isnan(), expected.isnan())
     torch.testing.assert_close(got[~expected.isnan()], expected[~expected.isnan()])
 

@@ -1,4 +1,5 @@
 import argparse
+import platform
 import subprocess
 import sys
 
@@ -78,6 +79,25 @@ def test_help_is_plain_text():
     assert set(commands) == {"bench", "train", "eval", "segment", "convert", "demo"}
     for p in (parser, *commands.values()):
         assert "``" not in p.format_help()
+
+
+def test_reuse_freed_memory_leaves_user_settings(monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "DDPS_REUSE_MEMORY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.reuse_freed_memory() == (platform.libc_ver()[0] == "glibc")
+    for name, value in (("DDPS_REUSE_MEMORY", "0"), ("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "1")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert not cli.reuse_freed_memory()
+
+
+def test_commands_but_bench_reuse_freed_memory(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append(True))
+    assert cli.main(["eval", "--run", str(tmp_path / "missing")]) == 2
+    assert calls == [True]
+    assert cli.main(["bench", "--cases", "no-such-case"]) == 2
+    assert calls == [True]
 
 
 def test_cli_config_error_exit_code(tmp_path):

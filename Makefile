@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ddps-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: bench test demo train install nvcc-check clean
+.PHONY: bench test demo train install cuda-build-check gpu-compile-check gpu-check clean
 
 # The main job: ddps against the original implementation on this machine (quick profile).
 bench: $(STAMP)
@@ -35,20 +35,41 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --no-build-isolation -e ".[dev]"
 	touch $@
 
-# Compile-only check of every CUDA source (sm_80 and sm_90), for machines without a GPU. A CPU
-# build of torch ships no c10/cuda/impl/cuda_cmake_macros.h (CMake generates it for CUDA builds),
-# so the check supplies its one-line content. Flags as torch's own CUDA extension build uses.
-NVCC ?= nvcc
-NVCC_SHIM := build/nvcc-shim
-nvcc-check: $(STAMP)
-	mkdir -p $(NVCC_SHIM)/c10/cuda/impl build/nvcc-check
-	echo '#define C10_CUDA_BUILD_SHARED_LIBS' > $(NVCC_SHIM)/c10/cuda/impl/cuda_cmake_macros.h
-	set -e; flags="$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join(c.COMMON_NVCC_FLAGS + ['-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]]))")"; \
-	for f in $$(find csrc -name '*.cu'); do \
-	  echo "nvcc -c $$f"; \
-	  $(NVCC) -std=c++20 -O3 -c $$f -o build/nvcc-check/$$(basename $$f).o -Icsrc -I$(NVCC_SHIM) $$flags -DDDPS_WITH_CUDA \
-	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90; \
-	done
+# The CUDA build, compiled and linked without a GPU: ddps._C with its CUDA kernels against the CUDA
+# build of the pinned torch (its wheel's headers and libraries; the wheel is downloaded once into
+# $(WHEEL_CACHE) and kept there), no unresolved symbols (.ci/cuda_build_check.py).
+WHEEL_CACHE ?= $(HOME)/.cache/ddps/wheels
+CUDA_TORCH := build/cuda-torch
+cuda-build-check: $(STAMP)
+	mkdir -p $(WHEEL_CACHE) $(CUDA_TORCH)
+	# Another index or a local folder of CPU wheels (pip's configuration here) must not supply it.
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null $(PY) -m pip download -q --no-deps \
+	  --only-binary=:all: -d $(WHEEL_CACHE) "$(TORCH_SPEC)"
+	wheel=$$(ls -t $(WHEEL_CACHE)/torch-*.whl | grep -v '+cpu' | head -1); \
+	if [ "$$(cat $(CUDA_TORCH)/.wheel 2>/dev/null)" != "$$wheel" ]; then \
+	  rm -rf $(CUDA_TORCH) && mkdir -p $(CUDA_TORCH) && \
+	  unzip -q -o "$$wheel" 'torch/include/*' 'torch/lib/*' torch/version.py -d $(CUDA_TORCH) && \
+	  echo "$$wheel" > $(CUDA_TORCH)/.wheel; \
+	fi
+	$(PY) .ci/cuda_build_check.py --torch $(CUDA_TORCH) --out build/cuda-build-check
+
+# Every Triton kernel compiled for real for sm_80, sm_86 and sm_90, with the Triton that `make
+# install` puts in the venv and with the one that the CUDA build of the pinned torch requires
+# (installed beside it in build/), against the budgets in ddps/bench/gpu_compile.py; writes
+# benchmarks/GPU_COMPILE.md.
+TORCH_CUDA_TRITON ?= triton==3.7.1
+gpu-compile-check: $(STAMP)
+	test -d build/$(subst ==,-,$(TORCH_CUDA_TRITON)) || $(PY) -m pip install -q --no-deps \
+	  --target build/$(subst ==,-,$(TORCH_CUDA_TRITON)) "$(TORCH_CUDA_TRITON)"
+	env -u TRITON_INTERPRET $(PY) -m ddps.bench.gpu_compile --markdown benchmarks/GPU_COMPILE.md \
+	  --triton build/$(subst ==,-,$(TORCH_CUDA_TRITON))
+
+# On a machine with an NVIDIA GPU (a lease): build with CUDA, the whole suite on the GPU,
+# compute-sanitizer over the kernel tests, the full benchmark into benchmarks/RESULTS-cuda.md, and
+# the run recorded in ddps/gpu_checks.json (.ci/gpu_check.sh). Uses the machine's python3 with
+# its torch and triton (GPU_PY=... for another); installs nothing else.
+gpu-check:
+	bash .ci/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) ddps/_C*.so *.egg-info

@@ -63,4 +63,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data={"ddps.configs": ["*.yaml"]}, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data={"ddps": ["gpu_checks.json"], "ddps.configs": ["*.yaml"]}, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -102,12 +102,25 @@ def _backends() -> dict[str, dict]:
         else:
             cuda = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
     triton_ok = _triton_status()
+    checked = gpu_checks()
     return {
         "cpu": {"available": cpu[0], "reason": cpu[1]},
-        "cuda": {"available": cuda[0], "reason": cuda[1]},
-        "triton": {"available": triton_ok[0], "reason": triton_ok[1]},
+        "cuda": {"available": cuda[0], "reason": cuda[1], "checked": checked},
+        "triton": {"available": triton_ok[0], "reason": triton_ok[1], "checked": checked},
         "reference": {"available": True, "reason": "eager PyTorch, always available"},
     }
+
+
+def gpu_checks() -> str:
+    """Which checks the GPU code of this release has passed, and where: compiled without a GPU in
+    CI, and each run of `make gpu-check` on a GPU (device and date), as recorded in
+    ddps/gpu_checks.json."""
+    import json
+    from importlib import resources
+    record = json.loads(resources.files("ddps").joinpath("gpu_checks.json").read_text())
+    runs = record["executed"]
+    executed = "; ".join(f"{r['device']} on {r['date']} ({r['summary']})" for r in runs) if runs else "never"
+    return f"compiled {record['compiled']}; executed on a GPU by make gpu-check: {executed}"
 
 
 # torch.compile runs the resolver once at trace time and keeps its answer: the choice depends on

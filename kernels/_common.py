@@ -1,6 +1,10 @@
 """Per-element helpers of the Triton sampling kernels: the same formulas, in the same float
 operation order, as csrc/common/{philox,math,labels}.h, so that the Triton kernels and the compiled
-ones return identical samples for the same seed (asserted under TRITON_INTERPRET=1)."""
+ones return identical samples for the same seed (asserted under TRITON_INTERPRET=1). On a GPU that
+also takes every sampling kernel launched with ``enable_fp_fusion=False``: Triton otherwise fuses
+a multiply and an add into one fma, rounded once where the CPU build (-ffp-contract=off) and the
+CUDA kernels (__fmul_rn, __fadd_rn) round twice. ``make gpu-compile-check`` asserts that their PTX
+holds no fma and no flush-to-zero arithmetic."""
 import triton
 import triton.language as tl
 

@@ -65,6 +65,19 @@ def shared_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return tuple(heads_like(q).copy_(x) for x in (q, k, v))
 
 
+# The widest head each Triton attention op takes: what `make gpu-compile-check` compiles within
+# the spill and shared-memory budgets (linear_attention keeps a d x d context and d x 128 token
+# tiles in registers: at d = 128 ptxas ran for minutes and spilled). Wider heads run the ops'
+# torch composites.
+MAX_D = {"attention": 128, "linear_attention": 64}
+
+
 def block_d(d: int) -> int:
     """The head dim as the attention kernels tile it: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, 1 << (d - 1).bit_length())
+
+
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the attention kernels' softmax statistics and sums, and of their saved
+    log-sum-exp: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

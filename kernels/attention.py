@@ -1,19 +1,30 @@
 """Triton attention: flash-style softmax attention over q, k, v [B, heads, d, N] in the layout of
 the qkv convolution (any strides shared by the three), with an online softmax over key blocks:
 no N x N matrix in memory. The backward recomputes the probabilities from the saved log-sum-exp:
-one kernel accumulates dk and dv per key block,, one dq per query block (no atomics: the same
-inputs give the same bits)."""
+one kernel accumulates dk and dv per key block, one dq per query block (no atomics: the same
+inputs give the same bits). Softmax statistics and accumulators are float32, float64 for float64
+inputs (the dtype of the saved log-sum-exp)."""
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._layout import as_heads_like, block_d, heads_like, shared_strides
+from ._layout import accumulator, as_heads_like, block_d, heads_like, shared_strides
 
 
-def _blocks(d: int):
-    return (64 if block_d(d) <= 64 else 32), block_d(d)
+def _config(d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options, chosen with `make gpu-compile-check` (ptxas' report for
+    sm_80, sm_86 and sm_90): no register spills, and at most 99 KB of shared memory per block (the
+    smallest per-block limit of the three), for every head width up to 128. Products on the CUDA
+    cores (float32 without TF32, float64) run without software pipelining, whose stages in flight
+    kept every operand in registers too: the backward spilled 13-60 KB per thread with it."""
+    config = dict(BLOCK_D=block_d(d), PRECISION=_precision(dtype))
+    if dtype == torch.float64:
+        return dict(config, BLOCK_M=16, BLOCK_N=16, num_warps=8 if block_d(d) <= 64 else 4, num_stages=1)
+    if config["PRECISION"] == "ieee":
+        return dict(config, BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+    return dict(config, BLOCK_M=32, BLOCK_N=32, num_warps=4 if block_d(d) <= 64 else 8)
 
 
 @triton.jit
@@ -52,9 +63,10 @@ def _fwd_kernel(p_q, p_k, p_v, p_o, p_lse, H, N, D, scale, s_b, s_h, s_d, s_n, s
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     b_q = _load(p_q, bh, H, o_m, o_d, N, D, s_b, s_h, s_d, s_n)
-    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = p_lse.dtype.element_ty
+    b_max = tl.full([BLOCK_M], float("-inf"), dtype=acc)
+    b_sum = tl.zeros([BLOCK_M], dtype=acc)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc)
     for start in range(0, N, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
         b_s = _scores(b_q, _load(p_k, bh, H, o_n, o_d, N, D, s_b, s_h, s_d, s_n), o_n, N, scale, PRECISION)
@@ -90,8 +102,8 @@ def _bwd_kv_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dk, p_dv, H, N, D, sca
     o_d = tl.arange(0, BLOCK_D)
     b_k = _load(p_k, bh, H, o_n, o_d, N, D, s_b, s_h, s_d, s_n)
     b_v = _load(p_v, bh, H, o_n, o_d, N, D, s_b, s_h, s_d, s_n)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=p_lse.dtype.element_ty)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=p_lse.dtype.element_ty)
     for start in range(0, N, BLOCK_M):
         o_m = start + tl.arange(0, BLOCK_M)
         b_q = _load(p_q, bh, H, o_m, o_d, N, D, s_b, s_h, s_d, s_n)
@@ -114,7 +126,7 @@ def _bwd_q_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, H, N, D, scale, s_b
     o_d = tl.arange(0, BLOCK_D)
     b_q = _load(p_q, bh, H, o_m, o_d, N, D, s_b, s_h, s_d, s_n)
     b_do = _load(p_do, bh, H, o_m, o_d, N, D, so_b, so_h, so_d, so_n)
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=p_lse.dtype.element_ty)
     for start in range(0, N, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
         b_k = _load(p_k, bh, H, o_n, o_d, N, D, s_b, s_h, s_d, s_n)
@@ -126,24 +138,27 @@ def _bwd_q_kernel(p_q, p_k, p_v, p_do, p_lse, p_delta, p_dq, H, N, D, scale, s_b
 
 
 def _precision(dtype):
-    # float32 inputs get float32 products (the reference's precision), not TF32.
-    if dtype == torch.float32:
+    """tl.dot's input precision: float32 products for float32 inputs (the reference's precision)
+    unless torch's own matmul TF32 flag allows tensor cores, as it does for torch's matmuls;
+    float64 products for float64."""
+    if dtype == torch.float64:
         return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "upcast" if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v [B, heads, d, N] -> (out [B, heads * d, N], token-major when q is; lse float32
-    [B, heads, N])."""
+    """q, k, v [B, heads, d, N] -> (out [B, heads * d, N], token-major when q is; lse [B, heads, N],
+    float32, float64 for float64 inputs)."""
     q, k, v = shared_strides(q, k, v)
     b, h, d, n = q.shape
     out = heads_like(q)
-    lse = q.new_empty((b, h, n), dtype=torch.float32)
+    lse = q.new_empty((b, h, n), dtype=accumulator(q.dtype))
     if q.numel():
-        block, block_d = _blocks(d)
-        torch.library.wrap_triton(_fwd_kernel)[(triton.cdiv(n, block), b * h)](
-            q, k, v, out, lse, h, n, d, scale, *q.stride(), *out.stride(), BLOCK_M=block, BLOCK_N=block,
-            BLOCK_D=block_d, PRECISION=_precision(q.dtype))
+        config = _config(d, q.dtype)
+        torch.library.wrap_triton(_fwd_kernel)[(triton.cdiv(n, config["BLOCK_M"]), b * h)](
+            q, k, v, out, lse, h, n, d, scale, *q.stride(), *out.stride(), **config)
     return out.reshape(b, h * d, n), lse
 
 
@@ -154,15 +169,13 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     b, h, d, n = q.shape
     out = out.reshape(b, h, d, n)  # laid out as heads_like(q), as the kernels assume of grad too
     grad = as_heads_like(grad, q)
-    delta = (grad.float() * out.float()).sum(dim=2).contiguous()  # [B, heads, N]
+    delta = (grad.to(lse.dtype) * out.to(lse.dtype)).sum(dim=2).contiguous()  # [B, heads, N]
     dq, dk, dv = heads_like(q), heads_like(q), heads_like(q)
     if q.numel():
-        block, block_d = _blocks(d)
         args = (q, k, v, grad, lse, delta)
-        meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
-        grid = (triton.cdiv(n, block), b * h)
-        torch.library.wrap_triton(_bwd_kv_kernel)[grid](*args, dk, dv, h, n, d, scale, *q.stride(), *grad.stride(),
-                                                        **meta)
-        torch.library.wrap_triton(_bwd_q_kernel)[grid](*args, dq, h, n, d, scale, *q.stride(), *grad.stride(),
-                                                       **meta)
+        config = _config(d, q.dtype)
+        torch.library.wrap_triton(_bwd_kv_kernel)[(triton.cdiv(n, config["BLOCK_N"]), b * h)](
+            *args, dk, dv, h, n, d, scale, *q.stride(), *grad.stride(), **config)
+        torch.library.wrap_triton(_bwd_q_kernel)[(triton.cdiv(n, config["BLOCK_M"]), b * h)](
+            *args, dq, h, n, d, scale, *q.stride(), *grad.stride(), **config)
     return dq, dk, dv

@@ -11,8 +11,17 @@ import triton.language as tl
 
 from ._layout import as_heads_like, block_d, heads_like, shared_strides
 
-BLOCK_N = 128
-BLOCKS_PER_SPLIT = 8
+TOKENS_PER_SPLIT = 1024  # the token passes' share of one program, merged in a fixed order
+
+
+def _config(d: int) -> dict:
+    """Token tile and launch options, chosen with `make gpu-compile-check` (ptxas' report for
+    sm_80, sm_86 and sm_90): no register spills and little shared memory for heads up to 64 wide.
+    The d x d context and the tiles' products live in registers, so wider heads get fewer tokens
+    per tile; 128-token tiles spilled 4-100 KB per thread at d = 64 and asked for up to 320 KB of
+    shared memory. No software pipelining (its stages in flight hold their tiles in registers)."""
+    block_n = 64 if block_d(d) <= 32 else 16
+    return dict(BLOCK_D=block_d(d), BLOCK_N=block_n, num_warps=8, num_stages=1)
 
 
 @triton.jit
@@ -129,9 +138,9 @@ def _bwd_kernel(p_q, p_k, p_v, p_do, p_ctx, p_dctx, p_lse, p_rows, p_dq, p_dk, p
 
 
 def _layout(q, k, v):
-    """The three with one set of strides, the split count of the token passes, BLOCK_D."""
-    splits = max(1, triton.cdiv(triton.cdiv(q.shape[-1], BLOCK_N), BLOCKS_PER_SPLIT))
-    return *shared_strides(q, k, v), splits, block_d(q.shape[2])
+    """The three with one set of strides, the split count of the token passes, the config."""
+    splits = max(1, triton.cdiv(q.shape[-1], TOKENS_PER_SPLIT))
+    return *shared_strides(q, k, v), splits, _config(q.shape[2])
 
 
 def linear_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -139,24 +148,25 @@ def linear_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q, k, v [B, heads, d, N] -> (out [B, heads * d, N], token-major when q is; context float32
     [B * heads, D, D] (softmax_tokens(k) v^T / N, padded to D = BLOCK_D); lse float32 [B * heads, D]:
     the log-sum-exp over tokens of each channel of k)."""
-    q, k, v, splits, block_d = _layout(q, k, v)
+    q, k, v, splits, config = _layout(q, k, v)
     b, h, d, n = q.shape
+    block_d = config["BLOCK_D"]
     out = heads_like(q)
     maxes = q.new_empty((b * h, splits, block_d), dtype=torch.float32)
     sums = torch.empty_like(maxes)
     parts = q.new_empty((b * h, splits, block_d, block_d), dtype=torch.float32)
     if q.numel():
         torch.library.wrap_triton(_context_kernel)[(b * h, splits)](
-            k, v, maxes, sums, parts, h, n, d, *q.stride(), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-            BLOCKS_PER_SPLIT=BLOCKS_PER_SPLIT)
+            k, v, maxes, sums, parts, h, n, d, *q.stride(), BLOCKS_PER_SPLIT=TOKENS_PER_SPLIT // config["BLOCK_N"],
+            **config)
     top = maxes.amax(dim=1, keepdim=True)
     weights = (maxes - top).exp()
     total = (sums * weights).sum(dim=1)  # [B * heads, D]
     context = ((parts * weights[..., None]).sum(dim=1) / (total[..., None] * max(n, 1))).contiguous()
     lse = top.squeeze(1) + total.log()
     if q.numel():
-        torch.library.wrap_triton(_out_kernel)[(triton.cdiv(n, BLOCK_N), b * h)](
-            q, context, out, h, n, d, scale, *q.stride(), *out.stride(), BLOCK_D=block_d, BLOCK_N=BLOCK_N)
+        torch.library.wrap_triton(_out_kernel)[(triton.cdiv(n, config["BLOCK_N"]), b * h)](
+            q, context, out, h, n, d, scale, *q.stride(), *out.stride(), **config)
     return out.reshape(b, h * d, n), context, lse
 
 
@@ -164,19 +174,20 @@ def linear_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                          context: torch.Tensor, lse: torch.Tensor,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), each [B, heads, d, N] laid out as the forward's output."""
-    q, k, v, splits, block_d = _layout(q, k, v)
+    q, k, v, splits, config = _layout(q, k, v)
     b, h, d, n = q.shape
+    block_d = config["BLOCK_D"]
     dq, dk, dv = heads_like(q), heads_like(q), heads_like(q)
     grad = as_heads_like(grad, q)
     parts = q.new_empty((b * h, splits, block_d, block_d), dtype=torch.float32)
     if q.numel():
         torch.library.wrap_triton(_dcontext_kernel)[(b * h, splits)](
-            q, grad, parts, h, n, d, *q.stride(), *grad.stride(), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-            BLOCKS_PER_SPLIT=BLOCKS_PER_SPLIT)
+            q, grad, parts, h, n, d, *q.stride(), *grad.stride(), BLOCKS_PER_SPLIT=TOKENS_PER_SPLIT // config["BLOCK_N"],
+            **config)
     dcontext = (parts.sum(dim=1) * scale).contiguous()
     rows = (dcontext * context).sum(dim=-1).contiguous()
     if q.numel():
-        torch.library.wrap_triton(_bwd_kernel)[(triton.cdiv(n, BLOCK_N), b * h)](
+        torch.library.wrap_triton(_bwd_kernel)[(triton.cdiv(n, config["BLOCK_N"]), b * h)](
             q, k, v, grad, context, dcontext, lse.contiguous(), rows, dq, dk, dv, h, n, d, scale, *q.stride(),
-            *grad.stride(), BLOCK_D=block_d, BLOCK_N=BLOCK_N)
+            *grad.stride(), **config)
     return dq, dk, dv

@@ -48,5 +48,6 @@ def q_posterior_sample_fwd(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
         grid = (triton.cdiv(n, BLOCK),)
         torch.library.wrap_triton(_q_posterior_sample_fwd_kernel)[grid](x0, x_t, out, t, table, n, n // x_t.shape[0], int(seed), num_classes,
                                              mask_index, 0 if ignore_index is None else ignore_index,
-                                             HAS_IGNORE=ignore_index is not None, BLOCK=BLOCK)
+                                             HAS_IGNORE=ignore_index is not None, BLOCK=BLOCK,
+            enable_fp_fusion=False)  # same bits as the CPU and CUDA builds (kernels/_common.py)
     return out

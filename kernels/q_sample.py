@@ -36,5 +36,6 @@ def q_sample_fwd(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed: t
         grid = (triton.cdiv(n, BLOCK),)
         torch.library.wrap_triton(_q_sample_fwd_kernel)[grid](x0, out, t, table, n, n // x0.shape[0], int(seed), num_classes, mask_index,
                                    0 if ignore_index is None else ignore_index,
-                                   HAS_IGNORE=ignore_index is not None, BLOCK=BLOCK)
+                                   HAS_IGNORE=ignore_index is not None, BLOCK=BLOCK,
+            enable_fp_fusion=False)  # same bits as the CPU and CUDA builds (kernels/_common.py)
     return out

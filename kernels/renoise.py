@@ -42,5 +42,6 @@ def renoise_fwd(logits: torch.Tensor, t: torch.Tensor, table: torch.Tensor, seed
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         torch.library.wrap_triton(_renoise_fwd_kernel)[grid](logits, out, t, table, n, n // out.shape[0], int(seed), num_classes, mask_index,
-                                  BLOCK=BLOCK)
+                                  BLOCK=BLOCK,
+            enable_fp_fusion=False)  # same bits as the CPU and CUDA builds (kernels/_common.py)
     return out

@@ -7,7 +7,7 @@ from ddps import reference
 from ddps.ops import attention, attention_qkv, linear_attention, linear_attention_qkv
 from ddps.kernels._layout import as_heads_like
 from ddps.ops.attention import token_major
-from denoiser import DENOISER, assert_matches_reference
+from denoiser import DENOISER, assert_matches_reference, device_of, on
 from sampling import assert_thread_count_invariant
 
 SHAPES = [(2, 4, 32, 64), (1, 1, 32, 1), (2, 4, 32, 77), (1, 4, 8, 130)]  # [B, heads, d, N]
@@ -27,7 +27,7 @@ def _qkv(shape, seed=0):
 def test_matches_reference_fp32(backend, op, ref, shape):
     scale = shape[2] ** -0.5
     assert_matches_reference(lambda q, k, v: op(q, k, v, scale, backend=backend), lambda q, k, v: ref(q, k, v, scale),
-                             _qkv(shape))
+                             _qkv(shape), device=device_of(backend))
 
 
 @pytest.mark.parametrize("backend", DENOISER)
@@ -35,16 +35,19 @@ def test_matches_reference_fp32(backend, op, ref, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_torch_error(backend, op, ref, dtype):
     assert_matches_reference(lambda q, k, v: op(q, k, v, 32 ** -0.5, backend=backend),
-                             lambda q, k, v: ref(q, k, v, 32 ** -0.5), _qkv((2, 4, 32, 96)), dtype=dtype)
+                             lambda q, k, v: ref(q, k, v, 32 ** -0.5), _qkv((2, 4, 32, 96)), dtype=dtype,
+                             device=device_of(backend))
 
 
 @pytest.mark.parametrize("backend", DENOISER)
 @pytest.mark.parametrize("op,ref", OPS, ids=OP_IDS)
 def test_non_contiguous_inputs(backend, op, ref):
     # The qkv conv's output split per head is a strided view, as are slices.
-    q, k, v = (x[:, :, :, ::2] for x in _qkv((2, 4, 32, 90)))
+    qkv = _qkv((2, 4, 32, 90))
+    q, k, v = (x[:, :, :, ::2] for x in on(backend, *qkv))  # sliced where the kernel runs
     assert not q.is_contiguous()
-    torch.testing.assert_close(op(q, k, v, 0.2, backend=backend), ref(q, k, v, 0.2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(op(q, k, v, 0.2, backend=backend).cpu(), ref(*(x[:, :, :, ::2] for x in qkv), 0.2),
+                               rtol=1e-5, atol=1e-6)
 
 
 def _token_major(q, k, v):
@@ -69,7 +72,8 @@ def test_token_major_views(backend, op, ref, dtype, shape):
         assert out.shape == (shape[0], shape[1] * shape[2], shape[3]) and out.stride(1) == 1  # token-major
         return out
 
-    assert_matches_reference(fused, lambda q, k, v: ref(q, k, v, scale), _qkv(shape), dtype=dtype)
+    assert_matches_reference(fused, lambda q, k, v: ref(q, k, v, scale), _qkv(shape), dtype=dtype,
+                             device=device_of(backend))
 
 
 @pytest.mark.parametrize("op", [attention, linear_attention], ids=OP_IDS)
@@ -175,7 +179,7 @@ def test_non_finite_inputs_as_reference(op, spoil, backend):
     q, k, v = _qkv((1, 2, 32, 50))
     for (tensor, value), channel in zip(spoil, (5, 9)):
         (q, k, v)[tensor][0, 1, channel, 7] = value
-    got = op(*_token_major(q, k, v), 0.2, backend=backend)
+    got = op(*_token_major(*on(backend, q, k, v)), 0.2, backend=backend).cpu()
     expected = getattr(reference, op.__name__)(q, k, v, 0.2)
     assert not expected.isfinite().all()
     assert torch.equal(got.isnan(), expected.isnan())
@@ -207,7 +211,8 @@ def test_qkv_matches_reference(backend, op_qkv, op, layout, shape, heads):
         assert out.shape == (shape[0], shape[1] // 3, *shape[2:])
         return out
 
-    assert_matches_reference(fused, lambda qkv: _split_reference(op, qkv, heads, scale), [torch.randn(shape)])
+    assert_matches_reference(fused, lambda qkv: _split_reference(op, qkv, heads, scale), [torch.randn(shape)],
+                             device=device_of(backend))
 
 
 @CPU_KERNEL
@@ -246,8 +251,9 @@ def test_qkv_bad_input_is_a_clear_error(op_qkv):
 @pytest.mark.parametrize("batch,side", [(0, 4), (2, 0)], ids=["no samples", "no tokens"])
 def test_empty_input_gives_empty_output(op_qkv, op, batch, side, backend):
     # The original's reshapes fail on these; the ops return the empty result and empty gradients.
-    qkv = torch.randn(batch, 3 * 2 * 16, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
-    q, k, v = (x.detach().requires_grad_() for x in _qkv((batch, 2, 16, side * side)))
+    qkv, = on(backend, torch.randn(batch, 3 * 2 * 16, side, side).contiguous(memory_format=torch.channels_last))
+    qkv.requires_grad_()
+    q, k, v = (x.detach().requires_grad_() for x in on(backend, *_qkv((batch, 2, 16, side * side))))
     for out, leaves, shape in ((op(q, k, v, 0.3, backend=backend), (q, k, v), (batch, 32, side * side)),
                                (op_qkv(qkv, 2, 0.3, backend=backend), (qkv,), (batch, 32, side, side))):
         assert out.shape == shape

@@ -1,4 +1,5 @@
 """Backend discovery, choice and graceful degradation without the compiled extension."""
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,12 @@ def test_triton_kernels_install_inside_the_package_only():
                      "print(ddps.kernels.__name__)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ddps.kernels"
+
+
+def test_backends_say_where_the_gpu_code_was_checked():
+    status = ddps.backends()
+    checked = status["triton"]["checked"]
+    assert checked == status["cuda"]["checked"]
+    assert "sm_80, sm_86 and sm_90" in checked and "make cuda-build-check" in checked
+    runs = json.loads((Path(ddps.__file__).parent / "gpu_checks.json").read_text())["executed"]
+    assert checked.endswith("executed on a GPU by make gpu-check: never") == (not runs)

@@ -115,3 +115,39 @@ def test_fused_unet_on_triton_kernels_matches_reference(monkeypatch):
         assert ((fused(x, t) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
     for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
         assert ((p_fused.grad - p_ref.grad).abs().max() / p_ref.grad.abs().max()).item() <= 1e-4, name
+
+
+def test_float64_attention_accumulates_in_float64():
+    # Statistics, sums and the saved log-sum-exp in float64 (float32 ones held float64 inputs to
+    # float32 accuracy, and did not compile for a GPU).
+    leaves = [x.double().requires_grad_() for x in _qkv((1, 2, 32, 70))]
+    refs = [x.detach().clone().requires_grad_() for x in leaves]
+    out, expected = attention(*leaves, 0.2, backend="triton"), reference.attention(*refs, 0.2)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in [(out, expected), *((x.grad, r.grad) for x, r in zip(leaves, refs))]:
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("op,ref,d", [(attention, reference.attention, 160),
+                                      (linear_attention, reference.linear_attention, 80)],
+                         ids=["attention-d160", "linear_attention-d80"])
+def test_heads_wider_than_the_kernels_take_run_the_composite(op, ref, d):
+    from ddps.kernels._layout import MAX_D
+    assert d > MAX_D[op.__name__]
+    q, k, v = _qkv((1, 2, d, 20))
+    torch.testing.assert_close(op(q, k, v, 0.1, backend="triton"), ref(q, k, v, 0.1), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_attention_follows_torch_tf32_flag():
+    from ddps.kernels import attention as kernel
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert kernel._config(32, torch.float32)["PRECISION"] == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert kernel._config(32, torch.float32)["PRECISION"] == "tf32"
+        assert kernel._config(32, torch.float64)["PRECISION"] == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -5,7 +5,7 @@ import torch
 
 from ddps import reference
 from ddps.ops import channel_layer_norm, group_norm_film_silu
-from denoiser import DENOISER, assert_matches_reference
+from denoiser import DENOISER, assert_matches_reference, device_of, on
 
 
 def _randn(*shape, seed=0):
@@ -19,7 +19,8 @@ def test_channel_layer_norm(backend, shape, dtype):
     x, g = _randn(*shape), _randn(1, shape[1], 1, 1, seed=1)
     eps = 1e-5 if dtype == torch.float32 else 1e-3
     assert_matches_reference(lambda x, g: channel_layer_norm(x, g, backend=backend),
-                             lambda x, g: reference.channel_layer_norm(x, g, eps), [x, g], dtype=dtype)
+                             lambda x, g: reference.channel_layer_norm(x, g, eps), [x, g], dtype=dtype,
+                             device=device_of(backend))
 
 
 def _norm_inputs(shape, film, offset=0.0):
@@ -47,7 +48,7 @@ def _with_groups(fn, groups, memory_format=torch.contiguous_format, **kw):
 def test_group_norm_film_silu(backend, film, shape, groups, dtype, memory_format):
     assert_matches_reference(_with_groups(group_norm_film_silu, groups, memory_format, backend=backend),
                              _with_groups(reference.group_norm_film_silu, groups), _norm_inputs(shape, film),
-                             dtype=dtype)
+                             dtype=dtype, device=device_of(backend))
 
 
 @pytest.mark.parametrize("backend", DENOISER)
@@ -57,7 +58,7 @@ def test_group_norm_film_silu_large_mean(backend):
     # cancelled catastrophically would miss it by orders of magnitude.
     assert_matches_reference(_with_groups(group_norm_film_silu, 4, torch.channels_last, backend=backend),
                              _with_groups(reference.group_norm_film_silu, 4),
-                             _norm_inputs((2, 32, 20, 20), True, offset=300.0), rtol=1e-4)
+                             _norm_inputs((2, 32, 20, 20), True, offset=300.0), rtol=1e-4, device=device_of(backend))
 
 
 @pytest.mark.parametrize("backend", DENOISER)
@@ -67,7 +68,8 @@ def test_group_norm_film_silu_nan_and_infinities_spread_over_their_group(backend
     x, w, bias, scale, shift = _norm_inputs((2, 32, 8, 8), True)
     x[0, 3, 2, 2], x[1, 21, 1, 1], x[1, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
     expected = reference.group_norm_film_silu(x, w, bias, scale, shift, 4)
-    got = group_norm_film_silu(x.contiguous(memory_format=memory_format), w, bias, scale, shift, 4, backend=backend)
+    got = group_norm_film_silu(*on(backend, x.contiguous(memory_format=memory_format), w, bias, scale, shift), 4,
+                               backend=backend).cpu()
     assert expected.isnan().sum() == 3 * 8 * 64  # the three groups, whole
     assert torch.equal(got.isnan(), expected.isnan())
     torch.testing.assert_close(got[~expected.isnan()], expected[~expected.isnan()])
@@ -82,14 +84,14 @@ def test_group_norm_film_silu_infinite_shift_as_reference(backend, memory_format
     inputs = _norm_inputs((2, 32, 8, 8), True)
     inputs[4][0, 5], inputs[4][1, 9] = -float("inf"), float("inf")
 
-    def run(fn, memory_format=torch.contiguous_format, **kw):
-        leaves = [t.detach().requires_grad_() for t in inputs]
+    def run(fn, memory_format=torch.contiguous_format, device="cpu", **kw):
+        leaves = [t.detach().to(device).requires_grad_() for t in inputs]
         x, *rest = leaves
         out = fn(x.contiguous(memory_format=memory_format), *rest, 4, **kw)
-        out.backward(_randn(*out.shape, seed=5))
-        return [out.detach(), *(t.grad for t in leaves)]
+        out.backward(_randn(*out.shape, seed=5).to(device))
+        return [t.cpu() for t in (out.detach(), *(t.grad for t in leaves))]
     expected = run(reference.group_norm_film_silu)
-    got = run(group_norm_film_silu, memory_format, backend=backend)
+    got = run(group_norm_film_silu, memory_format, device_of(backend), backend=backend)
     assert expected[0].isnan().sum() == 64 and expected[0].isinf().sum() == 64
     for g, e in zip(got, expected):
         assert torch.equal(g.isnan(), e.isnan())
@@ -126,11 +128,14 @@ def test_group_norm_film_silu_opcheck(film):
 
 @pytest.mark.parametrize("backend", DENOISER)
 def test_non_contiguous_inputs(backend):
-    x = _randn(2, 32, 12, 12)[:, :, ::2, 1::2]
+    x = _randn(2, 32, 12, 12)
     g = _randn(1, 32, 1, 1)
-    torch.testing.assert_close(channel_layer_norm(x, g, backend=backend), reference.channel_layer_norm(x, g))
+    sliced = on(backend, x)[0][:, :, ::2, 1::2]  # sliced where the kernel runs
+    x = x[:, :, ::2, 1::2]
+    torch.testing.assert_close(channel_layer_norm(sliced, *on(backend, g), backend=backend).cpu(),
+                               reference.channel_layer_norm(x, g))
     w, bias, s = _randn(32), _randn(32), _randn(2, 32, 1, 1)
-    torch.testing.assert_close(group_norm_film_silu(x, w, bias, s, s, 4, backend=backend),
+    torch.testing.assert_close(group_norm_film_silu(sliced, *on(backend, w, bias, s, s), 4, backend=backend).cpu(),
                                reference.group_norm_film_silu(x, w, bias, s, s, 4))
 
 

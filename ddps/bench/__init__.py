@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .. import _backend
-from . import cases as cases_mod
+from . import cases as cases_mod, floor
 from .measure import copy_gbps, machine, measure, profiled_call, summary
 
 QUICK, FULL = "quick", "full"
@@ -101,6 +101,10 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
         if list(providers) != case.provider_names(device):
             raise RuntimeError(f"case {case.name}: built {list(providers)}, declared {case.provider_names(device)}")
         copy = copy_gbps(case.nbytes, device, 5) if case.nbytes else None
+        # On a GPU: the case's floor on paper (ddps.bench.floor), of which each row reaches a fraction.
+        gpu_floor = floor.floor_ms(*floor.case_work(case, device), floor.gpu_of(torch.cuda.get_device_name(device)),
+                                   "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32") \
+            if device.type == "cuda" else None
         expected = base = None
         for name, fn in providers.items():
             row = dict(case=case.name, group=case.group, shape=case.shape, mode=case.mode, provider=name)
@@ -132,6 +136,8 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
                 row["copy_gbps"] = copy
             if case.flops and not compiled:
                 row["gflops"] = counter.get_total_flops() / row["median_ms"] / 1e6
+            if gpu_floor is not None:
+                row["gpu_floor_ms"], row["floor_pct"] = gpu_floor, 100 * gpu_floor / row["median_ms"]
             rows.append(row)
             log and log(row)
         del providers, expected

@@ -11,7 +11,7 @@ from .measure import machine_line
 
 COLUMNS = ("median ms", "q20", "q80", "speedup", "GB/s", "copy GB/s", "GFLOP/s", "peak MB")
 CSV_FIELDS = ("case", "group", "mode", "shape", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "gbps",
-              "copy_gbps", "gflops", "peak_mb", "floor_ms", "check", "skipped", "error", "device", "threads",
+              "copy_gbps", "gflops", "peak_mb", "floor_ms", "gpu_floor_ms", "floor_pct", "check", "skipped", "error", "device", "threads",
               "torch", "triton", "python", "ddps", "commit")
 
 
@@ -31,6 +31,8 @@ def cells(row: dict) -> list[str]:
     note = row.get("check", "")
     if "floor_ms" in row:
         note += f"; FLOP floor {row['floor_ms']:.0f} ms"
+    if "floor_pct" in row:
+        note += f"; {row['floor_pct']:.1f}% of the GPU floor ({row['gpu_floor_ms']:.4f} ms)"
     return [_num(row["median_ms"], ".3f"), _num(row["q20_ms"], ".3f"), _num(row["q80_ms"], ".3f"),
             _num(row["speedup"], ".2f") + "x", _num(row.get("gbps"), ".1f"), _num(row.get("copy_gbps"), ".1f"),
             _num(row.get("gflops"), ".0f"), _num(row.get("peak_mb"), ".1f"), note]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks, reference
-from ..kernels._layout import as_heads_like, heads_like, token_major
+from ..kernels._layout import MAX_D, accumulator, as_heads_like, heads_like, token_major
 from . import _common
 
 IMPLEMENTED = ("cpu", "triton", "reference")
@@ -59,7 +59,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def dispatch(op, q, k, v, scale, backend, triton, composite):
     """attention's and linear_attention's backends: the reference, ``triton()`` (the op's Triton
-    autograd function), the C++ kernel where it takes the inputs, else ``composite`` (torch ops)."""
+    autograd function; heads up to MAX_D[op] wide), the C++ kernel where it takes the inputs, else
+    ``composite`` (torch ops, on any device)."""
     _checks.heads(q, k, v)
     chosen = _backend.resolve(op, backend, q.device, IMPLEMENTED)
     if q.numel() == 0:  # no samples or no tokens: an empty output (which the original's reshapes fail on)
@@ -68,7 +69,7 @@ def dispatch(op, q, k, v, scale, backend, triton, composite):
         return (q + k + v).reshape(b, h * d, n)
     if chosen == "reference":
         return getattr(reference, op)(q, k, v, scale)
-    if chosen == "triton":
+    if chosen == "triton" and q.shape[-2] <= MAX_D[op]:
         return triton()(q, k, v, scale)[0]
     if kernel_takes(q, k, v):
         return getattr(torch.ops.ddps, op)(q, k, v, scale)[0]
@@ -133,7 +134,7 @@ _backend.register_autograd("attention", _cpu_backward, _cpu_setup_context)
 
 def _fwd_fake(q, k, v, scale):
     b, h, d, n = q.shape
-    return heads_like(q).reshape(b, h * d, n), q.new_empty((b, h, n), dtype=torch.float32)
+    return heads_like(q).reshape(b, h * d, n), q.new_empty((b, h, n), dtype=accumulator(q.dtype))
 
 
 def _bwd_fake(grad, q, k, v, out, lse, scale):

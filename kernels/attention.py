@@ -20,7 +20,7 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     cores (float32 without TF32, float64) run without software pipelining, whose stages in flight
     kept every operand in registers too: the backward spilled 13-60 KB per thread with it."""
     config = dict(BLOCK_D=block_d(d), PRECISION=_precision(dtype))
-    if dtype == torch.float64:
+    if config["PRECISION"] == "ieee" and (dtype == torch.float64 or block_d(d) >= 64):
         return dict(config, BLOCK_M=16, BLOCK_N=16, num_warps=8 if block_d(d) <= 64 else 4, num_stages=1)
     if config["PRECISION"] == "ieee":
         return dict(config, BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .. import _backend
-from . import cases as cases_mod, floor
+from . import cases as cases_mod
 from .measure import copy_gbps, machine, measure, profiled_call, summary
 
 QUICK, FULL = "quick", "full"
@@ -89,6 +89,7 @@ def _counted(fn, counter: FlopCounterMode):
 
 def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None) -> dict:
     """Measure every case; ``log(row)`` is called as each row is ready (for live printing)."""
+    from . import floor  # not at import: `python -m ddps.bench.floor` would find it imported twice
     _count_winograd_flops()
     # Every case compiles its own shapes of the same module code: past dynamo's default of 8
     # graphs per code object the compile(reference) rows would silently run eager.

@@ -383,7 +383,9 @@ def markdown(results: list[dict], seconds: float) -> str:
         "(spill stores + loads, bytes per thread); shared memory is what the launch asks for.",
         "",
         f"Triton {', '.join(versions)}; torch {torch.__version__}; Python {platform.python_version()};"
-        f" {len(results)} compiles in {seconds:.0f} s; failures: {len(failures)}.",
+        f" {len(results)} compiles ({sum(1 for r in results if r.get('cached'))} of them kept from an earlier run,"
+        f" {sum(r['seconds'] or 0 for r in results):.0f} s of compiler time in all) in {seconds:.0f} s;"
+        f" failures: {len(failures)}.",
         "",
         "Budgets (`ddps/bench/gpu_compile.py`): spills "
         f"{SPILL_BUDGET['shipped']} B in the shipped configurations (d = {SHIPPED_D}, fp32/bf16/fp16), "

@@ -129,11 +129,10 @@ def main():
     for lib in libs:
         provided |= dynamic_symbols(find_library(lib, lib_dirs), defined=True)
     provided |= dynamic_symbols(os.path.realpath(sys.executable), defined=True)
-    libpython = sysconfig.get_config_var("LDLIBRARY")
-    if libpython and libpython.endswith(".so") or ".so." in (libpython or ""):
-        path = os.path.join(sysconfig.get_config_var("LIBDIR"), libpython)
-        if os.path.exists(path):
-            provided |= dynamic_symbols(path, defined=True)
+    # An interpreter built with --enable-shared exports the C API from libpython, not the executable.
+    libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")
+    if ".so" in os.path.basename(libpython) and os.path.exists(libpython):
+        provided |= dynamic_symbols(libpython, defined=True)
     undefined = sorted(dynamic_symbols(so, defined=False) - provided)
     if undefined:
         sys.exit(f"{so}: {len(undefined)} unresolved symbols, e.g. {undefined[:10]}")

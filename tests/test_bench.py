@@ -137,3 +137,14 @@ def test_pytest_benchmark_suite_runs(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_gpu_floor_counts_each_input_once_and_each_output():
+    from ddps.bench import floor
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    nbytes, flops = floor.work(lambda: (a @ b).relu() + a.sum())  # a read twice, intermediates internal
+    assert flops == 2 * 64 * 32 * 16
+    assert nbytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+    h100 = floor.GPUS["H100"]
+    assert floor.floor_ms(nbytes, flops, "H100", "fp32") == max(nbytes / h100["bandwidth"], flops / h100["fp32"]) * 1e3
+    assert floor.gpu_of("NVIDIA H200") == "H200" and floor.gpu_of("NVIDIA A100-SXM4-80GB") == "A100"

@@ -49,8 +49,9 @@ def test_opcheck(name):
     torch.library.opcheck(forward._opoverload, OPCHECK[name](), test_utils=utils)
 
 
-# Boundaries of the tilings: linear attention's token splits (8 blocks of 128 tokens per split),
-# attention's 64-token blocks, the norms' pixel tiles (several, the last partial).
+# Boundaries of the tilings: linear attention's token splits (1024 tokens per split),
+# attention's 32-token blocks (16 in float32 with d >= 64), the norms' pixel tiles (several, the last
+# partial).
 @pytest.mark.parametrize("op,ref,shape", [
     (linear_attention, reference.linear_attention, (1, 2, 32, 2100)),
     (attention, reference.attention, (1, 2, 32, 200)),

@@ -37,7 +37,8 @@ TARGETS = {"sm_80": (80, 163 * 1024), "sm_86": (86, 99 * 1024), "sm_90": (90, 22
 
 # The spill budget, bytes per thread (spill stores + spill loads as ptxas reports them): none in
 # the configurations the shipped model runs (head width 32 in float32, bfloat16 and float16); a
-# few words elsewhere (TF32 attention at d = 128 spills 20 B on sm_86).
+# few words elsewhere (head widths 16, 64 and 128 and float64 spill up to 24 B with Triton 3.9
+# and 32 B with 3.7.1, in a few variants; smaller tiles would cost every variant speed).
 SPILL_BUDGET = {"shipped": 0, "other": 64}
 
 # Kernels whose samples the package promises bitwise equal on every backend: compiled without
@@ -231,21 +232,33 @@ PTXAS = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _compile_one(launch_index: int, target_name: str) -> dict:
-    """Compile one captured launch (found again by index: kernels do not pickle) for one target."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+def _compile_one(launch_index: int, target_name: str, shipped: bool) -> dict:
+    """Compile one captured launch (found again by index: kernels do not pickle) for one target,
+    and judge it against the budgets (``shipped``: whether a shipped configuration launches it)."""
     capability, limit = TARGETS[target_name]
     launch = _LAUNCHES[capability][launch_index]
-    result = Result(_name(launch.kernel), _variant(launch), target_name, triton.__version__, shipped=launch.shipped)
+    result = _figures(launch, target_name)
+    result["shipped"] = shipped
+    result["problems"] = ["compile error"] if result["error"] else problems(
+        Result(**{k: v for k, v in result.items() if k in Result.__dataclass_fields__}), launch.kernel.__name__,
+        shipped, limit)
+    return result
+
+
+def _figures(launch: Launch, target_name: str) -> dict:
+    """What the compiler reports for a launch on a target: from the cache of earlier runs when it
+    holds this exact compile, else compiled now (and kept there)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    capability = TARGETS[target_name][0]
+    result = Result(_name(launch.kernel), _variant(launch), target_name, triton.__version__)
     start = time.time()
     target = GPUTarget("cuda", capability, 32)
     _, src, options = _specialise(launch, target)
     cache = _cache_path(src, options, target_name, triton.__version__)
     if cache and os.path.exists(cache):
         with open(cache) as f:
-            stored = json.load(f)
-        return {**stored, "cached": True}
+            return {**json.load(f), "cached": True}
     log = io.StringIO()
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # a cache hit runs no ptxas, hence no report
@@ -254,7 +267,6 @@ def _compile_one(launch_index: int, target_name: str) -> dict:
             compiled = triton.compile(src, target=target, options=options.__dict__)
     except Exception as exc:  # a compile error is the finding, reported with the kernel it hit
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-        result.problems.append("compile error")
         return asdict(result)
     text = log.getvalue()
     registers, spills = PTXAS.search(text), SPILLS.findall(text)
@@ -267,7 +279,6 @@ def _compile_one(launch_index: int, target_name: str) -> dict:
     # least 2^-25 in magnitude (floats near 0.5 are 2^-25 apart), never a denormal to flush.
     result.ftz = len([x for x in re.findall(r"\b[\w.]*\.ftz\.[\w.]*", ptx) if not x.startswith("cvt.rmi.")])
     result.seconds = round(time.time() - start, 1)
-    result.problems = problems(result, launch.kernel.__name__, launch.shipped, limit)
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(cache + ".tmp", "w") as f:
@@ -290,25 +301,27 @@ def problems(result: Result, kernel: str, shipped: bool, shared_limit: int) -> l
 
 
 def _cache_path(src, options, target_name, version):
-    """Where the result of this exact compile is kept between runs (the kernel's source and every
-    function it calls, the specialisation, the options, the target and the Triton version): the
-    same inputs give the same machine code, so a rerun on a machine that kept its cache compiles
-    only what changed. DDPS_GPU_COMPILE_CACHE=0 turns it off."""
+    """Where the compiler's figures for this exact compile are kept between runs (the kernel's
+    source and every function it calls, the specialisation, the options, the target and the Triton
+    version): the same inputs give the same machine code, so a rerun on a machine that kept its
+    cache compiles only what changed; the budgets are applied afresh on every run.
+    DDPS_GPU_COMPILE_CACHE=0 turns it off."""
     root = os.environ.get("DDPS_GPU_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddps",
                                                                     "gpu-compile"))
     if root == "0":
         return None
     import hashlib
-    key = hashlib.sha256(f"{src.hash()} {options.hash()} {target_name} {version} {SPILL_BUDGET} {TARGETS}".encode())
+    key = hashlib.sha256(f"{src.hash()} {options.hash()} {target_name} {version}".encode())
     return os.path.join(root, key.hexdigest() + ".json")
 
 
 _LAUNCHES: dict[int, list[Launch]] = {}
 
 
-def _unique(capability: int, cases=None) -> list[tuple[int, list[str]]]:
-    """(index of the first launch of each distinct compile, the cases that launch it), of the cases
-    whose names start with one of ``cases`` (all when None)."""
+def _unique(capability: int, cases=None) -> list[tuple[int, list[str], bool]]:
+    """(index of the first launch of each distinct compile, the cases that launch it, whether one
+    of them is a shipped configuration), of the cases whose names start with one of ``cases``
+    (all when None)."""
     from triton.backends.compiler import GPUTarget
     _LAUNCHES[capability] = capture()
     seen: dict[str, tuple[int, list[str]]] = {}
@@ -316,11 +329,10 @@ def _unique(capability: int, cases=None) -> list[tuple[int, list[str]]]:
         if cases and not launch.case.startswith(tuple(cases)):
             continue
         key, _, _ = _specialise(launch, GPUTarget("cuda", capability, 32))
-        entry = seen.setdefault(key, (i, []))
+        entry = seen.setdefault(key, (i, [], []))
         entry[1].append(launch.case)
-        if launch.shipped:
-            _LAUNCHES[capability][entry[0]].shipped = True
-    return list(seen.values())
+        entry[2].append(launch.shipped)
+    return [(index, cases, any(shipped)) for index, cases, shipped in seen.values()]
 
 
 def _worker_init():
@@ -338,8 +350,8 @@ def run(targets=tuple(TARGETS), cases=None, workers: int | None = None) -> list[
     jobs, names_of = [], {}
     for name in targets:
         capability = TARGETS[name][0]
-        for index, names in _unique(capability, cases):
-            jobs.append((index, name))
+        for index, names, shipped in _unique(capability, cases):
+            jobs.append((index, name, shipped))
             names_of[(name, index)] = names
     workers = workers or os.cpu_count() or 1
     results = []
@@ -348,7 +360,7 @@ def run(targets=tuple(TARGETS), cases=None, workers: int | None = None) -> list[
             results.append(result)
             if len(results) % 100 == 0:
                 print(f"gpu-compile-check: {len(results)}/{len(jobs)} compiled", file=sys.stderr, flush=True)
-    for result, (index, name) in zip(results, jobs):
+    for result, (index, name, _) in zip(results, jobs):
         result["cases"] = names_of[(name, index)]
     return results
 

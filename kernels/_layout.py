@@ -65,6 +65,11 @@ def shared_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return tuple(heads_like(q).copy_(x) for x in (q, k, v))
 
 
+# Launch options of every denoiser kernel. Triton 3.9 warns that 3.10 stops fusing multiply-adds by
+# default; these kernels promise results within float rounding of the reference (not bits, unlike
+# the samplers), so they keep the fused ones whatever the version.
+FP_FUSION = dict(enable_fp_fusion=True)
+
 # The widest head each Triton attention op takes: what `make gpu-compile-check` compiles within
 # the spill and shared-memory budgets (linear_attention keeps a d x d context and d x 128 token
 # tiles in registers: at d = 128 ptxas ran for minutes and spilled). Wider heads run the ops'

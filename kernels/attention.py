@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import accumulator, as_heads_like, block_d, heads_like, shared_strides
+from ._layout import FP_FUSION, accumulator, as_heads_like, block_d, heads_like, shared_strides
 
 
 def _config(d: int, dtype: torch.dtype) -> dict:
@@ -19,7 +19,7 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     smallest per-block limit of the three), for every head width up to 128. Products on the CUDA
     cores (float32 without TF32, float64) run without software pipelining, whose stages in flight
     kept every operand in registers too: the backward spilled 13-60 KB per thread with it."""
-    config = dict(BLOCK_D=block_d(d), PRECISION=_precision(dtype))
+    config = dict(BLOCK_D=block_d(d), PRECISION=_precision(dtype), **FP_FUSION)
     if config["PRECISION"] == "ieee" and (dtype == torch.float64 or block_d(d) >= 64):
         return dict(config, BLOCK_M=16, BLOCK_N=16, num_warps=8 if block_d(d) <= 64 else 4, num_stages=1)
     if config["PRECISION"] == "ieee":

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import bcp, bcp_like, like
+from ._layout import FP_FUSION, bcp, bcp_like, like
 
 
 def _blocks(c: int, pixels: int):
@@ -70,7 +70,7 @@ def channel_layer_norm_fwd(x: torch.Tensor, g: torch.Tensor, eps: float) -> tupl
         block_c, block_p = _blocks(x.shape[1], pixels)
         grid = (x.shape[0], triton.cdiv(pixels, block_p))
         torch.library.wrap_triton(_fwd_kernel)[grid](x, g, y, mean, rstd, x.shape[1], pixels, *strides, eps,
-                                                     BLOCK_C=block_c, BLOCK_P=block_p)
+                                                     BLOCK_C=block_c, BLOCK_P=block_p, **FP_FUSION)
     return y, mean, rstd
 
 
@@ -86,5 +86,5 @@ def channel_layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, m
     if x.numel():
         torch.library.wrap_triton(_bwd_kernel)[(x.shape[0], tiles)](dy, x, g, mean, rstd, dx, dg_part, x.shape[1],
                                                                      pixels, *strides, BLOCK_C=block_c,
-                                                                     BLOCK_P=block_p)
+                                                                     BLOCK_P=block_p, **FP_FUSION)
     return dx, dg_part.sum(dim=0).to(g.dtype)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import bcp, bcp_like, like
+from ._layout import FP_FUSION, bcp, bcp_like, like
 
 BLOCK = 4096  # elements per program: channels x pixels
 
@@ -117,7 +117,8 @@ def _coefficients(weight, bias, scale, shift, mean, rstd, cpg):
 def _launch(kernel, x, pixels, strides, blocks, *args):
     block_c, block_p = blocks
     grid = (x.shape[0], triton.cdiv(x.shape[1], block_c), triton.cdiv(pixels, block_p))
-    torch.library.wrap_triton(kernel)[grid](*args, x.shape[1], pixels, *strides, BLOCK_C=block_c, BLOCK_P=block_p)
+    torch.library.wrap_triton(kernel)[grid](*args, x.shape[1], pixels, *strides, BLOCK_C=block_c, BLOCK_P=block_p,
+                                            **FP_FUSION)
 
 
 def group_norm_film_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor],
@@ -134,7 +135,8 @@ def group_norm_film_silu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     m2 = torch.empty_like(sums)
     if x.numel():
         torch.library.wrap_triton(_stats_kernel)[(b * groups, tiles)](x, sums, m2, c, pixels, groups, *strides,
-                                                                      CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p)
+                                                                      CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p,
+                                                                      **FP_FUSION)
     counts = (torch.arange(tiles, device=x.device) * -block_p + pixels).clamp(max=block_p) * cpg  # per tile
     total = max(pixels * cpg, 1)
     mean = sums.sum(dim=1) / total

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import as_heads_like, block_d, heads_like, shared_strides
+from ._layout import FP_FUSION, as_heads_like, block_d, heads_like, shared_strides
 
 TOKENS_PER_SPLIT = 1024  # the token passes' share of one program, merged in a fixed order
 
@@ -21,7 +21,7 @@ def _config(d: int) -> dict:
     per tile; 128-token tiles spilled 4-100 KB per thread at d = 64 and asked for up to 320 KB of
     shared memory. No software pipelining (its stages in flight hold their tiles in registers)."""
     block_n = 64 if block_d(d) <= 32 else 16
-    return dict(BLOCK_D=block_d(d), BLOCK_N=block_n, num_warps=8, num_stages=1)
+    return dict(BLOCK_D=block_d(d), BLOCK_N=block_n, num_warps=8, num_stages=1, **FP_FUSION)
 
 
 @triton.jit

@@ -80,6 +80,8 @@ def main():
 
     start = time.time()
     torch_dir = os.path.join(os.path.abspath(args.torch), "torch")
+    if not os.path.isfile(os.path.join(torch_dir, "version.py")):
+        sys.exit(f"--torch {args.torch}: no unpacked torch wheel there (torch/version.py is missing)")
     cuda = cuda_home()
     version = open(os.path.join(torch_dir, "version.py")).read()
     wheel_cuda = re.search(r"cuda: Optional\[str\] = '([\d.]+)'", version)

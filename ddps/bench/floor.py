@@ -119,7 +119,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", help="only these cases")
     parser.add_argument("--markdown", metavar="FILE", help="write the table to FILE (default: print it)")
     args = parser.parse_args(argv)
-    text = markdown(rows(args.size, True, args.cases), args.size)
+    try:
+        table = rows(args.size, True, args.cases)
+    except ValueError as exc:  # an unknown case, named by ddps.bench.select
+        parser.error(str(exc))
+    text = markdown(table, args.size)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)

@@ -445,8 +445,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it, the check compiles for real")
+    for triton_dir in args.triton:
+        if not os.path.isfile(os.path.join(triton_dir, "triton", "__init__.py")):
+            parser.error(f"--triton {triton_dir}: no Triton installed there (pip install --target {triton_dir} triton==X)")
     start = time.time()
     results = run(args.targets, args.cases)
+    if not results:
+        parser.error(f"no case starts with {args.cases}")
     for triton_dir in args.triton:
         results += run_with(triton_dir, args.targets, args.cases)
     seconds = time.time() - start

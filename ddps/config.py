@@ -192,9 +192,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
     if cfg.data.dataset == "folder" and cfg.data.num_classes is None:
         raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
-    bad = [c for c in cfg.eval.collect_timesteps if not 0 <= c < cfg.eval.num_timesteps]
+    e = cfg.eval
+    bad = [c for c in e.collect_timesteps if not 0 <= c < e.num_timesteps]
     if bad:
-        raise ConfigError(f"eval.collect_timesteps: {bad} outside [0, eval.num_timesteps={cfg.eval.num_timesteps})")
+        raise ConfigError(f"eval.collect_timesteps: {bad} outside [0, eval.num_timesteps={e.num_timesteps})")
+    from .nn.head import inference_timesteps, unvisited
+    never = unvisited(e.collect_timesteps, e.num_timesteps, e.inference_steps)
+    if never:
+        raise ConfigError(f"eval.collect_timesteps: {never} never run with eval.num_timesteps={e.num_timesteps} and "
+                          f"eval.inference_steps={e.inference_steps}; the steps that run are "
+                          f"{inference_timesteps(e.num_timesteps, e.inference_steps)}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -73,7 +73,7 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
     if head is not None:
         final, collected = head.sample(features)
         out["final"] = final[:, :num_classes]
-        for i, step_logits in zip(head.collect_timesteps, collected):
+        for i, step_logits in collected.items():
             out[f"step {i}"] = step_logits[:, :num_classes]
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
 

@@ -45,6 +45,9 @@ def test_overrides_are_typed():
     ("data.crop_size=[1, 2, 3]", "data.crop_size: expected two values"),
     ("data.dataset=folder", "data.root: dataset 'folder' needs its directory"),
     ("eval.collect_timesteps=[25]", "eval.collect_timesteps: [25] outside"),
+    # synthetic: T = 20, steps 0, 10, 19 collected; with 3 inference steps 0, 6, 12, 18, 19 run.
+    ("eval.inference_steps=3", "eval.collect_timesteps: [10] never run with eval.num_timesteps=20 and "
+                               "eval.inference_steps=3; the steps that run are [0, 6, 12, 18, 19]"),
     ("train", "is not key=value"),
     ("train=3", "train: expected a mapping"),
 ])

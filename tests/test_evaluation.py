@@ -79,3 +79,19 @@ def test_perfect_and_disjoint_predictions():
     m = Metrics(2, 255, 0.02)
     m.update(1 - gt, gt)
     assert (m.result()["mIoU"], m.result()["aAcc"]) == (0.0, 0.0)
+
+
+def test_per_step_outputs_come_from_their_step():
+    # "step 9" used to hold step 9's logits only when every collect step ran; now each key is the
+    # step its logits come from.
+    from ddps import evaluation
+    from ddps.nn import DDPSHead
+    torch.manual_seed(0)
+    head = DDPSHead(num_classes=4, cond_channels=3, dim=8, out_dim=8, dim_mults=(1,), embed_dim=4, num_timesteps=10,
+                    inference_steps=4, collect_timesteps=(0, 4, 9)).eval()
+
+    def segmentor(images):
+        return torch.randn(images.shape[0], 3, 4, 4), torch.randn(images.shape[0], 4, 4, 4)
+    out = evaluation._forward(segmentor, head, torch.zeros(1, 3, 16, 16), 4)
+    assert sorted(out) == ["base", "final", "step 0", "step 4", "step 9"]
+    assert torch.equal(out["step 9"], out["final"]) and not torch.equal(out["step 4"], out["final"])

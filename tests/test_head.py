@@ -31,8 +31,8 @@ def test_sample_reproduces_original(golden_head):
     torch.manual_seed(golden["torch_seed"])
     final, collected = head.sample(golden["cond"])
     assert (final - golden["final"]).abs().max() <= 1e-4
-    assert len(collected) == len(golden["collected"])
-    for ours, theirs in zip(collected, golden["collected"]):
+    assert list(collected) == head.collect_timesteps and len(collected) == len(golden["collected"])
+    for ours, theirs in zip(collected.values(), golden["collected"]):  # the original's list, in step order
         assert (ours - theirs).abs().max() <= 1e-4
 
 
@@ -114,7 +114,7 @@ def test_fused_backends_drive_the_same_loop(official_heads, backend):
     torch.manual_seed(golden["torch_seed"])
     final, collected = head.sample(golden["cond"])
     # Step 0 denoises the same random mask (drawn before any sampling op): identical logits.
-    assert (collected[0] - golden["collected"][0]).abs().max() <= 1e-4
+    assert (collected[0] - golden["collected"][0]).abs().max() <= 1e-4  # keyed by step: step 0
     assert final.shape == golden["final"].shape and torch.isfinite(final).all()
     torch.manual_seed(golden["torch_seed"])
     again, _ = head.sample(golden["cond"])
@@ -134,6 +134,7 @@ def test_posterior_mode_with_fused_ops(official_heads):
     torch.manual_seed(golden["torch_seed"])
     final, collected = head.sample(golden["cond"])
     assert len(collected) == 2 and torch.isfinite(final).all()
+    assert list(collected) == head.collect_timesteps
 
 
 def _reference_and_fused(golden):
@@ -186,3 +187,22 @@ def test_fused_training_denoiser_gradients_match_reference(official_heads):
             assert _relative_error(p_fused.grad, p_ref.grad) <= 1e-4, name
             checked += 1
     assert checked > 100 and fused.unet.init_conv.weight.grad is not None
+
+
+def test_collected_logits_are_keyed_by_their_step():
+    torch.manual_seed(0)
+    head = DDPSHead(num_classes=5, cond_channels=3, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4,
+                    num_timesteps=10, inference_steps=4, collect_timesteps=(9, 0, 4)).eval()
+    final, collected = head.sample(torch.randn(1, 3, 8, 8))
+    assert list(collected) == [0, 4, 9] == [s for s in inference_timesteps(10, 4) if s in (0, 4, 9)]
+    assert torch.equal(collected[9], final)  # the last step's logits are the final ones
+    assert not torch.equal(collected[4], final)
+
+
+def test_a_collect_step_the_schedule_skips_is_refused():
+    # With 4 of 10 steps the schedule visits 0, 2, 4, 6, 8, 9: step 5's logits never exist (they
+    # used to be reported under step 5 while coming from step 9).
+    with pytest.raises(ValueError, match=r"collect_timesteps \[5\] are never visited: with num_timesteps=10 and "
+                                         r"inference_steps=4 the steps that run are \[0, 2, 4, 6, 8, 9\]"):
+        DDPSHead(num_classes=5, cond_channels=3, dim=8, out_dim=8, dim_mults=(1,), embed_dim=4, num_timesteps=10,
+                 inference_steps=4, collect_timesteps=(0, 5, 9))

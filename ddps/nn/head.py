@@ -30,11 +30,18 @@ def inference_timesteps(num_timesteps: int, inference_steps: int | None) -> list
     return timesteps
 
 
+def unvisited(collect_timesteps, num_timesteps: int, inference_steps: int | None) -> list[int]:
+    """The collect steps that the inference schedule does not visit (their logits would not exist)."""
+    visited = inference_timesteps(num_timesteps, inference_steps)
+    return [c for c in collect_timesteps if c not in visited]
+
+
 class DDPSHead(nn.Module):
     """Denoising-diffusion mask head.
 
-    ``sample(cond)``: cond [B, cond_channels, H, W] -> (final logits [B, K, H, W], list of logits
-    at each ``collect_timesteps`` step, in step order). ``forward_train(cond, gt)``: one training
+    ``sample(cond)``: cond [B, cond_channels, H, W] -> (final logits [B, K, H, W], {step: logits}
+    for each of ``collect_timesteps``, keyed by the step they come from; a collect step that the
+    inference schedule never visits is refused at construction). ``forward_train(cond, gt)``: one training
     forward with diffusion on first prediction; gt [B, 1, H', W'] or [B, H', W'] labels ->
     (logits [B, K, H, W], t [B]).
 
@@ -66,6 +73,11 @@ class DDPSHead(nn.Module):
         bad = [c for c in collect_timesteps if not 0 <= c < num_timesteps]
         if bad:
             raise ValueError(f"collect_timesteps {bad} are outside [0, num_timesteps={num_timesteps})")
+        never = unvisited(collect_timesteps, num_timesteps, inference_steps)
+        if never:
+            raise ValueError(f"collect_timesteps {never} are never visited: with num_timesteps={num_timesteps} and "
+                             f"inference_steps={inference_steps} the steps that run are "
+                             f"{inference_timesteps(num_timesteps, inference_steps)}")
         self.num_classes = num_classes
         self.cond_channels = cond_channels
         self.num_timesteps = num_timesteps
@@ -179,7 +191,7 @@ class DDPSHead(nn.Module):
         T = self.num_timesteps
         mask = torch.randint(0, self.num_classes, [b, h, w], device=cond.device).long()
         step = self._step(cond)
-        collected = []
+        collected = {}
         out = None
         for i in inference_timesteps(T, self.inference_steps):
             t = (torch.ones([b], device=cond.device) * i).long()
@@ -188,7 +200,7 @@ class DDPSHead(nn.Module):
                 mask = self._next_mask(out, mask, noise_level)
             out = step(mask, t)
             if i in self.collect_timesteps:
-                collected.append(out)
+                collected[i] = out
         return out, collected
 
     def _next_mask(self, logits, mask, noise_level):

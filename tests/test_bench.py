@@ -148,3 +148,15 @@ def test_gpu_floor_counts_each_input_once_and_each_output():
     h100 = floor.GPUS["H100"]
     assert floor.floor_ms(nbytes, flops, "H100", "fp32") == max(nbytes / h100["bandwidth"], flops / h100["fp32"]) * 1e3
     assert floor.gpu_of("NVIDIA H200") == "H200" and floor.gpu_of("NVIDIA A100-SXM4-80GB") == "A100"
+
+
+def test_report_files_are_readable_as_the_umask_allows(tmp_path):
+    # mkstemp creates 0600 files: a JSON or CSV report only its writer could read.
+    from ddps.bench import report
+    umask = os.umask(0o022)
+    try:
+        for writer, name in ((report.write_json, "r.json"), (report.write_csv, "r.csv")):
+            writer({"rows": [], "machine": {}}, str(tmp_path / name))
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

@@ -108,3 +108,13 @@ def test_cli_config_error_exit_code(tmp_path):
                           str(tmp_path / "r"), "train.bogus=1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "unknown config key train.bogus" in out.stderr
+
+
+def test_readme_cites_nothing_that_does_not_ship():
+    # The SPEC it cited lives outside the repository; the checkpoint names are step-<stage * 10^7 + step>.
+    from pathlib import Path
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "SPEC §" not in readme
+    from ddps.training import STAGES
+    assert f"step-{STAGES.index('head') * 10**7 + 500:08d}" == "step-10000500"
+    assert "`step-10000500` is step 500 of the head" in readme

@@ -74,6 +74,9 @@ def _atomic_write(path: str, write) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a report only its writer can read
     try:
         with os.fdopen(fd, "w", newline="") as f:
             write(f)

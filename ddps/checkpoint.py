@@ -140,8 +140,9 @@ def load_mmseg(path: str | Path, head_keys) -> tuple[dict, dict, list[str]]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not loadable with torch.load(weights_only=True): {e}") from None
+    except Exception as e:  # torch's message advises weights_only=False, which is not for a CLI user to take
+        raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({type(e).__name__}): not a torch "
+                         "checkpoint, or one holding Python objects besides tensors, which ddps does not run") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected an mmseg checkpoint (a dict with 'state_dict'), got {type(ckpt).__name__}")

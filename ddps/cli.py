@@ -144,7 +144,7 @@ def convert(args) -> int:
     from . import checkpoint, config as config_mod
     from .model import build_head, load_head_weights
 
-    cfg = config_mod.load(_config_path(args.config), args.overrides)
+    cfg = config_mod.load(_config_path(args.config), args.overrides, reads_data=False)
     head = build_head(cfg, args.cond_channels, for_training=True)
     state, ema, left_out = checkpoint.load_mmseg(args.checkpoint, list(head.state_dict()))
     load_head_weights(head, state)  # checks every shape against the config

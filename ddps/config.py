@@ -177,7 +177,7 @@ def _build(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, reads_data: bool = True) -> None:
     flat = _flatten(cfg.to_dict())
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
@@ -188,7 +188,7 @@ def _validate(cfg: Config) -> None:
     for key in ("data.scale", "data.crop_size", "data.ratio_range", "eval.crop_size", "eval.stride", "train.betas"):
         if len(flat[key]) != 2:
             raise ConfigError(f"{key}: expected two values, got {flat[key]}")
-    if cfg.data.dataset != "synthetic-shapes" and cfg.data.root is None:
+    if reads_data and cfg.data.dataset != "synthetic-shapes" and cfg.data.root is None:
         raise ConfigError(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
     if cfg.data.dataset == "folder" and cfg.data.num_classes is None:
         raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
@@ -232,8 +232,10 @@ def apply_override(values: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({e})") from None
 
 
-def load(path: str | Path | None = None, overrides=(), base: dict | None = None) -> Config:
-    """The config of ``path`` (YAML) over ``base`` (a saved run's), with overrides applied."""
+def load(path: str | Path | None = None, overrides=(), base: dict | None = None, reads_data: bool = True) -> Config:
+    """The config of ``path`` (YAML) over ``base`` (a saved run's), with overrides applied.
+    ``reads_data=False``: for a command that reads no dataset (``ddps convert``), whose location
+    need not be given."""
     values = dict(base or {})
     if path is not None:
         try:
@@ -248,7 +250,7 @@ def load(path: str | Path | None = None, overrides=(), base: dict | None = None)
     for override in overrides:
         apply_override(values, override)
     cfg = _build(Config, values, "")
-    _validate(cfg)
+    _validate(cfg, reads_data)
     return cfg
 
 

@@ -47,6 +47,11 @@ def test_convert_refuses_unsafe_and_wrong_files(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "evil.pth"), *args]) == 2
     captured = capsys.readouterr()
     assert "not loadable with torch.load(weights_only=True)" in captured.err and "unpickled!" not in captured.out
+    assert "weights_only=False" not in captured.err  # torch's advice, not for a CLI user
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    assert main(["convert", str(tmp_path / "random.pth"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "not loadable" in err and "weights_only=False" not in err and "Traceback" not in err
     _, head = smoke_head()
     ckpt = mmseg_checkpoint(head)
     del ckpt["state_dict"]["decode_head.unet.init_conv.weight"]
@@ -83,3 +88,10 @@ def test_segformer_adapter_gives_fused_features(tmp_path):
     assert l2.shape == (2, 6, 16, 16) and (l2[:, 0] == -1e4).all()
     torch.testing.assert_close(l2[:, 1:], logits)
     torch.testing.assert_close(f2, features)
+
+
+def test_convert_reads_no_dataset(tmp_path, capsys):
+    # The README's command: the ade20k config names no data.root, which convert never reads.
+    assert main(["convert", str(tmp_path / "missing.pth"), "--config", "ade20k", "--out", str(tmp_path / "o.st")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "data.root" not in err

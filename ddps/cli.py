@@ -26,6 +26,10 @@ def demo(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("ddps demo: --device cuda needs a visible CUDA device", file=sys.stderr)
         return 2
+    if args.size % 4:
+        print(f"ddps demo: --size {args.size}: the demo head's UNet halves the mask twice, so the size must be a "
+              "multiple of 4", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     print(machine_line(machine(device)))
     for name, entry in backends().items():

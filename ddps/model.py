@@ -62,7 +62,13 @@ def load_run(directory: str | Path, overrides=(), weights: str | None = None):
         raise FileNotFoundError(f"{directory} is not a ddps run directory (no config.yaml)")
     base = yaml.safe_load((directory / "config.yaml").read_text())
     cfg = config_mod.load(None, overrides, base=base)
-    tensors = checkpoint.load_weights(weights or directory / "model.safetensors")
+    source = weights or directory / "model.safetensors"
+    tensors = checkpoint.load_weights(source)
+    parts = sorted({key.split(".", 1)[0] for key in tensors})
+    if "segmentor" not in parts or not {"head", "ema"} & set(parts):
+        raise ValueError(f"{source}: holds {parts or 'no'} weights, not a run's whole model (segmentor.*, head.*, "
+                         "ema.*): --weights takes a model file as ddps train writes it (RUN/model.safetensors); a "
+                         "head-only file from ddps convert has no segmentor to run it with")
     k, _ = dataset_classes(cfg)
     segmentor = build_segmentor(cfg, k)
     segmentor.load_state_dict(checkpoint.unprefixed(tensors, "segmentor."))

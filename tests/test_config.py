@@ -118,3 +118,18 @@ def test_readme_cites_nothing_that_does_not_ship():
     from ddps.training import STAGES
     assert f"step-{STAGES.index('head') * 10**7 + 500:08d}" == "step-10000500"
     assert "`step-10000500` is step 500 of the head" in readme
+
+
+def test_demo_names_a_mask_size_its_unet_cannot_halve(capsys):
+    assert cli.main(["demo", "--size", "15"]) == 2
+    assert "--size 15: the demo head's UNet halves the mask twice" in capsys.readouterr().err
+
+
+def test_weights_without_a_segmentor_are_named(tmp_path):
+    import yaml
+    from ddps import checkpoint
+    from ddps.model import load_run
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.load(_config_path("synthetic-smoke")).to_dict()))
+    checkpoint.save_weights(tmp_path / "head.safetensors", {"head.x": __import__("torch").zeros(1)})
+    with pytest.raises(ValueError, match=r"holds \['head'\] weights, not a run's whole model .* a head-only file"):
+        load_run(tmp_path, weights=str(tmp_path / "head.safetensors"))

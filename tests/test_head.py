@@ -206,3 +206,13 @@ def test_a_collect_step_the_schedule_skips_is_refused():
                                          r"inference_steps=4 the steps that run are \[0, 2, 4, 6, 8, 9\]"):
         DDPSHead(num_classes=5, cond_channels=3, dim=8, out_dim=8, dim_mults=(1,), embed_dim=4, num_timesteps=10,
                  inference_steps=4, collect_timesteps=(0, 5, 9))
+
+
+def test_cond_of_another_dtype_or_an_odd_size_is_named():
+    head = DDPSHead(num_classes=5, cond_channels=3, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4,
+                    num_timesteps=10).eval()
+    with pytest.raises(TypeError, match=r"cond has dtype torch.float64 but the head's weights are torch.float32"):
+        head.sample(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"cond's spatial size \(7, 7\) must be divisible by 2: the denoiser halves it "
+                                         r"1 times"):
+        head.sample(torch.randn(1, 3, 7, 7))

@@ -142,6 +142,15 @@ class DDPSHead(nn.Module):
             raise ValueError(f"cond must be [B, cond_channels={self.cond_channels}, H, W], got shape {tuple(cond.shape)}")
         if not cond.dtype.is_floating_point:
             raise TypeError(f"cond must be a floating-point tensor, got dtype {cond.dtype}")
+        weights = self.unet.init_conv.weight.dtype
+        if cond.dtype != weights and not torch.is_autocast_enabled(cond.device.type):
+            raise TypeError(f"cond has dtype {cond.dtype} but the head's weights are {weights}: cast cond "
+                            f"(cond.to({weights})) or the head (head.to({cond.dtype})), or run under torch.autocast")
+        levels = self.unet.num_levels
+        if cond.shape[2] % 2 ** (levels - 1) or cond.shape[3] % 2 ** (levels - 1):
+            raise ValueError(f"cond's spatial size {tuple(cond.shape[2:])} must be divisible by {2 ** (levels - 1)}: "
+                             f"the denoiser halves it {levels - 1} times (dim_mults has {levels} levels); pad or "
+                             "resize the features")
         _checks.same_device(cond, "cond", self.log_at.device, "the head")
 
     def cond_share(self, cond: torch.Tensor) -> torch.Tensor:

@@ -84,20 +84,63 @@ def _config_path(name: str) -> Path:
     return Path(str(shipped)) if shipped.is_file() else path
 
 
+# What --resume may change in a run's config: nothing that decides what it trains. --extend also
+# lets the iteration counts of the stages still to finish grow.
+RESUME_FREE = ("eval.", "train.checkpoint_interval", "train.keep_last", "train.log_interval")
+
+
+def _resume_config(out: Path, config: str | None, overrides, extend: bool):
+    """The config a --resume continues with: the run's own (stored in its last checkpoint), with
+    ``config`` and ``overrides`` over it where they leave what was trained alone."""
+    import json
+
+    from . import config as config_mod
+    from .checkpoint import checkpoints
+
+    records = checkpoints(out / "checkpoints")
+    if not records:
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from (no {out / 'checkpoints'}/step-*.json); "
+                                "start the run without --resume")
+    state = json.loads(records[-1].read_text())
+    stored = config_mod.load(None, (), base=state["config"])
+    cfg = config_mod.load(_config_path(config) if config else None, overrides, base=state["config"])
+    old, new = (config_mod.flatten(c.to_dict()) for c in (stored, cfg))
+    changed = [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items() if value != old[key]]
+    if state["stage"] == "done" and changed:
+        raise config_mod.ConfigError(
+            f"{out} is finished ({records[-1].name}): a resume trains nothing, so {'; '.join(changed)} would only be "
+            f"written into its config. Evaluate with other settings by ddps eval --run {out} KEY=VALUE; train longer "
+            "in a new run")
+    growing = {"segmentor": ("segmentor.iters", "train.iters"), "head": ("train.iters",), "done": ()}[state["stage"]]
+    refused = [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items() if value != old[key]
+               and not key.startswith(RESUME_FREE) and not (extend and key in growing and value > old[key])]
+    if refused:
+        hint = "" if extend else f", or add --extend if only {' and '.join(growing)} should grow"
+        raise config_mod.ConfigError(f"--resume would change what the run in {out} trains: {'; '.join(refused)}. "
+                                     f"Resume without these overrides (the run's own config is the base){hint}")
+    return cfg
+
+
 def train(args) -> int:
     from . import config as config_mod
     from . import training
     from .checkpoint import checkpoints
 
-    cfg = config_mod.load(_config_path(args.config), args.overrides)
     out = Path(args.out)
-    if not args.resume and (checkpoints(out / "checkpoints") or (out / "model.safetensors").exists()):
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if args.extend and not args.resume:
+        raise ValueError("--extend goes with --resume: it lets a resumed run's iteration counts grow")
+    if args.resume:
+        cfg = _resume_config(out, args.config, args.overrides, args.extend)
+    else:
+        cfg = config_mod.load(_config_path(args.config or "synthetic"), args.overrides)
+        if checkpoints(out / "checkpoints") or (out / "model.safetensors").exists():
+            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     try:
         training.train(cfg, out, resume=args.resume)
     except training.Interrupted as e:
-        print(f"\nddps train: {e}; checkpoint written. Resume with: ddps train --config {args.config} "
-              f"--out {out} --resume", file=sys.stderr)
+        # The run's config, overrides included, is in its checkpoints: this continues the same run.
+        print(f"\nddps train: {e}; checkpoint written. Resume with: ddps train --out {out} --resume",
+              file=sys.stderr)
         return 130
     return 0
 
@@ -207,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model.safetensors, metrics.jsonl, panels/ and checkpoints/. Ctrl-C writes a "
                                    "checkpoint and exits with 130; --resume continues from the last checkpoint. "
                                    "Under torchrun each process trains one shard of every batch.")
-    t.add_argument("--config", default="synthetic",
+    t.add_argument("--config",
                    help="YAML config file or the name of a shipped one: synthetic (default), synthetic-smoke, "
-                        "ade20k, ade20k-150, cityscapes")
+                        "ade20k, ade20k-150, cityscapes; with --resume the run's own config is the base")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the config it was started with "
+                        "(overrides may change eval.* and the checkpoint and log intervals, nothing it trains)")
+    t.add_argument("--extend", action="store_true",
+                   help="with --resume: let train.iters (and, in stage 1, segmentor.iters) grow")
     _add_overrides(t)
     t.set_defaults(func=train)
     e = sub.add_parser("eval", help="evaluate a trained run on its held-out split",

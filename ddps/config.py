@@ -178,7 +178,7 @@ def _build(cls, values: dict, prefix: str):
 
 
 def _validate(cfg: Config, reads_data: bool = True) -> None:
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     for key, choices in CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {choices}")
@@ -204,11 +204,12 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
                           f"{inference_timesteps(e.num_timesteps, e.inference_steps)}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out

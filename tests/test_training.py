@@ -97,7 +97,7 @@ def test_interrupt_then_resume_is_exact(straight, tmp_path, how):
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 130, stderr
-        assert "checkpoint written. Resume with" in stderr
+        assert f"checkpoint written. Resume with: ddps train --out {out} --resume" in stderr
     else:
         proc.kill()
         proc.communicate()
@@ -107,7 +107,7 @@ def test_interrupt_then_resume_is_exact(straight, tmp_path, how):
     assert state["stage"] == "head" and 6 <= stopped_at < 40
     lost = stopped_at - state["stage_step"]
     assert lost == 0 if how == "ctrl-c" else 0 <= lost <= 4
-    result = cli("train", *SMOKE, "--out", str(out), "--resume", *LONGER)
+    result = cli("train", "--out", str(out), "--resume")  # as the hint says: the run's own config, overrides too
     assert result.returncode == 0, result.stderr
     assert f"stage head, step {state['stage_step']}" in result.stdout
     _same_weights(out, straight)
@@ -227,3 +227,40 @@ def test_eval_modes_and_segment(straight, tmp_path):
     bad.write_bytes(b"not an image")
     result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "m2"), str(bad))
     assert result.returncode == 2 and f"{bad}: cannot read image" in result.stderr
+
+
+def _stopped_run(tmp_path, stage="head"):
+    """A run directory whose last checkpoint is of ``stage`` (its tensors are not read before the
+    config is settled)."""
+    from ddps import config
+    from ddps.cli import _config_path
+    out = tmp_path / "run"
+    cfg = config.load(_config_path("synthetic-smoke")).to_dict()
+    checkpoint.save_checkpoint(out / "checkpoints", 10**7 + 3, {"w": torch.zeros(1)},
+                               {"stage": stage, "stage_step": 3, "optimizer": {}, "config": cfg}, keep_last=2)
+    return out
+
+
+@pytest.mark.parametrize("stage,args,message", [
+    (None, [], "no checkpoint to resume from"),
+    ("head", ["head.dim=32"], "would change what the run in .* trains: head.dim: 16 -> 32. Resume without"),
+    ("head", ["train.iters=30"], r"train.iters: 10 -> 30.*or add --extend if only train.iters should grow"),
+    ("head", ["--extend", "segmentor.iters=30"], "segmentor.iters: 10 -> 30"),  # stage 1 is over
+    ("done", ["train.iters=20"], "is finished .* a resume trains nothing, so train.iters: 10 -> 20 would only"),
+])
+def test_resume_refuses_what_would_change_the_run(tmp_path, capsys, stage, args, message):
+    import re
+
+    from ddps.cli import main
+    out = _stopped_run(tmp_path, stage) if stage else tmp_path / "empty"
+    before = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert main(["train", "--out", str(out), "--resume", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert (sorted(p.name for p in out.rglob("*")) if out.exists() else []) == before  # nothing written
+
+
+def test_extend_needs_resume(tmp_path, capsys):
+    from ddps.cli import main
+    assert main(["train", "--out", str(tmp_path / "run"), "--extend"]) == 2
+    assert "--extend goes with --resume" in capsys.readouterr().err

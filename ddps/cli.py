@@ -170,12 +170,25 @@ def segment(args) -> int:
     from .data import read_image
     from .model import dataset_classes, load_run
 
-    cfg, segmentor, head = load_run(args.run, args.overrides, args.weights)
+    # Images and KEY=VALUE overrides share the positional arguments: a word with "=" that names no
+    # file is an override.
+    overrides = [a for a in args.images if "=" in a and not Path(a).exists()]
+    images = [a for a in args.images if a not in overrides]
+    overrides = [*args.overrides, *overrides]
+    if not images:
+        raise ValueError("segment: no image files given (only overrides: " + " ".join(overrides) + ")")
+    stems: dict[str, str] = {}
+    for name in images:
+        other = stems.setdefault(Path(name).stem, name)
+        if other != name:
+            raise ValueError(f"segment: {other} and {name} would both be written as {Path(args.out) / Path(name).stem}"
+                             ".png: segment them into separate --out folders, or rename one")
+    cfg, segmentor, head = load_run(args.run, overrides, args.weights)
     k, ignore = dataset_classes(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    for name in args.images:
+    for name in images:
         scores = evaluation.predict(segmentor, head, read_image(Path(name)), cfg, k)
         stem = Path(name).stem
         wanted = {"final": f"{stem}.png", "base": f"{stem}_segmentor.png"}
@@ -273,11 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=evaluate)
     g = sub.add_parser("segment", help="segment image files into colourised mask PNGs",
                        description="Writes OUT/<name>.png (DDPS, final step) and OUT/<name>_segmentor.png for "
-                                   "each image; --steps adds OUT/<name>_step<i>.png for each collected step.")
+                                   "each image; --steps adds OUT/<name>_step<i>.png for each collected step. "
+                                   "KEY=VALUE words among the images are config overrides (eval.inference_steps=4, "
+                                   "eval.guidance_scale=0.2, eval.mode=slide, ...). Two images of one name (in "
+                                   "other folders or with other extensions) are refused: their masks would "
+                                   "overwrite each other.")
     _add_run(g)
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--steps", action="store_true", help="also write the mask of every collected step")
-    g.add_argument("images", nargs="+", help="image files")
+    g.add_argument("images", nargs="+", metavar="IMAGE|KEY=VALUE", help="image files, and config overrides")
     g.set_defaults(func=segment, overrides=())
     c = sub.add_parser("convert", help="convert an original mmseg DDPS checkpoint into ddps head weights",
                        description="Reads the checkpoint with torch.load(weights_only=True), takes the head keys "

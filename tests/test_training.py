@@ -264,3 +264,22 @@ def test_extend_needs_resume(tmp_path, capsys):
     from ddps.cli import main
     assert main(["train", "--out", str(tmp_path / "run"), "--extend"]) == 2
     assert "--extend goes with --resume" in capsys.readouterr().err
+
+
+def test_segment_takes_overrides_and_refuses_colliding_names(straight, tmp_path):
+    images = []
+    for folder, ext in (("a", "png"), ("b", "jpg")):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / f"photo.{ext}"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "m"), *images)
+    assert result.returncode == 2 and "would both be written as" in result.stderr and not (tmp_path / "m").exists()
+    # overrides among the images: 4 inference steps of 10 visit 0, 2, 4, 6, 8, 9, so step 5 cannot be collected
+    result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "m"), images[0], "eval.inference_steps=4")
+    assert result.returncode == 2 and "eval.collect_timesteps: [5] never run" in result.stderr
+    result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "m"), "--steps", images[0],
+                 "eval.inference_steps=4", "eval.collect_timesteps=[0,4,9]")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "photo.png", "photo_segmentor.png", "photo_step0.png", "photo_step4.png", "photo_step9.png"]

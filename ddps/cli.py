@@ -164,6 +164,7 @@ def evaluate(args) -> int:
 
 
 def segment(args) -> int:
+    import numpy as np
     from PIL import Image
 
     from . import evaluation
@@ -195,8 +196,14 @@ def segment(args) -> int:
         if args.steps:
             wanted.update({n: f"{stem}_step{n.split()[1]}.png" for n in scores if n.startswith("step")})
         for key, filename in wanted.items():
-            Image.fromarray(evaluation.colourise(scores[key].argmax(0), k, ignore)).save(out / filename)
+            labels = scores[key].argmax(0)
+            Image.fromarray(evaluation.colourise(labels, k, ignore)).save(out / filename)
+            if args.labels:  # class IDs, 8-bit where they fit, else 16-bit
+                ids = labels.cpu().numpy().astype(np.uint8 if k <= 256 else np.uint16)
+                Image.fromarray(ids).save(out / filename.replace(".png", "_labels.png"))
         print(f"{name} -> {out / wanted['final']}")
+    evaluation.legend(k).save(out / "legend.png")
+    print(f"colours of the {k} classes: {out / 'legend.png'}")
     return 0
 
 
@@ -286,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=evaluate)
     g = sub.add_parser("segment", help="segment image files into colourised mask PNGs",
                        description="Writes OUT/<name>.png (DDPS, final step) and OUT/<name>_segmentor.png for "
-                                   "each image; --steps adds OUT/<name>_step<i>.png for each collected step. "
+                                   "each image; --steps adds OUT/<name>_step<i>.png for each collected step, "
+                                   "--labels the class-ID PNGs; OUT/legend.png shows each class's colour. "
                                    "KEY=VALUE words among the images are config overrides (eval.inference_steps=4, "
                                    "eval.guidance_scale=0.2, eval.mode=slide, ...). Two images of one name (in "
                                    "other folders or with other extensions) are refused: their masks would "
@@ -294,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(g)
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--steps", action="store_true", help="also write the mask of every collected step")
+    g.add_argument("--labels", action="store_true",
+                   help="also write each mask as class IDs (<file>_labels.png: 8-bit, 16-bit past 256 classes)")
     g.add_argument("images", nargs="+", metavar="IMAGE|KEY=VALUE", help="image files, and config overrides")
     g.set_defaults(func=segment, overrides=())
     c = sub.add_parser("convert", help="convert an original mmseg DDPS checkpoint into ddps head weights",

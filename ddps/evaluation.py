@@ -137,6 +137,21 @@ def colourise(labels: torch.Tensor, num_classes: int, ignore_index: int) -> np.n
     return image
 
 
+def legend(num_classes: int):
+    """A PIL image of every class's colour beside its index, in columns of 32."""
+    from PIL import Image, ImageDraw
+    rows, cell = 32, (64, 16)
+    columns = -(-num_classes // rows)
+    image = Image.new("RGB", (columns * cell[0], min(rows, num_classes) * cell[1]), "white")
+    draw = ImageDraw.Draw(image)
+    colours = palette(num_classes)
+    for c in range(num_classes):
+        x, y = c // rows * cell[0], c % rows * cell[1]
+        draw.rectangle([x + 2, y + 2, x + 22, y + cell[1] - 2], fill=tuple(int(v) for v in colours[c]))
+        draw.text((x + 26, y + 2), str(c), fill="black")
+    return image
+
+
 def _order(name: str):
     return (0, 0) if name == "base" else (2, 0) if name == "final" else (1, int(name.split()[1]))
 

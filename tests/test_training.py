@@ -220,7 +220,8 @@ def test_eval_modes_and_segment(straight, tmp_path):
     result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "masks"), "--steps", *images)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "masks").iterdir())
-    assert names == sorted(f"img{i}{s}.png" for i in range(2) for s in ("", "_segmentor", "_step0", "_step5", "_step9"))
+    assert names == sorted(["legend.png", *(f"img{i}{s}.png" for i in range(2)
+                                            for s in ("", "_segmentor", "_step0", "_step5", "_step9"))])
     with Image.open(tmp_path / "masks" / "img1.png") as im:
         assert im.size == (70, 50)
     bad = tmp_path / "bad.png"
@@ -282,4 +283,21 @@ def test_segment_takes_overrides_and_refuses_colliding_names(straight, tmp_path)
                  "eval.inference_steps=4", "eval.collect_timesteps=[0,4,9]")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "photo.png", "photo_segmentor.png", "photo_step0.png", "photo_step4.png", "photo_step9.png"]
+        "legend.png", "photo.png", "photo_segmentor.png", "photo_step0.png", "photo_step4.png", "photo_step9.png"]
+
+
+def test_segment_labels_and_legend(straight, tmp_path):
+    from ddps.evaluation import colourise
+    from ddps.model import dataset_classes, load_run
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+    result = cli("segment", "--run", str(straight), "--out", str(tmp_path / "m"), "--labels", str(path))
+    assert result.returncode == 0, result.stderr
+    k, ignore = dataset_classes(load_run(straight)[0])
+    for name in ("photo", "photo_segmentor"):
+        with Image.open(tmp_path / "m" / f"{name}_labels.png") as ids, Image.open(tmp_path / "m" / f"{name}.png") as rgb:
+            labels = np.asarray(ids)
+            assert ids.mode == "L" and labels.shape == (40, 48) and labels.max() < k
+            assert np.array_equal(colourise(torch.from_numpy(labels.astype(np.int64)), k, ignore), np.asarray(rgb))
+    with Image.open(tmp_path / "m" / "legend.png") as legend:
+        assert legend.size == (64 * -(-k // 32), 16 * min(32, k))

@@ -60,12 +60,12 @@ def needed(path) -> list:
     return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", run(["readelf", "-d", path]))
 
 
-def find_library(name, dirs):
+def find_library(name, dirs, system: str):
+    """The path of a NEEDED library: in ``dirs``, else in the loader's cache (``ldconfig -p``)."""
     for d in dirs:
         if os.path.exists(os.path.join(d, name)):
             return os.path.join(d, name)
-    cache = run(["ldconfig", "-p"])
-    match = re.search(rf"^\s*{re.escape(name)} .*=> (\S+)$", cache, re.M)
+    match = re.search(rf"^\s*{re.escape(name)} .*=> (\S+)$", system, re.M)
     return match.group(1) if match else None
 
 
@@ -123,13 +123,14 @@ def main():
     so = os.path.join(args.out, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     run(["g++", "-shared", "-o", so, *(o for o, _ in jobs), *(f"-L{d}" for d in lib_dirs),
          "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", "-lc10_cuda", "-ltorch_cuda", "-lcudart", "-fopenmp"])
-    libs = needed(so)
-    missing = [lib for lib in libs if find_library(lib, lib_dirs) is None]
+    system = run(["ldconfig", "-p"])
+    libs = {lib: find_library(lib, lib_dirs, system) for lib in needed(so)}
+    missing = [lib for lib, path in libs.items() if path is None]
     if missing:
         sys.exit(f"{so} needs libraries found nowhere: {missing}")
     provided = set()
-    for lib in libs:
-        provided |= dynamic_symbols(find_library(lib, lib_dirs), defined=True)
+    for path in libs.values():
+        provided |= dynamic_symbols(path, defined=True)
     provided |= dynamic_symbols(os.path.realpath(sys.executable), defined=True)
     # An interpreter built with --enable-shared exports the C API from libpython, not the executable.
     libpython = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")

@@ -105,15 +105,15 @@ def _resume_config(out: Path, config: str | None, overrides, extend: bool):
     stored = config_mod.load(None, (), base=state["config"])
     cfg = config_mod.load(_config_path(config) if config else None, overrides, base=state["config"])
     old, new = (config_mod.flatten(c.to_dict()) for c in (stored, cfg))
-    changed = [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items() if value != old[key]]
+    changed = {key: f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items() if value != old[key]}
     if state["stage"] == "done" and changed:
         raise config_mod.ConfigError(
-            f"{out} is finished ({records[-1].name}): a resume trains nothing, so {'; '.join(changed)} would only be "
-            f"written into its config. Evaluate with other settings by ddps eval --run {out} KEY=VALUE; train longer "
-            "in a new run")
+            f"{out} is finished ({records[-1].name}): a resume trains nothing, so {'; '.join(changed.values())} would "
+            f"only be written into its config. Evaluate with other settings by ddps eval --run {out} KEY=VALUE; train "
+            "longer in a new run")
     growing = {"segmentor": ("segmentor.iters", "train.iters"), "head": ("train.iters",), "done": ()}[state["stage"]]
-    refused = [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items() if value != old[key]
-               and not key.startswith(RESUME_FREE) and not (extend and key in growing and value > old[key])]
+    refused = [text for key, text in changed.items()
+               if not key.startswith(RESUME_FREE) and not (extend and key in growing and new[key] > old[key])]
     if refused:
         hint = "" if extend else f", or add --extend if only {' and '.join(growing)} should grow"
         raise config_mod.ConfigError(f"--resume would change what the run in {out} trains: {'; '.join(refused)}. "
@@ -177,12 +177,12 @@ def segment(args) -> int:
     images = [a for a in args.images if a not in overrides]
     overrides = [*args.overrides, *overrides]
     if not images:
-        raise ValueError("segment: no image files given (only overrides: " + " ".join(overrides) + ")")
+        raise ValueError("no image files given (only overrides: " + " ".join(overrides) + ")")
     stems: dict[str, str] = {}
     for name in images:
         other = stems.setdefault(Path(name).stem, name)
         if other != name:
-            raise ValueError(f"segment: {other} and {name} would both be written as {Path(args.out) / Path(name).stem}"
+            raise ValueError(f"{other} and {name} would both be written as {Path(args.out) / Path(name).stem}"
                              ".png: segment them into separate --out folders, or rename one")
     cfg, segmentor, head = load_run(args.run, overrides, args.weights)
     k, ignore = dataset_classes(cfg)

@@ -103,7 +103,8 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
             raise RuntimeError(f"case {case.name}: built {list(providers)}, declared {case.provider_names(device)}")
         copy = copy_gbps(case.nbytes, device, 5) if case.nbytes else None
         # On a GPU: the case's floor on paper (ddps.bench.floor), of which each row reaches a fraction.
-        gpu_floor = floor.floor_ms(*floor.case_work(case, device), floor.gpu_of(torch.cuda.get_device_name(device)),
+        gpu_floor = floor.floor_ms(*floor.case_work(case, providers["reference"]),
+                                   floor.gpu_of(torch.cuda.get_device_name(device)),
                                    "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32") \
             if device.type == "cuda" else None
         expected = base = None

@@ -70,13 +70,13 @@ def gpu_of(device_name: str) -> str:
     return "H100"
 
 
-def case_work(case, device: torch.device) -> tuple[int, int]:
+def case_work(case, reference) -> tuple[int, int]:
     """(bytes, FLOPs) of a case. The memory-bound ops declare their bytes, and their fused kernels
     do elementwise work only (the original's one-hot matmuls are not work the result needs): no
-    FLOPs. Other cases: counted on the reference provider, called once after a warm-up."""
+    FLOPs. Other cases: counted on a call of ``reference`` (the case's reference provider), after a
+    warm-up call."""
     if case.nbytes:
         return case.nbytes, 0
-    reference = case.build(device)["reference"]
     reference()
     return work(reference)
 
@@ -85,7 +85,7 @@ def rows(size: int = 128, full: bool = True, names=None) -> list[dict]:
     from . import select
     out = []
     for case in select("full" if full else "quick", size, names):
-        nbytes, flops = case_work(case, torch.device("cpu"))
+        nbytes, flops = case_work(case, case.build(torch.device("cpu"))["reference"])
         out.append(dict(case=case.name, mode=case.mode, shape=case.shape, bytes=nbytes, flops=flops))
     return out
 

@@ -82,6 +82,7 @@ class Result:
     error: str | None = None
     problems: list = field(default_factory=list)
     seconds: float | None = None
+    cached: bool = False
 
 
 def _meta(shape, dtype, channels_last=False):
@@ -235,17 +236,15 @@ SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 def _compile_one(launch_index: int, target_name: str, shipped: bool) -> dict:
     """Compile one captured launch (found again by index: kernels do not pickle) for one target,
     and judge it against the budgets (``shipped``: whether a shipped configuration launches it)."""
-    capability, limit = TARGETS[target_name]
-    launch = _LAUNCHES[capability][launch_index]
+    launch = _LAUNCHES[launch_index]
     result = _figures(launch, target_name)
-    result["shipped"] = shipped
-    result["problems"] = ["compile error"] if result["error"] else problems(
-        Result(**{k: v for k, v in result.items() if k in Result.__dataclass_fields__}), launch.kernel.__name__,
-        shipped, limit)
-    return result
+    result.shipped = shipped
+    result.problems = ["compile error"] if result.error else problems(result, launch.kernel.__name__, shipped,
+                                                                       TARGETS[target_name][1])
+    return asdict(result)
 
 
-def _figures(launch: Launch, target_name: str) -> dict:
+def _figures(launch: Launch, target_name: str) -> Result:
     """What the compiler reports for a launch on a target: from the cache of earlier runs when it
     holds this exact compile, else compiled now (and kept there)."""
     import triton
@@ -258,7 +257,7 @@ def _figures(launch: Launch, target_name: str) -> dict:
     cache = _cache_path(src, options, target_name, triton.__version__)
     if cache and os.path.exists(cache):
         with open(cache) as f:
-            return {**json.load(f), "cached": True}
+            return Result(**{**json.load(f), "cached": True})
     log = io.StringIO()
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # a cache hit runs no ptxas, hence no report
@@ -267,7 +266,7 @@ def _figures(launch: Launch, target_name: str) -> dict:
             compiled = triton.compile(src, target=target, options=options.__dict__)
     except Exception as exc:  # a compile error is the finding, reported with the kernel it hit
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-        return asdict(result)
+        return result
     text = log.getvalue()
     registers, spills = PTXAS.search(text), SPILLS.findall(text)
     result.registers = int(registers.group(1)) if registers else None
@@ -284,7 +283,7 @@ def _figures(launch: Launch, target_name: str) -> dict:
         with open(cache + ".tmp", "w") as f:
             json.dump(asdict(result), f)
         os.replace(cache + ".tmp", cache)
-    return asdict(result)
+    return result
 
 
 def problems(result: Result, kernel: str, shipped: bool, shared_limit: int) -> list[str]:
@@ -315,17 +314,23 @@ def _cache_path(src, options, target_name, version):
     return os.path.join(root, key.hexdigest() + ".json")
 
 
-_LAUNCHES: dict[int, list[Launch]] = {}
+# The launches of this process (the pool's workers capture their own: kernels do not pickle).
+_LAUNCHES: list[Launch] = []
+
+
+def _capture_once():
+    if not _LAUNCHES:
+        _LAUNCHES.extend(capture())
 
 
 def _unique(capability: int, cases=None) -> list[tuple[int, list[str], bool]]:
-    """(index of the first launch of each distinct compile, the cases that launch it, whether one
-    of them is a shipped configuration), of the cases whose names start with one of ``cases``
-    (all when None)."""
+    """(index of the first launch of each distinct compile for ``capability``, the cases that
+    launch it, whether one of them is a shipped configuration), of the cases whose names start
+    with one of ``cases`` (all when None)."""
     from triton.backends.compiler import GPUTarget
-    _LAUNCHES[capability] = capture()
-    seen: dict[str, tuple[int, list[str]]] = {}
-    for i, launch in enumerate(_LAUNCHES[capability]):
+    _capture_once()
+    seen: dict[str, tuple[int, list[str], list[bool]]] = {}
+    for i, launch in enumerate(_LAUNCHES):
         if cases and not launch.case.startswith(tuple(cases)):
             continue
         key, _, _ = _specialise(launch, GPUTarget("cuda", capability, 32))
@@ -333,11 +338,6 @@ def _unique(capability: int, cases=None) -> list[tuple[int, list[str], bool]]:
         entry[1].append(launch.case)
         entry[2].append(launch.shipped)
     return [(index, cases, any(shipped)) for index, cases, shipped in seen.values()]
-
-
-def _worker_init():
-    for capability, _ in TARGETS.values():
-        _LAUNCHES[capability] = capture()
 
 
 def _job(args):
@@ -355,7 +355,7 @@ def run(targets=tuple(TARGETS), cases=None, workers: int | None = None) -> list[
             names_of[(name, index)] = names
     workers = workers or os.cpu_count() or 1
     results = []
-    with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(workers, initializer=_capture_once) as pool:
         for result in pool.map(_job, jobs, chunksize=4):
             results.append(result)
             if len(results) % 100 == 0:

@@ -146,11 +146,10 @@ class DDPSHead(nn.Module):
         if cond.dtype != weights and not torch.is_autocast_enabled(cond.device.type):
             raise TypeError(f"cond has dtype {cond.dtype} but the head's weights are {weights}: cast cond "
                             f"(cond.to({weights})) or the head (head.to({cond.dtype})), or run under torch.autocast")
-        levels = self.unet.num_levels
-        if cond.shape[2] % 2 ** (levels - 1) or cond.shape[3] % 2 ** (levels - 1):
-            raise ValueError(f"cond's spatial size {tuple(cond.shape[2:])} must be divisible by {2 ** (levels - 1)}: "
-                             f"the denoiser halves it {levels - 1} times (dim_mults has {levels} levels); pad or "
-                             "resize the features")
+        factor, levels = self.unet.size_multiple, self.unet.num_levels
+        if cond.shape[2] % factor or cond.shape[3] % factor:
+            raise ValueError(f"cond's spatial size {tuple(cond.shape[2:])} must be divisible by {factor}: the denoiser "
+                             f"halves it {levels - 1} times (dim_mults has {levels} levels); pad or resize the features")
         _checks.same_device(cond, "cond", self.log_at.device, "the head")
 
     def cond_share(self, cond: torch.Tensor) -> torch.Tensor:

@@ -248,8 +248,13 @@ class UNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.trunk(self.init_conv(x), time)
 
+    @property
+    def size_multiple(self) -> int:
+        """What H and W must be multiples of: each level below the first halves them."""
+        return 2 ** (self.num_levels - 1)
+
     def _check_trunk_input(self, x: torch.Tensor, time: torch.Tensor) -> None:
-        factor = 2 ** (self.num_levels - 1)
+        factor = self.size_multiple
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"x spatial size {tuple(x.shape[2:])} must be divisible by {factor}")
         if time.dim() != 1 or time.shape[0] != x.shape[0]:

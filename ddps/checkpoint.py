@@ -4,7 +4,7 @@ the old file or the new one, never half of one.
 
 A resumable checkpoint is the pair ``step-<n>.safetensors`` + ``step-<n>.json``; the JSON is
 written second and names the tensor file's size, so a checkpoint counts only once both are
-complete. ``ddps convert`` turns an original mmseg checkpoint into a ddps head's weights.
+complete. ``ddps convert`` reads an original mmseg checkpoint.
 """
 from __future__ import annotations
 
@@ -132,10 +132,9 @@ def load_checkpoint(record: str | Path) -> tuple[dict, dict]:
     return load_weights(weights), state
 
 
-def load_mmseg(path: str | Path, head_keys) -> tuple[dict, dict, list[str]]:
-    """(head state, EMA state, keys left out) of an original mmseg checkpoint (SPEC §7): head keys
-    under ``decode_head.``; EMA copies as buffers ``decode_head.ema_<key with . -> _>``. Loaded with
-    ``weights_only=True``: nothing in the file is unpickled as code."""
+def load_mmseg(path: str | Path) -> dict:
+    """The state dict of an original mmseg checkpoint (``{"state_dict": ..., "meta": ...}``),
+    loaded with ``weights_only=True``: nothing in the file is unpickled as code."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -146,18 +145,24 @@ def load_mmseg(path: str | Path, head_keys) -> tuple[dict, dict, list[str]]:
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected an mmseg checkpoint (a dict with 'state_dict'), got {type(ckpt).__name__}")
-    head, ema, used = {}, {}, set()
+    return state
+
+
+def mmseg_head(state: dict, head_keys) -> tuple[dict, dict, set]:
+    """(head state, EMA state, keys read) of an original checkpoint's state dict: head keys under
+    ``decode_head.``; EMA copies as buffers ``decode_head.ema_<key with . -> _>``."""
+    head, ema, read = {}, {}, set()
     for key in head_keys:
         source = "decode_head." + key
         if source in state:
             head[key] = state[source]
-            used.add(source)
+            read.add(source)
         ema_key = "decode_head.ema_" + key.replace(".", "_")
         if ema_key in state:
             ema[key] = state[ema_key]
-            used.add(ema_key)
+            read.add(ema_key)
     missing = [k for k in head_keys if k not in head]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} DDPS head keys are missing, e.g. decode_head.{missing[0]} "
+        raise ValueError(f"{len(missing)} DDPS head keys are missing, e.g. decode_head.{missing[0]} "
                          "(is this a DDPS checkpoint with the config's head sizes?)")
-    return head, ema, sorted(set(state) - used)
+    return head, ema, read

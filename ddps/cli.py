@@ -153,6 +153,9 @@ def evaluate(args) -> int:
     from .model import load_run
 
     cfg, segmentor, head = load_run(args.run, args.overrides, args.weights)
+    if args.base_only and not segmentor.has_classifier:
+        raise ValueError(f"--base-only: the segmentor of {args.run} has no classifier of its own (a converted DDPS "
+                         "checkpoint; ddps convert --segformer adds the original SegFormer's)")
     report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
                                  limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
                                  panels=cfg.eval.panels)
@@ -192,7 +195,9 @@ def segment(args) -> int:
     for name in images:
         scores = evaluation.predict(segmentor, head, read_image(Path(name)), cfg, k)
         stem = Path(name).stem
-        wanted = {"final": f"{stem}.png", "base": f"{stem}_segmentor.png"}
+        wanted = {"final": f"{stem}.png"}
+        if "base" in scores:
+            wanted["base"] = f"{stem}_segmentor.png"
         if args.steps:
             wanted.update({n: f"{stem}_step{n.split()[1]}.png" for n in scores if n.startswith("step")})
         for key, filename in wanted.items():
@@ -207,20 +212,70 @@ def segment(args) -> int:
     return 0
 
 
+def _baseline_classifier(state: dict, path: str) -> dict:
+    """``decode_head.conv_seg.*`` of the original SegFormer checkpoint at ``path``, which the DDPS
+    checkpoint's head came from (the original drops the classifier): refused if their fused heads
+    differ, as the classifier would then read features it was not trained on."""
+    from . import checkpoint
+
+    segformer = checkpoint.load_mmseg(path)
+    if "decode_head.conv_seg.weight" not in segformer:
+        raise ValueError(f"--segformer {path}: no decode_head.conv_seg.weight (not an mmseg SegFormer checkpoint)")
+    shared = [k for k in segformer if k.startswith(("decode_head.convs.", "decode_head.fusion_conv."))
+              and not k.endswith("num_batches_tracked")]
+    differ = [k for k in shared if k not in state or not torch.equal(state[k], segformer[k])]
+    if not shared or differ:
+        raise ValueError(f"--segformer {path}: its decode head differs from the DDPS checkpoint's "
+                         f"({differ[0] if differ else 'it has none'}): give the SegFormer checkpoint the DDPS model "
+                         "was trained on")
+    return {k: segformer[k] for k in ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias")}
+
+
 def convert(args) -> int:
     from . import checkpoint, config as config_mod
-    from .model import build_head, load_head_weights
+    from .model import build_head, dataset_classes, load_head_weights, save_run
+    from .nn.head import SCHEDULE_BUFFERS
+    from .segmentors import build_segmentor, mmseg_segformer
 
+    out = Path(args.out)
+    if (out / "config.yaml").exists() or (out / "model.safetensors").exists():
+        raise FileExistsError(f"--out {out} already holds a run; choose another directory")
     cfg = config_mod.load(_config_path(args.config), args.overrides, reads_data=False)
-    head = build_head(cfg, args.cond_channels, for_training=True)
-    state, ema, left_out = checkpoint.load_mmseg(args.checkpoint, list(head.state_dict()))
-    load_head_weights(head, state)  # checks every shape against the config
-    if ema:
-        load_head_weights(head, {**state, **ema})
-    tensors = {**checkpoint.prefixed(state, "head."), **checkpoint.prefixed(ema, "ema.")}
-    checkpoint.save_weights(args.out, tensors)
-    print(f"wrote {args.out}: {len(state)} head tensors, {len(ema)} EMA tensors; "
-          f"{len(left_out)} keys of other modules left out (backbone, segmentor head)")
+    state = checkpoint.load_mmseg(args.checkpoint)
+    if args.segformer:
+        state = {**state, **_baseline_classifier(state, args.segformer)}
+    try:
+        seg_keys, seg_state, read = mmseg_segformer(state)
+    except ValueError as e:
+        raise ValueError(f"{args.checkpoint}: {e}") from None
+    values = cfg.to_dict()
+    values["segmentor"].update(seg_keys, iters=0, checkpoint=None, pretrained=None)
+    cfg = config_mod.load(None, (), base=values, reads_data=False)
+    k, _ = dataset_classes(cfg)
+    segmentor = build_segmentor(cfg, k)
+    try:
+        segmentor.load_state_dict(seg_state)
+    except RuntimeError as e:
+        raise ValueError(f"{args.checkpoint}: the segmentor's weights do not fit: {e}") from None
+    head = build_head(cfg, segmentor.feature_channels, for_training=True)
+    try:
+        head_state, ema, head_read = checkpoint.mmseg_head(state, list(head.state_dict()))
+    except ValueError as e:
+        raise ValueError(f"{args.checkpoint}: {e}") from None
+    load_head_weights(head, head_state)  # checks every shape against the config
+    if ema:  # the original averages the trained modules only; a ddps EMA is a whole head
+        ema = {k: v for k, v in {**head_state, **ema}.items() if k not in SCHEDULE_BUFFERS}
+        load_head_weights(head, ema)
+    left_out = sorted(set(state) - read - head_read)
+    out.mkdir(parents=True, exist_ok=True)
+    save_run(out, cfg, segmentor, head_state, ema)
+    s = cfg.segmentor
+    print(f"wrote {out}: segmentor MiT-{s.variant.upper()} + SegFormer head ({s.channels} channels"
+          f"{', classifier of ' + str(s.classifier_classes) + ' classes' if s.classifier_classes is not None else ', no classifier'}), "
+          f"{len(head_state)} head tensors, {len(ema)} EMA tensors"
+          + (f"; {len(left_out)} keys left out: {', '.join(left_out[:4])}" if left_out else ""))
+    root = " data.root=DIR" if cfg.data.dataset != "synthetic-shapes" and cfg.data.root is None else ""
+    print(f"use it: ddps eval --run {out}{root}   or   ddps segment --run {out} --out DIR IMAGE...")
     return 0
 
 
@@ -306,15 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each mask as class IDs (<file>_labels.png: 8-bit, 16-bit past 256 classes)")
     g.add_argument("images", nargs="+", metavar="IMAGE|KEY=VALUE", help="image files, and config overrides")
     g.set_defaults(func=segment, overrides=())
-    c = sub.add_parser("convert", help="convert an original mmseg DDPS checkpoint into ddps head weights",
-                       description="Reads the checkpoint with torch.load(weights_only=True), takes the head keys "
-                                   "(decode_head.unet.*, conv_seg_new.*, embed.weight, schedule buffers) and "
-                                   "their EMA buffers, checks them against the config's head and writes "
-                                   "OUT (safetensors, keys head.* and ema.*).")
-    c.add_argument("checkpoint", help="mmseg checkpoint (.pth)")
-    c.add_argument("--config", default="ade20k", help="config whose head the checkpoint holds (default: ade20k)")
-    c.add_argument("--cond-channels", type=int, default=256, help="condition channels (default: 256, MiT-B2)")
-    c.add_argument("--out", required=True, help="output .safetensors file")
+    c = sub.add_parser("convert", help="convert an original mmseg DDPS checkpoint into a ddps run directory",
+                       description="Reads the checkpoint with torch.load(weights_only=True) and converts the whole "
+                                   "model: the MiT backbone and the original's SegFormer head (segmentor.type "
+                                   "segformer-mmseg, variant and channels read from the weights) and the DDPS "
+                                   "head with its EMA, checked against the config's head. OUT becomes a run "
+                                   "directory (config.yaml, model.safetensors) for ddps eval and ddps segment. "
+                                   "The original drops SegFormer's classifier, so the segmentor has no prediction "
+                                   "of its own unless --segformer gives the SegFormer checkpoint it came from.")
+    c.add_argument("checkpoint", help="mmseg DDPS checkpoint (.pth)")
+    c.add_argument("--config", default="ade20k",
+                   help="config of the run the checkpoint comes from: head sizes, dataset, eval settings "
+                        "(default: ade20k; cityscapes for the Cityscapes model)")
+    c.add_argument("--segformer", metavar="CKPT",
+                   help="the original mmseg SegFormer checkpoint the DDPS model was trained on: its classifier "
+                        "(decode_head.conv_seg) becomes the segmentor's, the baseline that ddps eval reports")
+    c.add_argument("--out", required=True, help="output run directory (must not hold a run)")
     _add_overrides(c)
     c.set_defaults(func=convert)
     p = sub.add_parser("demo", help="run the DDPS sampling loop on random features and time the sampling op",

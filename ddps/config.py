@@ -47,9 +47,11 @@ class DataConfig:
 
 @dataclass
 class SegmentorConfig:
-    type: str = "compact"          # compact | segformer
-    channels: int = 32             # compact: feature channels
+    type: str = "compact"          # compact | segformer | segformer-mmseg (the original's, from ddps convert)
+    channels: int = 32             # compact: feature channels; segformer-mmseg: its head's channels
     pretrained: str | None = None  # segformer: local directory or hub id
+    variant: str = "b2"            # segformer-mmseg: the MiT backbone, b0..b5
+    classifier_classes: int | None = None  # segformer-mmseg: the classes of its own classifier (null: none)
     checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
     iters: int = 300               # segmentor training steps (0: keep the initial / pretrained weights)
     batch_size: int = 8
@@ -121,7 +123,8 @@ class Config:
 
 CHOICES = {
     "data.dataset": ("synthetic-shapes", "ade20k", "ade20k-150", "cityscapes", "folder"),
-    "segmentor.type": ("compact", "segformer"),
+    "segmentor.type": ("compact", "segformer", "segformer-mmseg"),
+    "segmentor.variant": ("b0", "b1", "b2", "b3", "b4", "b5"),
     "head.schedule": ("linear", "cos"),
     "head.backend": ("reference", "auto", "cpu", "cuda", "triton"),
     "train.amp": ("none", "bf16"),
@@ -190,6 +193,11 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
             raise ConfigError(f"{key}: expected two values, got {flat[key]}")
     if reads_data and cfg.data.dataset != "synthetic-shapes" and cfg.data.root is None:
         raise ConfigError(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
+    s = cfg.segmentor
+    if s.type == "segformer-mmseg" and s.classifier_classes is None and s.iters > 0 and not s.checkpoint:
+        raise ConfigError("segmentor.iters: a segformer-mmseg segmentor without a classifier "
+                          "(segmentor.classifier_classes: null) cannot be trained; set segmentor.checkpoint to a "
+                          "converted run's model.safetensors, or segmentor.iters=0")
     if cfg.data.dataset == "folder" and cfg.data.num_classes is None:
         raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
     e = cfg.eval

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .data import rescale_size, resize
 
@@ -66,15 +66,22 @@ class Metrics:
 
 @torch.no_grad()
 def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
-    """Logits at the images' resolution: "base" (the segmentor), "final" and "step <i>" (DDPS)."""
+    """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final"
+    and "step <i>" (DDPS)."""
     size = images.shape[-2:]
     features, logits = segmentor(images)
-    out = {"base": logits}
+    out = {} if logits is None else {"base": logits}
     if head is not None:
+        # The denoiser halves the mask at each level, so it takes sizes it divides: the features are
+        # padded with their edge values to such a size, and the logits cropped back.
+        h, w = features.shape[-2:]
+        m = head.unet.size_multiple
+        if h % m or w % m:
+            features = F.pad(features, (0, -w % m, 0, -h % m), mode="replicate")
         final, collected = head.sample(features)
-        out["final"] = final[:, :num_classes]
+        out["final"] = final[:, :num_classes, :h, :w]
         for i, step_logits in collected.items():
-            out[f"step {i}"] = step_logits[:, :num_classes]
+            out[f"step {i}"] = step_logits[:, :num_classes, :h, :w]
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
 
 
@@ -139,7 +146,6 @@ def colourise(labels: torch.Tensor, num_classes: int, ignore_index: int) -> np.n
 
 def legend(num_classes: int):
     """A PIL image of every class's colour beside its index, in columns of 32."""
-    from PIL import Image, ImageDraw
     rows, cell = 32, (64, 16)
     columns = -(-num_classes // rows)
     image = Image.new("RGB", (columns * cell[0], min(rows, num_classes) * cell[1]), "white")
@@ -156,9 +162,27 @@ def _order(name: str):
     return (0, 0) if name == "base" else (2, 0) if name == "final" else (1, int(name.split()[1]))
 
 
+def _title(name: str) -> str:
+    return "segmentor" if name == "base" else name
+
+
+def panel(tiles, titles) -> Image.Image:
+    """Equal-height RGB tiles side by side under a strip with each column's title."""
+    strip = 18
+    row = np.concatenate(tiles, axis=1)
+    image = Image.new("RGB", (row.shape[1], row.shape[0] + strip), "white")
+    image.paste(Image.fromarray(row), (0, strip))
+    draw, x = ImageDraw.Draw(image), 0
+    for tile, title in zip(tiles, titles):
+        draw.text((x + 3, 3), title, fill="black")
+        x += tile.shape[1]
+    return image
+
+
 def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels_dir: Path | None = None,
              panels: int = 0, limit: int | None = None) -> dict:
-    """The metrics of ``dataset`` as ``{"base": {...}, "ddps": {"final": {...}, "steps": {"<i>": {...}}}}``."""
+    """The metrics of ``dataset`` as ``{"base": {...}, "ddps": {"final": {...}, "steps": {"<i>": {...}}}}``
+    ("base" only where the segmentor has a classifier, "ddps" only with a head)."""
     k, ignore = dataset.num_classes, dataset.ignore_index
     torch.manual_seed(cfg.seed)  # the head's random initial masks
     metrics = {}
@@ -173,10 +197,11 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
             names = sorted(preds, key=_order)
             tiles = [image.permute(1, 2, 0).numpy()] + [colourise(preds[m], k, ignore) for m in names]
             tiles.append(colourise(gt, k, ignore))
+            titles = ["image", *map(_title, names), "truth"]
             panels_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.concatenate(tiles, axis=1)).save(panels_dir / f"{dataset.name(index)}.png")
+            panel(tiles, titles).save(panels_dir / f"{dataset.name(index)}.png")
     results = {name: m.result() for name, m in metrics.items()}
-    report = {"base": results["base"]}
+    report = {"base": results["base"]} if "base" in results else {}
     if head is not None:
         report["ddps"] = {"final": results["final"],
                           "steps": {name.split()[1]: results[name] for name in sorted(results, key=_order)
@@ -187,7 +212,7 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
 
 
 def table(report: dict) -> str:
-    rows = [("segmentor", report["base"])]
+    rows = [("segmentor", report["base"])] if "base" in report else []
     if "ddps" in report:
         rows += [(f"ddps step {s}", r) for s, r in report["ddps"]["steps"].items()]
         rows.append(("ddps final", report["ddps"]["final"]))

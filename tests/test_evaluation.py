@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddps.evaluation import Metrics
+from ddps.evaluation import Metrics, panel
 
 
 def naive_band(mask: np.ndarray, d: int) -> np.ndarray:
@@ -95,3 +95,36 @@ def test_per_step_outputs_come_from_their_step():
     out = evaluation._forward(segmentor, head, torch.zeros(1, 3, 16, 16), 4)
     assert sorted(out) == ["base", "final", "step 0", "step 4", "step 9"]
     assert torch.equal(out["step 9"], out["final"]) and not torch.equal(out["step 4"], out["final"])
+
+
+def test_panel_titles_each_column():
+    tiles = [np.full((20, w, 3), v, np.uint8) for w, v in ((40, 200), (30, 120), (50, 60))]
+    image = np.asarray(panel(tiles, ["image", "", "truth"]))
+    strip = image.shape[0] - 20
+    assert image.shape == (strip + 20, 120, 3) and strip > 0
+    np.testing.assert_array_equal(image[strip:], np.concatenate(tiles, axis=1))  # the tiles, untouched
+    inked = [(image[:strip, x0:x1] < 128).any() for x0, x1 in ((0, 40), (40, 70), (70, 120))]
+    assert inked == [True, False, True]  # a title over each titled column, in its own column
+
+
+def test_odd_feature_sizes_are_padded_for_the_denoiser():
+    # a 51x64 image gives 13x16 features; the denoiser (two levels) takes even sizes only
+    from ddps.evaluation import _forward
+    from ddps.nn import DDPSHead
+
+    head = DDPSHead(num_classes=5, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4,
+                    num_timesteps=10, inference_steps=2, collect_timesteps=(0, 5, 9), guidance_scale=0.4).eval()
+    features = torch.randn(1, 4, 13, 16)
+
+    def segmentor(images):
+        return features, None
+
+    torch.manual_seed(0)
+    out = _forward(segmentor, head, torch.zeros(1, 3, 51, 64), 5)
+    assert set(out) == {"final", "step 0", "step 5", "step 9"}
+    assert all(v.shape == (1, 5, 51, 64) for v in out.values())
+    # the head ran on the features padded with their edge values, and its logits were cropped back
+    torch.manual_seed(0)
+    final, _ = head.sample(torch.nn.functional.pad(features, (0, 0, 0, 1), mode="replicate"))
+    expected = torch.nn.functional.interpolate(final[:, :, :13], size=(51, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["final"], expected)

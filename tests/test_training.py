@@ -55,7 +55,7 @@ def test_run_directory(straight):
     panels = sorted((straight / "panels").glob("*.png"))
     assert len(panels) == 2
     with Image.open(panels[0]) as im:
-        assert im.size == (64 * 7, 64)  # image | segmentor | 3 steps | final | truth
+        assert im.size == (64 * 7, 18 + 64)  # titles over image | segmentor | 3 steps | final | truth
     assert len(checkpoint.checkpoints(straight / "checkpoints")) == 2  # keep_last
 
 

@@ -1,6 +1,7 @@
 """The ``ddps`` command line. ``ddps bench``: ddps against the original implementation on this
 machine (the main job). ``ddps train`` / ``eval`` / ``segment`` / ``convert``: the two-stage
-recipe, its evaluation, masks for image files, and original checkpoints into ddps weights.
+recipe, its evaluation, masks for image files, and original checkpoints into ddps run
+directories. ``ddps ablate``: the paper's findings as one controlled comparison.
 ``ddps demo``: the DDPS sampling loop on random features, with the sampling op timed on every
 available backend."""
 from __future__ import annotations
@@ -279,6 +280,28 @@ def convert(args) -> int:
     return 0
 
 
+def ablate(args) -> int:
+    from . import ablation, config as config_mod, training
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    # --only takes every word after it; the KEY=VALUE ones among them are overrides
+    only = [a for a in args.only or () if "=" not in a] or None
+    overrides = [*args.overrides, *(a for a in args.only or () if "=" in a)]
+    cfg = config_mod.load(_config_path(args.config), overrides)
+    command = " ".join(["ddps", "ablate", *args.argv])
+    try:
+        result = ablation.run(cfg, Path(args.out), only, tuple(range(args.seeds)), command=command,
+                              markdown_out=Path(args.markdown) if args.markdown else None)
+    except training.Interrupted as e:
+        print(f"\nddps ablate: {e}; checkpoint written. Resume with the same command: {command}", file=sys.stderr)
+        return 130
+    print(ablation.markdown(result))
+    print(f"wrote {Path(args.out) / 'ablation.json'} and {Path(args.out) / 'ablation.md'}"
+          + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
 def _add_overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. train.iters=500 eval.mode=slide (values are read as YAML)")
@@ -287,6 +310,11 @@ def _add_overrides(p) -> None:
 def _add_run(p) -> None:
     p.add_argument("--run", required=True, help="run directory written by ddps train")
     p.add_argument("--weights", help="weights file to use instead of RUN/model.safetensors")
+
+
+def ablation_variants() -> dict:
+    from .ablation import INFERRED, TRAINED
+    return {**TRAINED, **INFERRED}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,6 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output run directory (must not hold a run)")
     _add_overrides(c)
     c.set_defaults(func=convert)
+    a = sub.add_parser("ablate", help="the paper's findings as one controlled comparison of head variants",
+                       description="Trains the segmentor once (until its validation mIoU is flat, with "
+                                   "segmentor.eval_interval set), then every head variant from that frozen "
+                                   "segmentor with the config's budget, for each seed, evaluates all on the "
+                                   "held-out split, and writes OUT/ablation.json and OUT/ablation.md (mean and "
+                                   "range over seeds, and whether each of the paper's findings is reproduced). "
+                                   "Variants: " + ", ".join(f"{k} ({v[0]})" for k, v in
+                                                            ablation_variants().items())
+                                   + ". Rerunning resumes: finished variants are not trained again.")
+    a.add_argument("--config", default="synthetic",
+                   help="YAML config file or the name of a shipped one (default: synthetic)")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants")
+    a.add_argument("--seeds", type=int, default=2, help="seeds per variant: 0..N-1 (default: 2)")
+    a.add_argument("--markdown", metavar="FILE", help="also write the table there (e.g. benchmarks/ABLATIONS.md)")
+    _add_overrides(a)
+    a.set_defaults(func=ablate)
     p = sub.add_parser("demo", help="run the DDPS sampling loop on random features and time the sampling op",
                        description="Run the DDPS sampling loop on random features; time q_sample on every "
                                    "available backend against the reference.")

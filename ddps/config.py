@@ -23,6 +23,7 @@ class SyntheticConfig:
     size: int = 128           # image height and width
     max_shapes: int = 4       # shapes per image: 1..max_shapes
     noise: float = 0.35       # amplitude of the background and shape texture noise
+    seed: int | None = None   # the images' seed (null: the run's seed), fixed to compare runs of other seeds
 
 
 @dataclass
@@ -54,13 +55,20 @@ class SegmentorConfig:
     classifier_classes: int | None = None  # segformer-mmseg: the classes of its own classifier (null: none)
     checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
     iters: int = 300               # segmentor training steps (0: keep the initial / pretrained weights)
+    eval_interval: int = 0         # > 0: validation mIoU every N steps; the stage ends once it is flat
+    plateau: float = 0.5           # flat: the last `patience` validation mIoUs within this many points
+    patience: int = 3
     batch_size: int = 8
     lr: float = 2e-3
+    lr_steps: list[int] = field(default_factory=list)  # steps at which the LR is multiplied by 0.1
     weight_decay: float = 1e-4
 
 
 @dataclass
 class HeadConfig:
+    kind: str = "ddps"             # ddps | refine (the control: same network, no diffusion)
+    noise_source: str = "first_prediction"  # first_prediction (the original) | ground_truth
+    transition: str = "uniform"    # uniform (the original) | absorbing | mask_and_replace
     dim: int = 32
     dim_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
     embed_dim: int = 16
@@ -98,6 +106,7 @@ class EvalConfig:
     inference_steps: int = 2
     guidance_scale: float = 0.4
     collect_timesteps: list[int] = field(default_factory=lambda: [0, 10, 19])
+    sampling: str = "renoise"      # renoise (free re-noising, the original's) | posterior (guidance_scale 1)
     mode: str = "single"           # single | ms-flip | slide
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     crop_size: list[int] = field(default_factory=lambda: [128, 128])   # slide
@@ -125,13 +134,17 @@ CHOICES = {
     "data.dataset": ("synthetic-shapes", "ade20k", "ade20k-150", "cityscapes", "folder"),
     "segmentor.type": ("compact", "segformer", "segformer-mmseg"),
     "segmentor.variant": ("b0", "b1", "b2", "b3", "b4", "b5"),
+    "head.kind": ("ddps", "refine"),
+    "head.noise_source": ("first_prediction", "ground_truth"),
+    "head.transition": ("uniform", "absorbing", "mask_and_replace"),
     "head.schedule": ("linear", "cos"),
+    "eval.sampling": ("renoise", "posterior"),
     "head.backend": ("reference", "auto", "cpu", "cuda", "triton"),
     "train.amp": ("none", "bf16"),
     "eval.mode": ("single", "ms-flip", "slide"),
 }
 POSITIVE = {"data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.size", "data.synthetic.max_shapes",
-            "segmentor.channels", "segmentor.batch_size", "head.dim", "head.embed_dim", "head.num_timesteps",
+            "segmentor.channels", "segmentor.batch_size", "segmentor.patience", "head.dim", "head.embed_dim", "head.num_timesteps",
             "train.iters", "train.batch_size", "train.accumulate", "train.ema_interval", "train.checkpoint_interval",
             "train.keep_last", "train.log_interval", "eval.num_timesteps", "eval.inference_steps"}
 
@@ -201,6 +214,9 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
     if cfg.data.dataset == "folder" and cfg.data.num_classes is None:
         raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
     e = cfg.eval
+    if e.sampling == "posterior" and e.guidance_scale != 1:
+        raise ConfigError(f"eval.guidance_scale: {e.guidance_scale} with eval.sampling=posterior, which the original "
+                          "runs without guidance; set eval.guidance_scale=1.0")
     bad = [c for c in e.collect_timesteps if not 0 <= c < e.num_timesteps]
     if bad:
         raise ConfigError(f"eval.collect_timesteps: {bad} outside [0, eval.num_timesteps={e.num_timesteps})")

@@ -76,9 +76,11 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
         # padded with their edge values to such a size, and the logits cropped back.
         h, w = features.shape[-2:]
         m = head.unet.size_multiple
-        if h % m or w % m:
-            features = F.pad(features, (0, -w % m, 0, -h % m), mode="replicate")
-        final, collected = head.sample(features)
+        pad, base = (0, -w % m, 0, -h % m), logits
+        if any(pad):
+            features = F.pad(features, pad, mode="replicate")
+            base = None if logits is None else F.pad(logits, pad, mode="replicate")
+        final, collected = head.sample(features, base)
         out["final"] = final[:, :num_classes, :h, :w]
         for i, step_logits in collected.items():
             out[f"step {i}"] = step_logits[:, :num_classes, :h, :w]

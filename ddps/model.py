@@ -9,7 +9,7 @@ import yaml
 
 from . import checkpoint, config as config_mod
 from .data import head_classes
-from .nn import DDPSHead
+from .nn import DDPSHead, RefinementHead
 from .nn.head import SCHEDULE_BUFFERS
 from .segmentors import build_segmentor
 
@@ -23,16 +23,17 @@ def dataset_classes(cfg) -> tuple[int, int]:
 
 
 def build_head(cfg, cond_channels: int, for_training: bool) -> DDPSHead:
-    """The head of the config: the training schedule (head.num_timesteps) or the inference one
+    """The head of the config (head.kind): the training schedule (head.num_timesteps) or the inference one
     (eval.*; the original trains with T = 100 and samples with T = 20)."""
     h, e = cfg.head, cfg.eval
     k, ignore = dataset_classes(cfg)
-    return DDPSHead(num_classes=head_classes(k, ignore), cond_channels=cond_channels, dim=h.dim, out_dim=h.dim,
-                    dim_mults=tuple(h.dim_mults), embed_dim=h.embed_dim,
-                    num_timesteps=h.num_timesteps if for_training else e.num_timesteps,
-                    inference_steps=e.inference_steps, collect_timesteps=() if for_training else e.collect_timesteps,
-                    guidance_scale=e.guidance_scale, schedule=h.schedule, dropout_ratio=h.dropout_ratio,
-                    cond_dropout=h.cond_dropout, backend=h.backend)
+    kind = RefinementHead if h.kind == "refine" else DDPSHead
+    return kind(num_classes=head_classes(k, ignore), cond_channels=cond_channels, dim=h.dim, out_dim=h.dim,
+                dim_mults=tuple(h.dim_mults), embed_dim=h.embed_dim,
+                num_timesteps=h.num_timesteps if for_training else e.num_timesteps,
+                inference_steps=e.inference_steps, collect_timesteps=() if for_training else e.collect_timesteps,
+                guidance_scale=e.guidance_scale, schedule=h.schedule, mode=e.sampling, dropout_ratio=h.dropout_ratio,
+                cond_dropout=h.cond_dropout, backend=h.backend, noise_source=h.noise_source, transition=h.transition)
 
 
 def load_head_weights(head: DDPSHead, state: dict) -> None:

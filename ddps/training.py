@@ -49,8 +49,8 @@ class _HeadLoss(nn.Module):
         super().__init__()
         self.head, self.k, self.ignore = head, num_classes, ignore_index
 
-    def forward(self, features, labels):
-        logits, _ = self.head.forward_train(features, diffusion_labels(labels, self.k, self.ignore))
+    def forward(self, features, labels, base):
+        logits, _ = self.head.forward_train(features, diffusion_labels(labels, self.k, self.ignore), base)
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore)
 
@@ -105,6 +105,7 @@ class Trainer:
         self.ema = {k: v.detach().clone() for k, v in self._ema_source().items()}
         self.stage = "segmentor" if cfg.segmentor.iters > 0 and not cfg.segmentor.checkpoint else "head"
         self.step = 0
+        self.val_history = []  # the segmentor's validation mIoUs (segmentor.eval_interval)
         self.optimizer = self._optimizer()
         self.resumed_from = None
         if resume:
@@ -118,8 +119,7 @@ class Trainer:
     def _trainable(self):
         if self.stage == "segmentor":
             return list(self.segmentor.parameters())
-        # only the UNet and the classifier train; the class embedding stays at its initial value
-        return list(self.head.unet.parameters()) + list(self.head.conv_seg_new.parameters())
+        return self.head.trainable_parameters()
 
     def _optimizer(self):
         params = self._trainable()
@@ -134,7 +134,8 @@ class Trainer:
         tensors = {**checkpoint.prefixed(self.segmentor.state_dict(), "segmentor."),
                    **checkpoint.prefixed(self.head.state_dict(), "head."),
                    **checkpoint.prefixed(self.ema, "ema."), **optim_tensors}
-        return tensors, {"stage": self.stage, "optimizer": optim_structure, "config": self.cfg.to_dict()}
+        return tensors, {"stage": self.stage, "optimizer": optim_structure, "config": self.cfg.to_dict(),
+                         "val_history": self.val_history}
 
     def save(self) -> None:
         if self.rank == 0:
@@ -155,6 +156,7 @@ class Trainer:
         self.head.load_state_dict(checkpoint.unprefixed(tensors, "head."))
         self.ema = {k: v.to(self.device) for k, v in checkpoint.unprefixed(tensors, "ema.").items()}
         self.stage, self.step = state["stage"], state["stage_step"]
+        self.val_history = state.get("val_history", [])
         if self.stage != "done":
             self.optimizer = self._optimizer()
             checkpoint.load_optimizer(self.optimizer, tensors, state["optimizer"])
@@ -168,10 +170,12 @@ class Trainer:
 
     def _run_stage(self, signals: _Signals) -> None:
         cfg = self.cfg
+        if self.stage == "segmentor" and self._flat():  # converged before an interruption
+            return
         if self.stage == "segmentor":
             s = cfg.segmentor
             iters, batch, accumulate = s.iters, s.batch_size, 1
-            lr_args = (s.lr, min(50, s.iters // 10), 0.1, (), 1.0)
+            lr_args = (s.lr, min(50, s.iters // 10), 0.1, s.lr_steps, 0.1)
             module = _SegmentorLoss(self.segmentor, self.ignore)
             self.segmentor.train()
         else:
@@ -180,7 +184,9 @@ class Trainer:
             lr_args = (t.lr, t.warmup_iters, t.warmup_ratio, t.lr_steps, t.lr_gamma)
             self.segmentor.eval().requires_grad_(False)
             self.head.train()
-            self.head.embed.requires_grad_(False)
+            trainable = {id(p) for p in self.head.trainable_parameters()}
+            for p in self.head.parameters():
+                p.requires_grad_(id(p) in trainable)
             module = _HeadLoss(self.head, self.k, self.ignore)
         if self.world > 1:
             module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -202,8 +208,8 @@ class Trainer:
             with sync, amp:
                 if self.stage == "head":
                     with torch.no_grad():
-                        features, _ = self.segmentor(images)
-                    loss = module(features, labels)
+                        features, base = self.segmentor(images)
+                    loss = module(features, labels, base)
                 else:
                     loss = module(images, labels)
                 (loss / accumulate).backward()
@@ -238,22 +244,43 @@ class Trainer:
                 flag = torch.tensor([float(stop)], device=self.device)
                 dist.all_reduce(flag)
                 stop = flag.item() > 0
-            if stop or self.step % cfg.train.checkpoint_interval == 0:
+            converged = self.stage == "segmentor" and self._segmentor_converged()
+            if stop or converged or self.step % cfg.train.checkpoint_interval == 0:
                 self.save()
             if stop:
                 if progress is not None:
                     progress.close()
                 raise Interrupted(f"{signals.caught or 'a signal on another rank'}: stopped in stage "
                                   f"{self.stage} at step {self.step}")
+            if converged:
+                break
         if progress is not None:
             progress.close()
 
-    def run(self) -> dict | None:
+    def _segmentor_converged(self) -> bool:
+        """Every segmentor.eval_interval steps: the validation mIoU, logged; True once the last
+        segmentor.patience of them lie within segmentor.plateau points (every rank decides alike,
+        from the same evaluation)."""
+        s = self.cfg.segmentor
+        if not s.eval_interval or self.step % s.eval_interval:
+            return False
+        report = evaluation.evaluate(self.cfg, self.segmentor.eval(), None, self.val_set)
+        self.segmentor.train()
+        self.val_history.append(report["base"]["mIoU"])
+        self._log({"stage": "segmentor", "step": self.step, "val_mIoU": self.val_history[-1]})
+        return self._flat()
+
+    def _flat(self) -> bool:
+        s = self.cfg.segmentor
+        last = self.val_history[-s.patience:]
+        return bool(s.eval_interval) and len(last) == s.patience and max(last) - min(last) <= s.plateau
+
+    def run(self, until: str = "done") -> dict | None:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resumed_from and self.rank == 0:
             print(f"resumed from {self.resumed_from[2]}: stage {self.resumed_from[0]}, step {self.resumed_from[1]}")
         with _Signals() as signals:
-            while self.stage != "done":
+            while self.stage != until:
                 self._run_stage(signals)
                 self.stage = STAGES[STAGES.index(self.stage) + 1]
                 self.step = 0
@@ -261,7 +288,7 @@ class Trainer:
                     self.optimizer = self._optimizer()
                     self.ema = {k: v.detach().clone() for k, v in self._ema_source().items()}
                 self.save()  # the stage boundary: a resumed run never repeats a finished stage
-        if self.rank != 0:
+        if self.rank != 0 or until != "done":
             return None
         save_run(self.out, self.cfg, self.segmentor, self.head.state_dict(), self.ema)
         head = build_head(self.cfg, self.segmentor.feature_channels, for_training=False).to(self.device)
@@ -272,8 +299,9 @@ class Trainer:
         return report
 
 
-def train(cfg, out: Path, resume: bool = False) -> dict | None:
-    """Run (or resume) the recipe; under torchrun, one process per rank (gloo on CPU, nccl on GPU)."""
+def train(cfg, out: Path, resume: bool = False, until: str = "done") -> dict | None:
+    """Run (or resume) the recipe; under torchrun, one process per rank (gloo on CPU, nccl on GPU).
+    ``until="head"``: stop after the segmentor stage (its checkpoint holds the trained segmentor)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         backend = "nccl" if cfg.device == "cuda" else "gloo"
@@ -281,7 +309,7 @@ def train(cfg, out: Path, resume: bool = False) -> dict | None:
         if cfg.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        return Trainer(cfg, out, resume).run()
+        return Trainer(cfg, out, resume).run(until)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

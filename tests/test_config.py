@@ -67,7 +67,7 @@ def test_bad_yaml_file(tmp_path):
         config.load(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "segment", "convert"])
+@pytest.mark.parametrize("command", ["train", "eval", "segment", "convert", "ablate"])
 def test_help(command):
     for argv in (["-m", "ddps", command, "--help"], ["-m", f"ddps.{command}", "--help"]):
         out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
@@ -79,7 +79,7 @@ def test_help_is_plain_text():
     # The top-level description is the module docstring, written in reST; --help shows no markup.
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"bench", "train", "eval", "segment", "convert", "demo"}
+    assert set(commands) == {"bench", "train", "eval", "segment", "convert", "ablate", "demo"}
     for p in (parser, *commands.values()):
         assert "``" not in p.format_help()
 

@@ -216,3 +216,81 @@ def test_cond_of_another_dtype_or_an_odd_size_is_named():
     with pytest.raises(ValueError, match=r"cond's spatial size \(7, 7\) must be divisible by 2: the denoiser halves it "
                                          r"1 times"):
         head.sample(torch.randn(1, 3, 7, 7))
+
+
+def small_head(cls=DDPSHead, **overrides):
+    kwargs = dict(num_classes=5, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4, num_timesteps=10,
+                  inference_steps=2, collect_timesteps=(0, 5, 9), guidance_scale=0.4, dropout_ratio=0.0)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+class _Spy:
+    """Records the (source labels, noise level) of every q(x_t | x_0) draw and the masks the
+    denoiser is called with."""
+
+    def __init__(self, head, monkeypatch):
+        self.noised, self.masks = [], []
+        noise, denoise, from_share = head._noise, head.denoise, head.denoise_from_share
+        monkeypatch.setattr(head, "_noise", lambda x0, s: self.noised.append((x0.clone(), s.clone())) or noise(x0, s))
+        monkeypatch.setattr(head, "denoise", lambda c, m, t: self.masks.append(m.clone()) or denoise(c, m, t))
+        monkeypatch.setattr(head, "denoise_from_share",
+                            lambda c, m, t: self.masks.append(m.clone()) or from_share(c, m, t))
+
+
+@pytest.mark.parametrize("source", ["first_prediction", "ground_truth"])
+def test_noise_source(source, monkeypatch):
+    torch.manual_seed(0)
+    head = small_head(noise_source=source).train()
+    spy = _Spy(head, monkeypatch)
+    cond, gt = torch.randn(6, 4, 8, 8), torch.randint(0, 5, (6, 1, 8, 8))
+    torch.manual_seed(3)
+    _, t = head.forward_train(cond, gt)
+    assert (t != 0).any()
+    (x0, level), = spy.noised
+    assert torch.equal(level, 10 - 1 - t)
+    if source == "ground_truth":  # the naive variant: the ground truth itself is noised, one denoiser call
+        assert torch.equal(x0, gt[:, 0]) and len(spy.masks) == 1
+    else:  # the original: where t != 0, the model's first prediction (from a random mask) is noised
+        first = head.denoise(cond[t != 0], spy.masks[0], torch.zeros(int((t != 0).sum()), dtype=torch.long))
+        assert torch.equal(x0[t != 0], first.softmax(1).argmax(1)) and torch.equal(x0[t == 0], gt[t == 0, 0])
+        assert len(spy.masks) == 3  # first prediction, the step itself (+ the check's call)
+
+
+@pytest.mark.parametrize("transition", ["absorbing", "mask_and_replace"])
+@pytest.mark.parametrize("mode", ["renoise", "posterior"])
+def test_mask_transitions_train_and_sample(transition, mode, monkeypatch):
+    torch.manual_seed(0)
+    head = small_head(transition=transition, mode=mode, guidance_scale=1.0 if mode == "posterior" else 0.4,
+                      backend="auto")
+    assert head.embed.num_embeddings == 6  # the [MASK] state, index K = 5, has an embedding
+    spy = _Spy(head, monkeypatch)
+    cond = torch.randn(2, 4, 16, 16)
+    final, collected = head.eval().sample(cond)
+    assert final.shape == (2, 5, 16, 16) and list(collected) == [0, 5, 9]
+    # inference starts from the noisiest level: nearly all [MASK] (absorbing: all but att[T-1] = 9e-6;
+    # mask_and_replace: 90 % of the noise mass)
+    share = (spy.masks[0] == 5).float().mean().item()
+    assert share > (0.99 if transition == "absorbing" else 0.8)
+    logits, _ = head.train().forward_train(cond, torch.randint(0, 5, (2, 64, 64)))
+    assert logits.shape == (2, 5, 16, 16) and torch.isfinite(logits).all()
+
+
+def test_refinement_control_draws_no_noise():
+    from ddps.nn import RefinementHead
+
+    torch.manual_seed(0)
+    head = small_head(RefinementHead)
+    cond, base, gt = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8, 8), torch.randint(0, 5, (2, 32, 32))
+    state = torch.random.get_rng_state()
+    logits, t = head.train().forward_train(cond, gt, base)
+    final, collected = head.eval().sample(cond, base)
+    assert torch.equal(torch.random.get_rng_state(), state)  # no random mask, no noise: nothing drawn
+    assert collected == {} and (t == 0).all()
+    torch.testing.assert_close(logits, head.denoise(cond, base.argmax(1), t))
+    unguided = head.denoise(torch.zeros_like(cond), base.argmax(1), t)
+    torch.testing.assert_close(final, logits * 1.4 - 0.4 * unguided)
+    with pytest.raises(ValueError, match="pass its logits as base"):
+        head.sample(cond)
+    with pytest.raises(ValueError, match="base must be"):
+        head.sample(cond, base[:, :, :4])

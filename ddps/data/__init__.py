@@ -24,7 +24,7 @@ def build_dataset(cfg, split: str):
     name = data.train_split if split == "train" else data.val_split
     if data.dataset == "synthetic-shapes":
         syn = data.synthetic
-        return SyntheticShapes(name, cfg.seed, syn.num_train if split == "train" else syn.num_val, syn.size,
+        return SyntheticShapes(name, cfg.seed if syn.seed is None else syn.seed, syn.num_train if split == "train" else syn.num_val, syn.size,
                                syn.max_shapes, syn.noise)
     if data.dataset in ("ade20k", "ade20k-150"):
         return ade20k(data.root, name, reduce_zero_label=data.dataset == "ade20k-150")

@@ -14,6 +14,9 @@ from ..schedule import DiffusionSchedule
 from .unet import UNet
 
 MODES = ("renoise", "posterior")
+# What training noises: the model's own first prediction (the original's "diffusion on first
+# prediction") or the ground truth (the naive integration the paper compares against).
+NOISE_SOURCES = ("first_prediction", "ground_truth")
 # "reference": the original's dense sampling ops, UNet and loop, bitwise. Otherwise the fused
 # ddps.ops on the backend named ("auto": the resolver's choice, see ddps.backends()), the fused
 # UNet, and init_conv computed in two shares (see DDPSHead._step).
@@ -39,28 +42,34 @@ def unvisited(collect_timesteps, num_timesteps: int, inference_steps: int | None
 class DDPSHead(nn.Module):
     """Denoising-diffusion mask head.
 
-    ``sample(cond)``: cond [B, cond_channels, H, W] -> (final logits [B, K, H, W], {step: logits}
-    for each of ``collect_timesteps``, keyed by the step they come from; a collect step that the
-    inference schedule never visits is refused at construction). ``forward_train(cond, gt)``: one training
-    forward with diffusion on first prediction; gt [B, 1, H', W'] or [B, H', W'] labels ->
-    (logits [B, K, H, W], t [B]).
+    The head protocol, shared by every mask head: ``sample(cond, base=None)``: cond [B,
+    cond_channels, H, W] (and the segmentor's own logits ``base`` [B, K', H, W], which this head
+    does not read) -> (final logits [B, K, H, W], {step: logits} for each of
+    ``collect_timesteps``, keyed by the step they come from; a collect step that the inference
+    schedule never visits is refused at construction). ``forward_train(cond, gt, base=None)``: one
+    training forward; gt [B, 1, H', W'] or [B, H', W'] labels -> (logits [B, K, H, W], t [B]).
+    ``trainable_parameters()``: what training updates (the rest stays frozen).
 
     mode "renoise" re-noises each step's argmax with q(x_t | x_0) ("free re-noising"); "posterior"
     samples q(x_{t-1} | x_t, x_0) (the original applies no guidance there, so guidance_scale must
-    be 1 in that mode).
+    be 1 in that mode). ``noise_source``: what training noises (NOISE_SOURCES). ``transition``:
+    the categorical noise (``DiffusionSchedule``'s; the original's is "uniform"; the mask kinds
+    add a [MASK] state, index K, to the embedding and start inference from the noisiest level).
     """
 
     def __init__(self, num_classes: int, cond_channels: int, dim: int, out_dim: int, dim_mults,
                  embed_dim: int, num_timesteps: int, inference_steps: int | None = None,
                  collect_timesteps=(), guidance_scale: float = 1.0, schedule: str = "linear",
                  mode: str = "renoise", dropout_ratio: float = 0.1, cond_dropout: float = 0.0,
-                 backend: str = "reference"):
+                 backend: str = "reference", noise_source: str = "first_prediction", transition: str = "uniform"):
         super().__init__()
         if backend not in HEAD_BACKENDS:
             raise ValueError(f"backend={backend!r} is not a head backend; choose one of {HEAD_BACKENDS}")
         self.backend = backend
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a sampling mode; choose one of {MODES}")
+        if noise_source not in NOISE_SOURCES:
+            raise ValueError(f"noise_source={noise_source!r} is not a noise source; choose one of {NOISE_SOURCES}")
         if mode == "posterior" and guidance_scale != 1:
             raise ValueError(f"guidance_scale={guidance_scale} needs mode='renoise': the original "
                              "posterior loop applies no guidance (use guidance_scale=1.0)")
@@ -86,6 +95,7 @@ class DDPSHead(nn.Module):
         self.guidance_scale = guidance_scale
         self.mode = mode
         self.cond_dropout = cond_dropout
+        self.noise_source = noise_source
         # Fused heads only: the guided and the unguided denoiser call of a step as one call on a
         # doubled batch. Off by default: on the reference CPU two B = 1 calls are faster (its
         # convolutions run slower per sample at B = 2); not measured on a GPU.
@@ -93,9 +103,9 @@ class DDPSHead(nn.Module):
         self.unet = UNet(dim, out_dim, cond_channels + embed_dim, dim_mults,
                          backend="reference" if backend == "reference" else "fused")
         self.conv_seg_new = nn.Conv2d(out_dim, num_classes, kernel_size=1)
-        self.embed = nn.Embedding(num_classes, embed_dim)
+        self.schedule = DiffusionSchedule(num_timesteps, num_classes, schedule, transition)
+        self.embed = nn.Embedding(self.schedule.num_states, embed_dim)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
-        self.schedule = DiffusionSchedule(num_timesteps, num_classes, schedule)
         for name in SCHEDULE_BUFFERS:
             self.register_buffer(name, getattr(self.schedule, name).clone())
         self._register_load_state_dict_pre_hook(self._check_schedule_buffers)
@@ -125,6 +135,18 @@ class DDPSHead(nn.Module):
         if self.backend == "reference":
             return reference.q_pred(x0, noise_level, self.schedule)
         return ops.q_sample(x0, noise_level, self.schedule, backend=self._ops_backend)
+
+    def trainable_parameters(self) -> list:
+        # the UNet and the classifier, as the original; the class embedding stays at its initial value
+        return list(self.unet.parameters()) + list(self.conv_seg_new.parameters())
+
+    def _noisiest(self, b: int, h: int, w: int, device) -> torch.Tensor:
+        """A mask at the noisiest level: uniform labels (the original's randint); under the mask
+        transitions a draw from q(x_{T-1} | x_0), which no longer depends on x_0."""
+        mask = torch.randint(0, self.num_classes, [b, h, w], device=device).long()
+        if self.schedule.mask_index is None:
+            return mask
+        return self._noise(mask, torch.full([b], self.num_timesteps - 1, device=device))
 
     def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -193,11 +215,11 @@ class DDPSHead(nn.Module):
         return step
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor):
+    def sample(self, cond: torch.Tensor, base: torch.Tensor | None = None):
         self._check_cond(cond)
         b, _, h, w = cond.shape
         T = self.num_timesteps
-        mask = torch.randint(0, self.num_classes, [b, h, w], device=cond.device).long()
+        mask = self._noisiest(b, h, w, cond.device)
         step = self._step(cond)
         collected = {}
         out = None
@@ -223,7 +245,8 @@ class DDPSHead(nn.Module):
         return ops.q_posterior_sample(logits.argmax(dim=1), mask, noise_level, self.schedule,
                                       backend=self._ops_backend)
 
-    def forward_train(self, cond: torch.Tensor, gt: torch.Tensor):
+    def _check_train_input(self, cond: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """gt as [B, 1, H', W'] labels, after the checks of both inputs."""
         self._check_cond(cond)
         _checks.labels(gt, "gt", self.num_classes)
         if gt.dim() == 3:
@@ -231,6 +254,10 @@ class DDPSHead(nn.Module):
         if gt.dim() != 4 or gt.shape[1] != 1 or gt.shape[0] != cond.shape[0]:
             raise ValueError(f"gt must be [B={cond.shape[0]}, 1, H, W] or [B, H, W] labels, got shape {tuple(gt.shape)}")
         _checks.same_device(gt, "gt", cond.device, "cond")
+        return gt
+
+    def forward_train(self, cond: torch.Tensor, gt: torch.Tensor, base: torch.Tensor | None = None):
+        gt = self._check_train_input(cond, gt)
         b, _, h, w = cond.shape
         device = cond.device
         if self.training and self.cond_dropout > 0:
@@ -241,12 +268,12 @@ class DDPSHead(nn.Module):
         source = F.interpolate(gt.float(), [h, w], mode="nearest").long().squeeze(1)
         # Fused: init_conv's condition share serves both denoiser calls below.
         share = None if self.backend == "reference" else self.cond_share(cond)
-        if multi_step.sum() > 0:
+        if self.noise_source == "first_prediction" and multi_step.sum() > 0:
             with torch.no_grad():
                 # "Diffusion on first prediction": the noised source is the model's own
                 # prediction from a random mask, not the ground truth.
                 n = int(multi_step.sum())
-                mask_rand = torch.randint(0, self.num_classes, [n, h, w], device=device).long()
+                mask_rand = self._noisiest(n, h, w, device)
                 zero = torch.zeros([n], device=device).long()
                 if share is None:
                     logits = self.denoise(cond[multi_step].clone().detach(), mask_rand, zero)
@@ -257,3 +284,31 @@ class DDPSHead(nn.Module):
         if share is None:
             return self.denoise(cond, mask, t), t
         return self.denoise_from_share(share, mask, t), t
+
+
+class RefinementHead(DDPSHead):
+    """The control that separates the mask prior from the capacity: DDPSHead's UNet and classifier
+    trained as a plain refinement head. Its input is the condition plus the embedded argmax of the
+    segmentor's own logits (``base``), at the fixed timestep 0, with no noise drawn; inference is
+    one denoiser call (guided as DDPSHead's), so ``sample`` collects no steps. DDPS minus this head
+    is the effect of the diffusion rather than of the extra network."""
+
+    def _base_labels(self, cond: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        if base is None:
+            raise ValueError("the refinement head refines the segmentor's prediction: pass its logits as base "
+                             "(a segmentor without a classifier has none)")
+        if base.dim() != 4 or base.shape[0] != cond.shape[0] or base.shape[2:] != cond.shape[2:]:
+            raise ValueError(f"base must be [B={cond.shape[0]}, K, {cond.shape[2]}, {cond.shape[3]}] logits at the "
+                             f"condition's size, got shape {tuple(base.shape)}")
+        return base.argmax(dim=1)
+
+    def forward_train(self, cond: torch.Tensor, gt: torch.Tensor, base: torch.Tensor | None = None):
+        self._check_train_input(cond, gt)
+        t = torch.zeros(cond.shape[0], dtype=torch.long, device=cond.device)
+        return self.denoise(cond, self._base_labels(cond, base), t), t
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, base: torch.Tensor | None = None):
+        self._check_cond(cond)
+        t = torch.zeros(cond.shape[0], dtype=torch.long, device=cond.device)
+        return self._step(cond)(self._base_labels(cond, base), t), {}

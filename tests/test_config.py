@@ -48,6 +48,12 @@ def test_overrides_are_typed():
     # synthetic: T = 20, steps 0, 10, 19 collected; with 3 inference steps 0, 6, 12, 18, 19 run.
     ("eval.inference_steps=3", "eval.collect_timesteps: [10] never run with eval.num_timesteps=20 and "
                                "eval.inference_steps=3; the steps that run are [0, 6, 12, 18, 19]"),
+    ("eval.sampling=posterior", "eval.guidance_scale: 0.4 with eval.sampling=posterior"),
+    ("head.kind=diffusion", "head.kind: 'diffusion' is not one of"),
+    ("head.transition=gaussian", "head.transition: 'gaussian' is not one of"),
+    ("head.noise_source=gt", "head.noise_source: 'gt' is not one of"),
+    ("segmentor.type=segformer-mmseg", "segmentor.iters: a segformer-mmseg segmentor without a classifier"),
+    ("segmentor.patience=0", "segmentor.patience: must be >= 1"),
     ("train", "is not key=value"),
     ("train=3", "train: expected a mapping"),
 ])

@@ -301,3 +301,25 @@ def test_segment_labels_and_legend(straight, tmp_path):
             assert np.array_equal(colourise(torch.from_numpy(labels.astype(np.int64)), k, ignore), np.asarray(rgb))
     with Image.open(tmp_path / "m" / "legend.png") as legend:
         assert legend.size == (64 * -(-k // 32), 16 * min(32, k))
+
+
+def test_segmentor_stage_ends_at_its_plateau_and_stays_ended(tmp_path):
+    from ddps import config, training
+    from ddps.cli import _config_path
+
+    # a plateau of 100 points: flat at the second evaluation, step 4 of at most 10
+    cfg = config.load(_config_path("synthetic-smoke"), ["segmentor.eval_interval=2", "segmentor.patience=2",
+                                                         "segmentor.plateau=100", "data.synthetic.num_val=2"])
+    training.train(cfg, tmp_path / "run", until="head")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_mIoU" in r] == [2, 4]
+    stopped = checkpoint.checkpoints(tmp_path / "run" / "checkpoints")
+    state = json.loads(stopped[0].read_text())
+    assert (state["stage"], state["stage_step"], len(state["val_history"])) == ("segmentor", 4, 2)
+    # interrupted right after the converged step's checkpoint: a resume ends the stage, no more steps
+    for later in stopped[1:]:
+        later.unlink()
+    trainer = training.Trainer(cfg, tmp_path / "run", resume=True)
+    assert (trainer.stage, trainer.step) == ("segmentor", 4)
+    trainer._run_stage(training._Signals())
+    assert trainer.step == 4

@@ -35,7 +35,8 @@ INFERRED = {
     "posterior-g1": ("ddps heads, posterior sampling without guidance, as the original's posterior loop",
                      ["eval.sampling=posterior", "eval.guidance_scale=1.0"]),
 }
-VARIANTS = (*TRAINED, *INFERRED)
+DESCRIPTIONS = {name: what for name, (what, _) in {**TRAINED, **INFERRED}.items()}
+VARIANTS = tuple(DESCRIPTIONS)
 
 
 def _same_config(cfg, out: Path) -> None:
@@ -46,12 +47,10 @@ def _same_config(cfg, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         return
-    old = config_mod.flatten(config_mod.load(None, (), base=yaml.safe_load(path.read_text())).to_dict())
-    new = config_mod.flatten(cfg.to_dict())
-    changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if v != old[k]]
+    changed = config_mod.changes(config_mod.load(None, (), base=yaml.safe_load(path.read_text())), cfg)
     if changed:
-        raise config_mod.ConfigError(f"{out} holds an ablation with other settings ({'; '.join(changed)}): rerun "
-                                     "it with its own config and overrides, or choose another --out")
+        raise config_mod.ConfigError(f"{out} holds an ablation with other settings ({'; '.join(changed.values())}): "
+                                     "rerun it with its own config and overrides, or choose another --out")
 
 
 def _segmentor(cfg, out: Path) -> Path:
@@ -197,14 +196,14 @@ def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", m
                 report = _infer(source, INFERRED[name][1], out / name / f"seed-{seed}" / "eval.json")
             reports.setdefault(name, {})[seed] = report
     summary = {name: _summary(r) for name, r in reports.items()}
-    descriptions = {**{k: v[0] for k, v in TRAINED.items()}, **{k: v[0] for k, v in INFERRED.items()}}
     # a resumed segmentor run logs the steps after its checkpoint again: the last record of a step counts
-    val = {r["step"]: r["val_mIoU"] for r in _records(out / "segmentor") if "val_mIoU" in r}
-    steps = max((r["step"] for r in _records(out / "segmentor") if r.get("stage") == "segmentor"), default=0)
+    records = _records(out / "segmentor")
+    val = {r["step"]: r["val_mIoU"] for r in records if "val_mIoU" in r}
+    steps = max((r["step"] for r in records if r.get("stage") == "segmentor"), default=0)
     result = {"command": command, "machine": machine_line(machine(torch.device(cfg.device))),
               "seeds": list(seeds), "wall_s": time.perf_counter() - start, "runs_done_before": done,
               "segmentor_val": [val[step] for step in sorted(val)], "segmentor_steps": steps,
-              "variants": {n: descriptions[n] for n in chosen}, "summary": summary,
+              "variants": {n: DESCRIPTIONS[n] for n in chosen}, "summary": summary,
               "findings": findings(summary), "runs": {n: {str(s): r for s, r in v.items()} for n, v in reports.items()}}
     checkpoint.atomic_write(out / "ablation.json", json.dumps(result, indent=1).encode())
     text = markdown(result)

@@ -105,14 +105,14 @@ def _resume_config(out: Path, config: str | None, overrides, extend: bool):
     state = json.loads(records[-1].read_text())
     stored = config_mod.load(None, (), base=state["config"])
     cfg = config_mod.load(_config_path(config) if config else None, overrides, base=state["config"])
-    old, new = (config_mod.flatten(c.to_dict()) for c in (stored, cfg))
-    changed = {key: f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items() if value != old[key]}
+    changed = config_mod.changes(stored, cfg)
     if state["stage"] == "done" and changed:
         raise config_mod.ConfigError(
             f"{out} is finished ({records[-1].name}): a resume trains nothing, so {'; '.join(changed.values())} would "
             f"only be written into its config. Evaluate with other settings by ddps eval --run {out} KEY=VALUE; train "
             "longer in a new run")
     growing = {"segmentor": ("segmentor.iters", "train.iters"), "head": ("train.iters",), "done": ()}[state["stage"]]
+    old, new = config_mod.flatten(stored.to_dict()), config_mod.flatten(cfg.to_dict())
     refused = [text for key, text in changed.items()
                if not key.startswith(RESUME_FREE) and not (extend and key in growing and new[key] > old[key])]
     if refused:
@@ -312,11 +312,6 @@ def _add_run(p) -> None:
     p.add_argument("--weights", help="weights file to use instead of RUN/model.safetensors")
 
 
-def ablation_variants() -> dict:
-    from .ablation import INFERRED, TRAINED
-    return {**TRAINED, **INFERRED}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddps", description=__doc__.replace("``", ""))  # plain text for --help
     parser.add_argument("--version", action="version", version=f"ddps {__version__}")
@@ -407,14 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output run directory (must not hold a run)")
     _add_overrides(c)
     c.set_defaults(func=convert)
+    from . import ablation
     a = sub.add_parser("ablate", help="the paper's findings as one controlled comparison of head variants",
                        description="Trains the segmentor once (until its validation mIoU is flat, with "
                                    "segmentor.eval_interval set), then every head variant from that frozen "
                                    "segmentor with the config's budget, for each seed, evaluates all on the "
                                    "held-out split, and writes OUT/ablation.json and OUT/ablation.md (mean and "
                                    "range over seeds, and whether each of the paper's findings is reproduced). "
-                                   "Variants: " + ", ".join(f"{k} ({v[0]})" for k, v in
-                                                            ablation_variants().items())
+                                   "Variants: " + ", ".join(f"{k} ({v})" for k, v in ablation.DESCRIPTIONS.items())
                                    + ". Rerunning resumes: finished variants are not trained again.")
     a.add_argument("--config", default="synthetic",
                    help="YAML config file or the name of a shipped one (default: synthetic)")

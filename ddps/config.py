@@ -228,6 +228,12 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
                           f"{inference_timesteps(e.num_timesteps, e.inference_steps)}")
 
 
+def changes(old: Config, new: Config) -> dict:
+    """{key: "key: old -> new"} for every key whose value differs between two configs."""
+    before, after = flatten(old.to_dict()), flatten(new.to_dict())
+    return {key: f"{key}: {before[key]!r} -> {value!r}" for key, value in after.items() if value != before[key]}
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}

@@ -56,7 +56,8 @@ class SegmentorConfig:
     checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
     iters: int = 300               # segmentor training steps (0: keep the initial / pretrained weights)
     eval_interval: int = 0         # > 0: validation mIoU every N steps; the stage ends once it is flat
-    plateau: float = 0.5           # flat: the last `patience` validation mIoUs within this many points
+    plateau: float = 0.5           # flat: the last `patience` validation mIoUs (after the last of
+                                   # lr_steps) within this many points
     patience: int = 3
     batch_size: int = 8
     lr: float = 2e-3

@@ -259,7 +259,7 @@ class Trainer:
 
     def _segmentor_converged(self) -> bool:
         """Every segmentor.eval_interval steps: the validation mIoU, logged; True once the last
-        segmentor.patience of them lie within segmentor.plateau points (every rank decides alike,
+        segmentor.patience of them after the last of segmentor.lr_steps lie within segmentor.plateau points (every rank decides alike,
         from the same evaluation)."""
         s = self.cfg.segmentor
         if not s.eval_interval or self.step % s.eval_interval:
@@ -272,8 +272,12 @@ class Trainer:
 
     def _flat(self) -> bool:
         s = self.cfg.segmentor
-        last = self.val_history[-s.patience:]
-        return bool(s.eval_interval) and len(last) == s.patience and max(last) - min(last) <= s.plateau
+        if not s.eval_interval:
+            return False
+        # A flat stretch before the last learning-rate drop is a pause, not convergence (the
+        # drop still gains points): only the evaluations after it count.
+        last = self.val_history[max(s.lr_steps, default=0) // s.eval_interval:][-s.patience:]
+        return len(last) == s.patience and max(last) - min(last) <= s.plateau
 
     def run(self, until: str = "done") -> dict | None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from PIL import Image
 from ddps import config
 from ddps.data import DataError, build_dataset, train_batches
 from ddps.data.files import ade20k, cityscapes, folder
-from ddps.data.synthetic import SyntheticShapes
+from ddps.data.synthetic import SyntheticShapes, generate
 from ddps.data.transforms import hsv_to_rgb, photometric, random_crop, rescale_size, rgb_to_hsv
 
 
@@ -27,6 +27,23 @@ def test_synthetic_is_deterministic_by_seed():
     assert image.dtype == torch.uint8 and image.shape == (3, 64, 64) and mask.shape == (64, 64)
     labels = torch.cat([a[i][1].flatten() for i in range(4)]).unique()
     assert labels.min() == 0 and labels.max() < SyntheticShapes.num_classes and len(labels) > 2
+
+
+def test_synthetic_samples_are_cached_as_generated(monkeypatch):
+    from ddps.data import synthetic
+    ds = SyntheticShapes("training", 0, 3, 32, 4, 0.35)
+    first = ds[1]
+    first[0].zero_()
+    first[1].fill_(5)  # a caller editing its sample in place
+    calls = []
+    monkeypatch.setattr(synthetic, "generate", lambda *a: calls.append(a))
+    again = ds[1]
+    assert not calls  # served from the cache
+    image, mask = generate(0, "training", 1, 32, 4, 0.35)
+    assert torch.equal(again[0], torch.from_numpy(image).permute(2, 0, 1))
+    assert torch.equal(again[1], torch.from_numpy(mask).long())
+    monkeypatch.setattr(synthetic, "CACHE_BYTES", 3 * 32 * 32 * 4 - 1)
+    assert SyntheticShapes("training", 0, 3, 32, 4, 0.35)._cache is None  # too big to keep
 
 
 def _concat(batches):

@@ -303,6 +303,21 @@ def test_segment_labels_and_legend(straight, tmp_path):
         assert legend.size == (64 * -(-k // 32), 16 * min(32, k))
 
 
+def test_a_plateau_counts_only_after_the_last_lr_drop(tmp_path):
+    from ddps import config, training
+    from ddps.cli import _config_path
+
+    # flat at every evaluation (a plateau of 100 points), but the evaluations at steps 2 and 4 come
+    # before the drop at step 4: the stage ends at step 8, its second evaluation after the drop
+    cfg = config.load(_config_path("synthetic-smoke"), ["segmentor.eval_interval=2", "segmentor.patience=2",
+                                                         "segmentor.plateau=100", "segmentor.lr_steps=[4]",
+                                                         "data.synthetic.num_val=2"])
+    training.train(cfg, tmp_path / "run", until="head")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_mIoU" in r] == [2, 4, 6, 8]
+    assert max(r["step"] for r in records) == 8
+
+
 def test_segmentor_stage_ends_at_its_plateau_and_stays_ended(tmp_path):
     from ddps import config, training
     from ddps.cli import _config_path

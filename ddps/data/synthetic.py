@@ -13,6 +13,9 @@ import torch
 
 CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "cross")
 SPLIT_SEEDS = {"training": 1, "validation": 2}
+# Generating a sample costs about as much as the compact segmentor's training step on it, so a
+# dataset that fits in this many bytes keeps its samples after the first epoch.
+CACHE_BYTES = 1 << 30
 
 
 def _shape_mask(kind: int, yy, xx, cy, cx, r, angle):
@@ -70,6 +73,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __init__(self, split: str, seed: int, num: int, size: int, max_shapes: int, noise: float):
         self.split, self.seed, self.num, self.size = split, seed, num, size
         self.max_shapes, self.noise = max_shapes, noise
+        self._cache = {} if num * size * size * 4 <= CACHE_BYTES else None
 
     def __len__(self):
         return self.num
@@ -78,5 +82,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return f"synthetic-{self.split}-{index:05d}"
 
     def __getitem__(self, index: int):
-        image, mask = generate(self.seed, self.split, index, self.size, self.max_shapes, self.noise)
+        sample = None if self._cache is None else self._cache.get(index)
+        if sample is None:
+            sample = generate(self.seed, self.split, index, self.size, self.max_shapes, self.noise)
+            if self._cache is not None:
+                self._cache[index] = sample
+        image, mask = sample
+        # copies: a caller that edits a sample in place leaves the cached one as generated
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask).long()

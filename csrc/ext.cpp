@@ -15,6 +15,9 @@ TORCH_LIBRARY(ddps, m) {
   m.def("p_posterior_sample(Tensor logits, Tensor x_t, Tensor t, Tensor table, Tensor seed, int num_classes, "
         "int mask_index, int? ignore_index) -> Tensor");
   m.def("renoise(Tensor logits, Tensor t, Tensor table, Tensor seed, int num_classes, int mask_index) -> Tensor");
+  // maskige [B, 3, *spatial] (float32/16, bfloat16), palette float32 [rows, 3] -> int64 [B, *spatial]:
+  // the nearest palette row of each pixel (GSS's maskige decoding, ddps/ops/maskige_decode.py).
+  m.def("maskige_decode(Tensor maskige, Tensor palette) -> Tensor");
   // Denoiser ops (ddps/ops/): x channels-last [B, C, H, W]; scale, shift [B, C] (FiLM) or None.
   // Forward returns (y, mean [B, groups], rstd [B, groups]); the backward takes the latter two.
   m.def("group_norm_film_silu(Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, "

@@ -28,6 +28,8 @@ TRAINED = {
     "absorbing": ("absorbing [MASK] noise instead of uniform", ["head.transition=absorbing"]),
     "mask-and-replace": ("VQ-Diffusion mask-and-replace noise", ["head.transition=mask_and_replace"]),
     "refine": ("control: the same network as a plain refinement head, no diffusion", ["head.kind=refine"]),
+    "gss": ("GSS's mask prior instead: maskige VQ autoencoder (prior stage), token classifier, nearest-colour "
+            "decoding", ["head.kind=gss"]),
 }
 # name -> (what it changes, evaluation overrides): the ddps runs, sampled otherwise
 INFERRED = {
@@ -139,6 +141,10 @@ def findings(summary: dict) -> list[tuple[str, str]]:
                     f"{'reproduced' if free >= post - spread('renoise-g1', 'posterior-g1') else 'not reproduced'}: "
                     f"{free:.2f} vs {post:.2f} mIoU (both without guidance; seed spread "
                     f"{spread('renoise-g1', 'posterior-g1'):.2f})"))
+    if "ddps" in summary and "gss" in summary:
+        out.append(("GSS's latent mask prior against DDPS's diffusion, on the same segmentor",
+                    f"{m('gss') - m('ddps'):+.2f} mIoU (gss {m('gss'):.2f}, ddps {m('ddps'):.2f}; seed spread "
+                    f"{spread('ddps', 'gss'):.2f})"))
     if "ddps" in summary and "refine" in summary:
         gain = m("ddps") - m("refine")
         out.append(("The mask prior beyond its capacity (DDPS minus the refinement control)",

@@ -1,9 +1,9 @@
 """The ``ddps`` command line. ``ddps bench``: ddps against the original implementation on this
 machine (the main job). ``ddps train`` / ``eval`` / ``segment`` / ``convert``: the two-stage
-recipe, its evaluation, masks for image files, and original checkpoints into ddps run
-directories. ``ddps ablate``: the paper's findings as one controlled comparison.
-``ddps demo``: the DDPS sampling loop on random features, with the sampling op timed on every
-available backend."""
+recipe (with a prior stage for a head that has one), its evaluation, masks for image files, and
+original checkpoints into ddps run directories. ``ddps ablate``: the paper's findings as one
+controlled comparison. ``ddps demo``: the DDPS sampling loop on random features, with the sampling
+op timed on every available backend."""
 from __future__ import annotations
 
 import argparse
@@ -111,7 +111,8 @@ def _resume_config(out: Path, config: str | None, overrides, extend: bool):
             f"{out} is finished ({records[-1].name}): a resume trains nothing, so {'; '.join(changed.values())} would "
             f"only be written into its config. Evaluate with other settings by ddps eval --run {out} KEY=VALUE; train "
             "longer in a new run")
-    growing = {"segmentor": ("segmentor.iters", "train.iters"), "head": ("train.iters",), "done": ()}[state["stage"]]
+    growing = {"segmentor": ("segmentor.iters", "prior.iters", "train.iters"), "prior": ("prior.iters", "train.iters"),
+               "head": ("train.iters",), "done": ()}[state["stage"]]
     old, new = config_mod.flatten(stored.to_dict()), config_mod.flatten(cfg.to_dict())
     refused = [text for key, text in changed.items()
                if not key.startswith(RESUME_FREE) and not (extend and key in growing and new[key] > old[key])]
@@ -160,7 +161,7 @@ def evaluate(args) -> int:
     report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
                                  limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
                                  panels=cfg.eval.panels)
-    print(evaluation.table(report))
+    print(evaluation.table(report, cfg.head.kind))
     out = Path(args.json or Path(args.run) / "eval.json")
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
@@ -341,22 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", metavar="FILE", nargs="?", const="benchmarks/RESULTS.md",
                    help="write the results as markdown (default file: benchmarks/RESULTS.md)")
     b.set_defaults(func=bench)
-    t = sub.add_parser("train", help="train a segmentor and a DDPS head on it (the two-stage recipe), then evaluate",
+    t = sub.add_parser("train", help="train a segmentor and a mask-prior head on it (the two-stage recipe), then "
+                                     "evaluate",
                        description="Stage 1 trains the segmentor (or loads segmentor.checkpoint); stage 2 freezes "
-                                   "it and trains the DDPS head with diffusion on first prediction; then the "
+                                   "it and trains the head (head.kind): DDPS with diffusion on first prediction, "
+                                   "the refinement control, or GSS, whose prior stage first trains its maskige VQ "
+                                   "autoencoder on the labels alone (prior.*); then the "
                                    "held-out split is evaluated into OUT/eval.json. OUT also gets config.yaml, "
                                    "model.safetensors, metrics.jsonl, panels/ and checkpoints/. Ctrl-C writes a "
                                    "checkpoint and exits with 130; --resume continues from the last checkpoint. "
                                    "Under torchrun each process trains one shard of every batch.")
     t.add_argument("--config",
-                   help="YAML config file or the name of a shipped one: synthetic (default), synthetic-smoke, "
-                        "ade20k, ade20k-150, cityscapes; with --resume the run's own config is the base")
+                   help="YAML config file or the name of a shipped one: synthetic (default), synthetic-gss, "
+                        "synthetic-smoke, ade20k, ade20k-150, cityscapes; with --resume the run's own config is the "
+                        "base")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the config it was started with "
                         "(overrides may change eval.* and the checkpoint and log intervals, nothing it trains)")
     t.add_argument("--extend", action="store_true",
-                   help="with --resume: let train.iters (and, in stage 1, segmentor.iters) grow")
+                   help="with --resume: let the iteration counts of the stages still to finish grow "
+                        "(segmentor.iters, prior.iters, train.iters)")
     _add_overrides(t)
     t.set_defaults(func=train)
     e = sub.add_parser("eval", help="evaluate a trained run on its held-out split",

@@ -66,8 +66,19 @@ class SegmentorConfig:
 
 
 @dataclass
+class GSSConfig:
+    # sized for the synthetic demo (GSS's dVAE has 8192 codes and a far wider network)
+    codes: int = 256               # the VQ autoencoder's codebook size
+    code_dim: int = 16             # the width of a code
+    channels: int = 32             # the VQ autoencoder's width
+    dim: int = 64                  # the conditioning network's width
+    palette: str = "spread"        # spread | grid (GSS's); see ddps.maskige.palette
+    decoder: str = "nearest"       # nearest (GSS-FF) | learned (GSS-FT-W, trained in the prior stage)
+
+
+@dataclass
 class HeadConfig:
-    kind: str = "ddps"             # ddps | refine (the control: same network, no diffusion)
+    kind: str = "ddps"             # ddps | refine (the control: same network, no diffusion) | gss
     noise_source: str = "first_prediction"  # first_prediction (the original) | ground_truth
     transition: str = "uniform"    # uniform (the original) | absorbing | mask_and_replace
     dim: int = 32
@@ -78,6 +89,16 @@ class HeadConfig:
     dropout_ratio: float = 0.1
     cond_dropout: float = 0.0
     backend: str = "auto"
+    gss: GSSConfig = field(default_factory=GSSConfig)   # head.kind=gss
+
+
+@dataclass
+class PriorConfig:
+    # the stage between the segmentor and the head that trains a head's mask prior on the labels
+    # alone (gss: its VQ autoencoder, and the learned decoder); heads without one skip it
+    iters: int = 800
+    batch_size: int = 8
+    lr: float = 2e-3
 
 
 @dataclass
@@ -124,6 +145,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     segmentor: SegmentorConfig = field(default_factory=SegmentorConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -135,7 +157,9 @@ CHOICES = {
     "data.dataset": ("synthetic-shapes", "ade20k", "ade20k-150", "cityscapes", "folder"),
     "segmentor.type": ("compact", "segformer", "segformer-mmseg"),
     "segmentor.variant": ("b0", "b1", "b2", "b3", "b4", "b5"),
-    "head.kind": ("ddps", "refine"),
+    "head.kind": ("ddps", "refine", "gss"),
+    "head.gss.palette": ("spread", "grid"),
+    "head.gss.decoder": ("nearest", "learned"),
     "head.noise_source": ("first_prediction", "ground_truth"),
     "head.transition": ("uniform", "absorbing", "mask_and_replace"),
     "head.schedule": ("linear", "cos"),
@@ -147,7 +171,8 @@ CHOICES = {
 POSITIVE = {"data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.size", "data.synthetic.max_shapes",
             "segmentor.channels", "segmentor.batch_size", "segmentor.patience", "head.dim", "head.embed_dim", "head.num_timesteps",
             "train.iters", "train.batch_size", "train.accumulate", "train.ema_interval", "train.checkpoint_interval",
-            "train.keep_last", "train.log_interval", "eval.num_timesteps", "eval.inference_steps"}
+            "train.keep_last", "train.log_interval", "eval.num_timesteps", "eval.inference_steps", "head.gss.code_dim",
+            "head.gss.channels", "head.gss.dim", "prior.batch_size"}
 
 
 def _check_type(value, hint, key: str):
@@ -212,6 +237,14 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
         raise ConfigError("segmentor.iters: a segformer-mmseg segmentor without a classifier "
                           "(segmentor.classifier_classes: null) cannot be trained; set segmentor.checkpoint to a "
                           "converted run's model.safetensors, or segmentor.iters=0")
+    if cfg.head.kind == "gss":
+        if cfg.head.gss.codes < 2:
+            raise ConfigError(f"head.gss.codes: a codebook needs at least 2 codes, got {cfg.head.gss.codes}")
+        if cfg.prior.iters < 0:
+            raise ConfigError(f"prior.iters: must be >= 0, got {cfg.prior.iters}")
+        if any(v % 8 for v in cfg.data.crop_size):
+            raise ConfigError(f"data.crop_size: {cfg.data.crop_size}: the gss head's VQ autoencoder trains on "
+                              "multiples of 8")
     if cfg.data.dataset == "folder" and cfg.data.num_classes is None:
         raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
     e = cfg.eval

@@ -67,23 +67,25 @@ class Metrics:
 @torch.no_grad()
 def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
     """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final"
-    and "step <i>" (DDPS)."""
+    and "step <i>" (DDPS). A head's scores come at the features' resolution or a multiple of it
+    (GSS: the image's)."""
     size = images.shape[-2:]
     features, logits = segmentor(images)
     out = {} if logits is None else {"base": logits}
     if head is not None:
-        # The denoiser halves the mask at each level, so it takes sizes it divides: the features are
-        # padded with their edge values to such a size, and the logits cropped back.
+        # A head takes sizes its network divides (the denoiser halves the mask at each level): the
+        # features are padded with their edge values to such a size, and the scores cropped back.
         h, w = features.shape[-2:]
-        m = head.unet.size_multiple
+        m = head.size_multiple
         pad, base = (0, -w % m, 0, -h % m), logits
         if any(pad):
             features = F.pad(features, pad, mode="replicate")
             base = None if logits is None else F.pad(logits, pad, mode="replicate")
         final, collected = head.sample(features, base)
-        out["final"] = final[:, :num_classes, :h, :w]
+        scale = final.shape[-1] // features.shape[-1]
+        out["final"] = final[:, :num_classes, :h * scale, :w * scale]
         for i, step_logits in collected.items():
-            out[f"step {i}"] = step_logits[:, :num_classes, :h, :w]
+            out[f"step {i}"] = step_logits[:, :num_classes, :h * scale, :w * scale]
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
 
 
@@ -184,10 +186,13 @@ def panel(tiles, titles) -> Image.Image:
 def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels_dir: Path | None = None,
              panels: int = 0, limit: int | None = None) -> dict:
     """The metrics of ``dataset`` as ``{"base": {...}, "ddps": {"final": {...}, "steps": {"<i>": {...}}}}``
-    ("base" only where the segmentor has a classifier, "ddps" only with a head)."""
+    ("base" only where the segmentor has a classifier, "ddps" only with a head: the head's metrics
+    whatever its kind), and ``"prior": {"reconstruction": {...}}`` for a head with a mask prior of
+    its own (GSS: decode(VQ(encode(mask))) against the mask)."""
     k, ignore = dataset.num_classes, dataset.ignore_index
     torch.manual_seed(cfg.seed)  # the head's random initial masks
     metrics = {}
+    prior = head is not None and bool(head.prior_parameters())
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for index in range(n):
         image, gt = dataset[index]
@@ -195,6 +200,10 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
         preds = {name: s.argmax(0).cpu() for name, s in scores.items()}
         for name, pred in preds.items():
             metrics.setdefault(name, Metrics(k, ignore, cfg.eval.boundary_dilation)).update(pred, gt)
+        if prior:
+            with torch.no_grad():
+                round_trip = head.reconstruct(gt[None].to(next(head.parameters()).device), ignore)[0].cpu()
+            metrics.setdefault("prior", Metrics(k, ignore, cfg.eval.boundary_dilation)).update(round_trip, gt)
         if panels_dir is not None and index < panels:
             names = sorted(preds, key=_order)
             tiles = [image.permute(1, 2, 0).numpy()] + [colourise(preds[m], k, ignore) for m in names]
@@ -204,6 +213,8 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
             panel(tiles, titles).save(panels_dir / f"{dataset.name(index)}.png")
     results = {name: m.result() for name, m in metrics.items()}
     report = {"base": results["base"]} if "base" in results else {}
+    if prior:  # the mask prior's own round trip of the true masks: its reconstruction quality
+        report["prior"] = {"reconstruction": results.pop("prior")}
     if head is not None:
         report["ddps"] = {"final": results["final"],
                           "steps": {name.split()[1]: results[name] for name in sorted(results, key=_order)
@@ -213,11 +224,15 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
     return report
 
 
-def table(report: dict) -> str:
+def table(report: dict, head: str = "ddps") -> str:
+    """The report as text; ``head``: the head's kind, which labels its rows (the report keeps the
+    head's metrics under "ddps" whatever its kind)."""
     rows = [("segmentor", report["base"])] if "base" in report else []
     if "ddps" in report:
-        rows += [(f"ddps step {s}", r) for s, r in report["ddps"]["steps"].items()]
-        rows.append(("ddps final", report["ddps"]["final"]))
+        rows += [(f"{head} step {s}", r) for s, r in report["ddps"]["steps"].items()]
+        rows.append((f"{head} final", report["ddps"]["final"]))
+    if "prior" in report:
+        rows.append((f"{head} prior", report["prior"]["reconstruction"]))
     lines = [f"{'':16s} {'mIoU':>7s} {'mBIoU':>7s} {'aAcc':>7s}"]
     lines += [f"{name:16s} {r['mIoU']:7.2f} {r['mBIoU']:7.2f} {r['aAcc']:7.2f}" for name, r in rows]
     return "\n".join(lines)

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, config as config_mod
+from . import checkpoint, config as config_mod, maskige
 from .data import head_classes
 from .nn import DDPSHead, RefinementHead
+from .nn.gss import GSSHead
+from .nn.vq import MaskigeVQ
 from .nn.head import SCHEDULE_BUFFERS
 from .segmentors import build_segmentor
 
@@ -22,11 +24,16 @@ def dataset_classes(cfg) -> tuple[int, int]:
     return cfg.data.num_classes, 255 if cfg.data.ignore_index is None else cfg.data.ignore_index
 
 
-def build_head(cfg, cond_channels: int, for_training: bool) -> DDPSHead:
-    """The head of the config (head.kind): the training schedule (head.num_timesteps) or the inference one
+def build_head(cfg, cond_channels: int, for_training: bool):
+    """The head of the config (head.kind). DDPS heads: the training schedule (head.num_timesteps) or the inference one
     (eval.*; the original trains with T = 100 and samples with T = 20)."""
     h, e = cfg.head, cfg.eval
     k, ignore = dataset_classes(cfg)
+    if h.kind == "gss":
+        g = h.gss
+        decoder = maskige.LearnedDecoder(k) if g.decoder == "learned" else None
+        return GSSHead(k, cond_channels, MaskigeVQ(g.codes, g.code_dim, g.channels), maskige.palette(k, g.palette),
+                       dim=g.dim, decoder=decoder)
     kind = RefinementHead if h.kind == "refine" else DDPSHead
     return kind(num_classes=head_classes(k, ignore), cond_channels=cond_channels, dim=h.dim, out_dim=h.dim,
                 dim_mults=tuple(h.dim_mults), embed_dim=h.embed_dim,

@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, evaluation
-from .data import build_dataset, diffusion_labels, mix_seed, train_batches
+from .data import build_dataset, mix_seed, train_batches
 from .model import build_head, dataset_classes, load_head_weights, save_run
 from .nn.head import SCHEDULE_BUFFERS
 from .segmentors import build_segmentor
 
-STAGES = ("segmentor", "head", "done")
+STAGES = ("segmentor", "prior", "head", "done")
+# Each stage's stream of data order and noise: fixed ids, so that a stage added to the recipe
+# changes no other stage's draws.
+STREAMS = {"segmentor": 0, "head": 1, "prior": 2}
 
 
 class Interrupted(Exception):
@@ -43,16 +46,17 @@ def lr_at(step: int, base: float, warmup_iters: int, warmup_ratio: float, lr_ste
 
 
 class _HeadLoss(nn.Module):
-    """The head's training forward and loss as one module's forward, for DDP."""
+    """The head's training loss as one module's forward, for DDP: ``head.loss`` (head stage) or
+    ``head.prior_loss`` (prior stage, labels only)."""
 
-    def __init__(self, head, num_classes: int, ignore_index: int):
+    def __init__(self, head, ignore_index: int, prior: bool):
         super().__init__()
-        self.head, self.k, self.ignore = head, num_classes, ignore_index
+        self.head, self.ignore, self.prior = head, ignore_index, prior
 
     def forward(self, features, labels, base):
-        logits, _ = self.head.forward_train(features, diffusion_labels(labels, self.k, self.ignore), base)
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore)
+        if self.prior:
+            return self.head.prior_loss(labels, self.ignore)
+        return self.head.loss(features, labels, base, self.ignore)
 
 
 class _SegmentorLoss(nn.Module):
@@ -103,7 +107,8 @@ class Trainer:
             self.segmentor.load_state_dict(state)
         self.head = build_head(cfg, self.segmentor.feature_channels, for_training=True).to(self.device)
         self.ema = {k: v.detach().clone() for k, v in self._ema_source().items()}
-        self.stage = "segmentor" if cfg.segmentor.iters > 0 and not cfg.segmentor.checkpoint else "head"
+        trains_segmentor = cfg.segmentor.iters > 0 and not cfg.segmentor.checkpoint
+        self.stage = "segmentor" if trains_segmentor else self._after("segmentor")
         self.step = 0
         self.val_history = []  # the segmentor's validation mIoUs (segmentor.eval_interval)
         self.optimizer = self._optimizer()
@@ -116,9 +121,18 @@ class Trainer:
         # the frozen embedding is averaged too (it stays constant), so the EMA is a complete head
         return {k: v for k, v in self.head.state_dict().items() if k not in SCHEDULE_BUFFERS}
 
+    def _after(self, stage: str) -> str:
+        """The stage that follows ``stage``; the prior stage only for a head that has a prior to train."""
+        following = STAGES[STAGES.index(stage) + 1]
+        if following == "prior" and not (self.head.prior_parameters() and self.cfg.prior.iters > 0):
+            return self._after(following)
+        return following
+
     def _trainable(self):
         if self.stage == "segmentor":
             return list(self.segmentor.parameters())
+        if self.stage == "prior":
+            return self.head.prior_parameters()
         return self.head.trainable_parameters()
 
     def _optimizer(self):
@@ -126,6 +140,8 @@ class Trainer:
         if self.stage == "segmentor":
             s = self.cfg.segmentor
             return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        if self.stage == "prior":
+            return torch.optim.AdamW(params, lr=self.cfg.prior.lr)
         t = self.cfg.train
         return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
@@ -179,18 +195,23 @@ class Trainer:
             module = _SegmentorLoss(self.segmentor, self.ignore)
             self.segmentor.train()
         else:
-            t = cfg.train
-            iters, batch, accumulate = t.iters, t.batch_size, t.accumulate
-            lr_args = (t.lr, t.warmup_iters, t.warmup_ratio, t.lr_steps, t.lr_gamma)
+            if self.stage == "prior":
+                p = cfg.prior
+                iters, batch, accumulate = p.iters, p.batch_size, 1
+                lr_args = (p.lr, min(50, p.iters // 10), 0.1, [], 0.1)
+            else:
+                t = cfg.train
+                iters, batch, accumulate = t.iters, t.batch_size, t.accumulate
+                lr_args = (t.lr, t.warmup_iters, t.warmup_ratio, t.lr_steps, t.lr_gamma)
             self.segmentor.eval().requires_grad_(False)
             self.head.train()
-            trainable = {id(p) for p in self.head.trainable_parameters()}
+            trainable = {id(p) for p in self._trainable()}
             for p in self.head.parameters():
                 p.requires_grad_(id(p) in trainable)
-            module = _HeadLoss(self.head, self.k, self.ignore)
+            module = _HeadLoss(self.head, self.ignore, prior=self.stage == "prior")
         if self.world > 1:
             module = nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        stage_id = STAGES.index(self.stage)
+        stage_id = STREAMS[self.stage]
         loader = train_batches(self.train_set, cfg.data, mix_seed(cfg.seed, stage_id), batch,
                                self.step * accumulate, iters * accumulate, self.rank, self.world)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16")
@@ -210,6 +231,8 @@ class Trainer:
                     with torch.no_grad():
                         features, base = self.segmentor(images)
                     loss = module(features, labels, base)
+                elif self.stage == "prior":
+                    loss = module(None, labels, None)
                 else:
                     loss = module(images, labels)
                 (loss / accumulate).backward()
@@ -259,8 +282,8 @@ class Trainer:
 
     def _segmentor_converged(self) -> bool:
         """Every segmentor.eval_interval steps: the validation mIoU, logged; True once the last
-        segmentor.patience of them after the last of segmentor.lr_steps lie within segmentor.plateau points (every rank decides alike,
-        from the same evaluation)."""
+        segmentor.patience of them after the last of segmentor.lr_steps lie within segmentor.plateau
+        points (every rank decides alike, from the same evaluation)."""
         s = self.cfg.segmentor
         if not s.eval_interval or self.step % s.eval_interval:
             return False
@@ -286,7 +309,7 @@ class Trainer:
         with _Signals() as signals:
             while self.stage != until:
                 self._run_stage(signals)
-                self.stage = STAGES[STAGES.index(self.stage) + 1]
+                self.stage = self._after(self.stage)
                 self.step = 0
                 if self.stage != "done":
                     self.optimizer = self._optimizer()
@@ -299,7 +322,7 @@ class Trainer:
         load_head_weights(head, self.ema if self.cfg.eval.use_ema else self.head.state_dict())
         report = evaluation.evaluate(self.cfg, self.segmentor.eval(), head.eval(), self.val_set,
                                      self.out / "eval.json", self.out / "panels", self.cfg.eval.panels)
-        print(evaluation.table(report))
+        print(evaluation.table(report, self.cfg.head.kind))
         return report
 
 

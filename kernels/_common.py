@@ -66,3 +66,11 @@ def q_sample_label(x0, keep, keep_or_mask, w0, w1, num_classes, mask_index):
     """ddps::q_sample_label without the ignore test (the callers apply it)."""
     noised = tl.where(word(w0) < keep_or_mask, mask_index, uniform_below(w1, num_classes))
     return tl.where(word(w0) < keep, x0, noised)
+
+
+@triton.jit
+def argmax_step(v, k, best, arg):
+    """One class of a running argmax, as ddps::argmax_step: ties keep the lower class, the first
+    NaN wins and stays. Returns the new (best, arg)."""
+    take = ((v > best) | (v != v)) & (best == best)
+    return tl.where(take, v, best), tl.where(take, k, arg)

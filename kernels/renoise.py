@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import element_words, q_sample_label
+from ._common import argmax_step, element_words, q_sample_label
 
 BLOCK = 256
 
@@ -23,9 +23,7 @@ def _renoise_fwd_kernel(p_logits, p_out, p_t, p_table, n, plane, seed, num_class
     # Class by class, in order: ties keep the lowest class and the first NaN wins, as torch.argmax.
     for k in range(1, num_classes):
         b_v = tl.load(p_pixel + k * plane, mask=m_n, other=0.0).to(tl.float32)
-        better = ((b_v > b_best) | (b_v != b_v)) & (b_best == b_best)
-        b_best = tl.where(better, b_v, b_best)
-        b_arg = tl.where(better, k, b_arg)
+        b_best, b_arg = argmax_step(b_v, k, b_best, b_arg)
     b_level = tl.load(p_t + b_b, mask=m_n, other=0)
     b_keep = tl.load(p_table + 2 * b_level, mask=m_n, other=0)
     b_keep_or_mask = tl.load(p_table + 2 * b_level + 1, mask=m_n, other=0)

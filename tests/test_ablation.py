@@ -11,7 +11,7 @@ from ddps.cli import main
 
 SMOKE = ["--config", "synthetic-smoke"]
 # a plateau of 100 points is reached at the second evaluation: the segmentor stops at step 4 of 10
-FAST = ["segmentor.eval_interval=2", "segmentor.patience=2", "segmentor.plateau=100", "train.iters=2",
+FAST = ["segmentor.eval_interval=2", "segmentor.patience=2", "segmentor.plateau=100", "train.iters=2", "prior.iters=2",
         "data.synthetic.num_val=2", "eval.panels=0"]
 
 
@@ -45,8 +45,10 @@ def test_every_variant_from_one_segmentor(ablated):
             assert {"base", "ddps"} <= set(report)
     refine = result["runs"]["refine"]["0"]
     assert refine["ddps"]["steps"] == {}  # one refinement step, no diffusion steps
+    gss = result["runs"]["gss"]["0"]
+    assert gss["ddps"]["steps"] == {} and 0 <= gss["prior"]["reconstruction"]["mIoU"] <= 100
     claims = [claim for claim, _ in result["findings"]]
-    assert len(claims) == 4 and all(v.startswith(("reproduced", "not reproduced", "+", "-"))
+    assert len(claims) == 5 and all(v.startswith(("reproduced", "not reproduced", "+", "-"))
                                     for _, v in result["findings"])
     table = (ablated.parent / "ABLATIONS.md").read_text()
     assert table == (ablated / "ablation.md").read_text()

@@ -54,12 +54,26 @@ def test_overrides_are_typed():
     ("head.noise_source=gt", "head.noise_source: 'gt' is not one of"),
     ("segmentor.type=segformer-mmseg", "segmentor.iters: a segformer-mmseg segmentor without a classifier"),
     ("segmentor.patience=0", "segmentor.patience: must be >= 1"),
+    ("head.gss.palette=jitter", "head.gss.palette: 'jitter' is not one of"),
+    ("head.gss.decoder=mlp", "head.gss.decoder: 'mlp' is not one of"),
+    ("head.gss.depth=2", "unknown config key head.gss.depth"),
+    ("prior.batch_size=0", "prior.batch_size: must be >= 1"),
     ("train", "is not key=value"),
     ("train=3", "train: expected a mapping"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config.load(_config_path("synthetic"), [override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.crop_size=[100, 100]"], "data.crop_size: [100, 100]: the gss head's VQ autoencoder trains on multiples of 8"),
+    (["head.gss.codes=1"], "head.gss.codes: a codebook needs at least 2 codes, got 1"),
+    (["prior.iters=-1"], "prior.iters: must be >= 0, got -1"),
+])
+def test_bad_gss_config_names_the_key(overrides, message):
+    with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.load(_config_path("synthetic-gss"), overrides)
 
 
 def test_bad_yaml_file(tmp_path):
@@ -122,8 +136,8 @@ def test_readme_cites_nothing_that_does_not_ship():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "SPEC §" not in readme
     from ddps.training import STAGES
-    assert f"step-{STAGES.index('head') * 10**7 + 500:08d}" == "step-10000500"
-    assert "`step-10000500` is step 500 of the head" in readme
+    assert f"step-{STAGES.index('head') * 10**7 + 500:08d}" == "step-20000500"
+    assert "`step-20000500` is step 500 of the head" in readme
 
 
 def test_demo_names_a_mask_size_its_unet_cannot_halve(capsys):

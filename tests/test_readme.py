@@ -53,6 +53,8 @@ COMMANDS = {
         line("ddps train --out runs/synthetic", extra=SYNTHETIC_SHRUNK,
              expect=["runs/synthetic/eval.json", "runs/synthetic/panels"]),
         line("ddps train --out runs/synthetic --resume"),
+        line("ddps train --config synthetic-gss --out runs/gss", extra=[*SYNTHETIC_SHRUNK, "prior.iters=2"],
+             expect=["runs/gss/eval.json"]),
         line("ddps eval --run runs/synthetic eval.mode=ms-flip", extra=["--limit", "1", "eval.scales=[1.0]"]),
         line("ddps segment --run runs/synthetic --out masks/ --steps --labels photo1.jpg photo2.png "
              "eval.inference_steps=4", expect=["masks/photo1.png", "masks/photo2_segmentor.png",

@@ -338,3 +338,38 @@ def test_segmentor_stage_ends_at_its_plateau_and_stays_ended(tmp_path):
     assert (trainer.stage, trainer.step) == ("segmentor", 4)
     trainer._run_stage(training._Signals())
     assert trainer.step == 4
+
+
+def test_gss_recipe_trains_its_prior_then_its_head_and_resumes_exactly(tmp_path):
+    from ddps import config, training
+    from ddps.cli import _config_path
+
+    cfg = config.load(_config_path("synthetic-smoke"), ["head.kind=gss", "prior.iters=6", "prior.batch_size=2",
+                                                        "train.checkpoint_interval=3", "train.keep_last=10",
+                                                        "train.log_interval=1", "eval.panels=1"])
+    straight = tmp_path / "straight"
+    report = training.train(cfg, straight)
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "prior"] == list(range(1, 7))
+    assert [r["step"] for r in records if r["stage"] == "head"] == list(range(1, 11))
+    assert set(report) == {"base", "ddps", "prior"} and report["ddps"]["steps"] == {}
+    assert 0 <= report["prior"]["reconstruction"]["mIoU"] <= 100
+    assert json.loads((straight / "eval.json").read_text()) == report
+    # interrupted in the prior stage (its step-3 checkpoint the last one): resumed, the same weights
+    run = tmp_path / "resumed"
+    training.train(cfg, run, until="head")
+    for record in checkpoint.checkpoints(run / "checkpoints"):
+        _, state = checkpoint.load_checkpoint(record)
+        if (training.STAGES.index(state["stage"]), state["stage_step"]) > (training.STAGES.index("prior"), 3):
+            record.unlink()
+    trainer = training.Trainer(cfg, run, resume=True)
+    assert (trainer.stage, trainer.step) == ("prior", 3)
+    trainer.run()
+    _same_weights(run, straight)
+
+
+def test_ddps_runs_skip_the_prior_stage(straight):
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"segmentor", "head"}
+    stages = {json.loads(r.read_text())["stage"] for r in checkpoint.checkpoints(straight / "checkpoints")}
+    assert "prior" not in stages

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // The vector helpers are inlined into each clone: no vector crosses a call boundary, so GCC's
 // note that such calls would have another ABI without AVX-512 does not apply.
@@ -75,6 +76,18 @@ DDPS_INLINE inline FloatV lanes_sum(FloatV x) {
 // NaN element itself makes their result NaN either way.
 DDPS_INLINE inline FloatV lanes_max(FloatV x) {
   return butterfly(x, [](FloatV a, FloatV b) DDPS_INLINE { return b > a ? b : a; });
+}
+
+// 16 consecutive values of float, half or bfloat16, as float lanes.
+template <typename scalar_t>
+DDPS_INLINE inline FloatV load_lanes(const scalar_t* p) {
+  FloatV v;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
+  }
+  return v;
 }
 
 // count < kLanes only at the end of a row; the full case is one vector load/store.

@@ -5,9 +5,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 
 #include "common/philox_cpu.h"
+#include "common/vec.h"
 #include "renoise/renoise_op.h"
 
 namespace ddps {
@@ -17,22 +17,8 @@ namespace {
 // (GCC vector extensions: one AVX-512 register per vector, or two AVX2 / four SSE2 ones, by the
 // clone the CPU runs) while the class rows stream past: a load, a compare, two selects and the
 // NaN probe's add per vector and class, nothing stored until the end.
-constexpr int kLanes = 16;
 constexpr int kVectors = 8;  // 24 of AVX-512's 32 registers; 512 contiguous bytes per class row
 constexpr int64_t kTile = kLanes * kVectors;
-typedef float FloatV __attribute__((vector_size(4 * kLanes)));
-typedef int32_t IntV __attribute__((vector_size(4 * kLanes)));
-
-template <typename scalar_t>
-inline FloatV load_lanes(const scalar_t* p) {
-  FloatV v;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::memcpy(&v, p, sizeof v);
-  } else {
-    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
-  }
-  return v;
-}
 
 // The argmax of kWidth * kLanes pixels (class-0 logits at src, classes `plane` apart) into arg;
 // `next` is the tile the caller reads after this one. Without NaN, torch.argmax's rule is

@@ -7,9 +7,10 @@
 namespace ddps {
 
 // One class of a running argmax: ties keep the lower class; the first NaN wins and stays.
-// Branch-free, so the CPU loop over a row of pixels vectorises.
-DDPS_HD void argmax_step(float v, int32_t k, float& best, int32_t& arg) {
-  const bool take = (v > best || v != v) && best == best;
+// Branch-free; F, I: float and int32_t, or CPU vectors of them (one pixel per lane).
+template <typename F, typename I>
+DDPS_HD void argmax_step(F v, I k, F& best, I& arg) {
+  const auto take = (v > best || v != v) && best == best;
   best = take ? v : best;
   arg = take ? k : arg;
 }

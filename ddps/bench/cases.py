@@ -21,12 +21,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, ops, reference
+from .. import _backend, maskige, ops, reference
 from ..nn import DDPSHead
 from ..nn.unet import Attention, LinearAttention, UNet
 from ..ops import _tables
 from ..ops.attention import split_heads
 from ..ops.conv3x3 import winograd_weight
+from ..ops.maskige_decode import composite as maskige_decode_composite
 from ..schedule import DiffusionSchedule
 
 K, T, DIM = 151, 20, 256
@@ -160,6 +161,17 @@ def sampling_cases(batch: int, size: int) -> list[Case]:
                 "compile(reference)": _compiled(reference.p_posterior_log, logits, x_t, t, schedule),
                 "ddps": lambda: ops.posterior_log_probs(logits, x_t, t, schedule)}
 
+    def maskige_decode(device):
+        colours = maskige.palette(K - 1)  # the classes and ignore: K colours
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, K - 1, (batch, size, size), generator=g)
+        x = maskige.encode(labels, colours) + 0.05 * torch.randn(batch, 3, size, size, generator=g)
+        x, colours = x.to(device), colours.to(device)
+        return {"reference": lambda: maskige_decode_composite(x, colours),
+                "compile(reference)": _compiled(maskige_decode_composite, x, colours),
+                **{b: (lambda b=b: ops.maskige_decode(x, colours, backend=b))
+                   for b in ddps_backends("maskige_decode", device)}}
+
     group = "sampling op"
     return [
         Case("q_sample", group, shape, "fwd", q_sample, PLAIN, "q_sample", "shape", 2 * labels),
@@ -170,6 +182,8 @@ def sampling_cases(batch: int, size: int) -> list[Case]:
              "shape", logit_bytes + 2 * labels),
         Case("posterior_log_probs", group, shape, "fwd", posterior_log_probs, (*REFERENCE, "ddps"),
              nbytes=2 * logit_bytes + labels),
+        Case("maskige_decode", "GSS op", shape, "fwd", maskige_decode, REFERENCE, "maskige_decode",
+             nbytes=batch * size * size * (3 * 4 + 8)),
     ]
 
 

@@ -45,7 +45,7 @@ SPILL_BUDGET = {"shipped": 0, "other": 64}
 # floating-point contraction, so their PTX holds no fma (the CPU build has -ffp-contract=off, the
 # CUDA kernels __fmul_rn/__fadd_rn) and no flush-to-zero arithmetic.
 NO_CONTRACTION = ("_q_sample_fwd_kernel", "_q_posterior_sample_fwd_kernel", "_p_posterior_sample_fwd_kernel",
-                  "_renoise_fwd_kernel")
+                  "_renoise_fwd_kernel", "_maskige_decode_fwd_kernel")
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LOGITS = (torch.float32, torch.bfloat16, torch.float16)
@@ -146,7 +146,7 @@ def _denoiser_calls():
 def _sampling_calls():
     """(case, shipped, call) for every sampling launcher: each logit and label dtype, ignore_index
     on and off, at the ADE20K shape (K = 151, 128 x 128) and a small odd one."""
-    from ..kernels import p_posterior_sample, q_posterior_sample, q_sample, renoise
+    from ..kernels import maskige_decode, p_posterior_sample, q_posterior_sample, q_sample, renoise
     seed = torch.tensor(1234)
     for (b, k, side), labels, ignore in itertools.product(((2, 151, 128), (3, 7, 5)), LABELS, (None, 255)):
         x = _meta((b, side, side), labels)
@@ -166,6 +166,9 @@ def _sampling_calls():
             if labels == torch.int64 and ignore is None:
                 yield f"renoise {SHORT[logits]} logits K{k} {side}x{side}", True, \
                     lambda lg=lg, t=t, k=k: renoise.renoise_fwd(lg, t, tables["q"], seed, k, -1)
+                yield f"maskige_decode {SHORT[logits]} K{k} {side}x{side}", True, \
+                    lambda x=_meta((b, 3, side, side), logits), p=_meta((k, 3), torch.float32): \
+                    maskige_decode.maskige_decode_fwd(x, p)
 
 
 def _tf32_calls():

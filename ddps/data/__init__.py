@@ -14,7 +14,7 @@ from .files import DataError, ade20k, cityscapes, folder, read_image
 from .synthetic import SyntheticShapes
 from .transforms import TrainTransform, rescale_size, resize
 
-__all__ = ["DataError", "build_dataset", "diffusion_labels", "head_classes", "mix_seed", "read_image", "rescale_size",
+__all__ = ["DataError", "build_dataset", "head_classes", "mix_seed", "read_image", "rescale_size",
            "resize", "train_batches"]
 
 
@@ -38,12 +38,6 @@ def head_classes(num_classes: int, ignore_index: int) -> int:
     0 = other) the diffusion treats it like any other; otherwise ignored pixels get an extra
     class K, which no loss and no metric counts."""
     return num_classes if 0 <= ignore_index < num_classes else num_classes + 1
-
-
-def diffusion_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    if 0 <= ignore_index < num_classes:
-        return labels
-    return torch.where(labels == ignore_index, num_classes, labels)
 
 
 def mix_seed(*values: int) -> int:

@@ -46,9 +46,13 @@ class DDPSHead(nn.Module):
     cond_channels, H, W] (and the segmentor's own logits ``base`` [B, K', H, W], which this head
     does not read) -> (final logits [B, K, H, W], {step: logits} for each of
     ``collect_timesteps``, keyed by the step they come from; a collect step that the inference
-    schedule never visits is refused at construction). ``forward_train(cond, gt, base=None)``: one
-    training forward; gt [B, 1, H', W'] or [B, H', W'] labels -> (logits [B, K, H, W], t [B]).
-    ``trainable_parameters()``: what training updates (the rest stays frozen).
+    schedule never visits is refused at construction). ``loss(cond, labels, base=None,
+    ignore_index=255)``: the training loss for labels at the image's resolution.
+    ``trainable_parameters()``: what training updates (the rest stays frozen);
+    ``prior_parameters()``, ``prior_loss(labels, ignore_index)``: a mask prior trained on labels
+    alone before the head (none here). ``size_multiple``: what cond's height and width must divide by.
+    Also ``forward_train(cond, gt, base=None)``: one training forward; gt [B, 1, H', W'] or
+    [B, H', W'] labels -> (logits [B, K, H, W], t [B]).
 
     mode "renoise" re-noises each step's argmax with q(x_t | x_0) ("free re-noising"); "posterior"
     samples q(x_{t-1} | x_t, x_0) (the original applies no guidance there, so guidance_scale must
@@ -139,6 +143,24 @@ class DDPSHead(nn.Module):
     def trainable_parameters(self) -> list:
         # the UNet and the classifier, as the original; the class embedding stays at its initial value
         return list(self.unet.parameters()) + list(self.conv_seg_new.parameters())
+
+    def prior_parameters(self) -> list:
+        return []  # no mask prior trained apart from the head: the recipe skips the prior stage
+
+    @property
+    def size_multiple(self) -> int:
+        return self.unet.size_multiple
+
+    def loss(self, cond: torch.Tensor, labels: torch.Tensor, base: torch.Tensor | None = None,
+             ignore_index: int = 255) -> torch.Tensor:
+        """The training loss for labels [B, H, W] at the image's resolution: forward_train's logits,
+        upsampled, against the labels (ignore_index left out). Where ignore_index is no class of the
+        head, the diffusion takes ignored pixels as its last class, K (see ddps.data.head_classes)."""
+        diffusion = labels if 0 <= ignore_index < self.num_classes else \
+            torch.where(labels == ignore_index, self.num_classes - 1, labels)
+        logits, _ = self.forward_train(cond, diffusion, base)
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
 
     def _noisiest(self, b: int, h: int, w: int, device) -> torch.Tensor:
         """A mask at the noisiest level: uniform labels (the original's randint); under the mask

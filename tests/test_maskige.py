@@ -72,7 +72,7 @@ def test_decode_survives_any_perturbation_below_half_the_minimum_distance(backen
 @pytest.mark.parametrize("plane", [(1, 1), (3, 5), (8, 8), (8, 9), (13, 29)], ids=lambda p: f"{p[0]}x{p[1]}")
 def test_fused_equals_the_reference_composite(backend, device, dtype, plane):
     # Any maskige, not only near the palette: distances that round alike in both, ties included.
-    # Planes of 1, 15, 64, 72 and 377 pixels cover the CPU kernel's 64-pixel tiles and their ends.
+    # Planes of 1, 15, 64, 72 and 377 pixels cover the CPU kernel's 32-pixel tiles and their ends.
     g = torch.Generator().manual_seed(sum(plane))
     colours = maskige.palette(150)
     x = (torch.rand(2, 3, *plane, generator=g) * 1.2 - 0.1).to(dtype)
@@ -85,11 +85,12 @@ def test_fused_equals_the_reference_composite(backend, device, dtype, plane):
 @pytest.mark.parametrize("backend,device", FUSED, ids=IDS)
 def test_ties_nan_and_inf_resolve_like_torch_argmin(backend, device):
     colours = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0.5, 0, 0]])
-    x = torch.zeros(1, 3, 70)  # 70 pixels: a full tile and a tail
+    x = torch.zeros(1, 3, 70)  # 70 pixels: two full tiles of the CPU kernel and a tail
     x[0, :, 0] = torch.tensor([0.25, 0, 0])  # halfway between rows 0 and 3: the lower row
     x[0, :, 1] = torch.tensor([0.5, 0.5, 0])  # rows 1 and 2 tie (0.5), row 3 is nearer (0.25)
     x[0, :, 2] = torch.tensor([1.0, 1.0, 0])  # rows 1 and 2 tie: row 1
     x[0, 1, 3] = float("nan")  # a NaN pixel: row 0
+    x[0, 0, 40] = float("nan")  # ... in the second 32-pixel tile
     x[0, 2, 66] = float("nan")  # ... in the tail too
     x[0, 0, 4] = float("inf")  # all distances infinite: row 0
     x[0, 0, 5] = float("-inf")

@@ -373,3 +373,15 @@ def test_ddps_runs_skip_the_prior_stage(straight):
     assert {r["stage"] for r in records} == {"segmentor", "head"}
     stages = {json.loads(r.read_text())["stage"] for r in checkpoint.checkpoints(straight / "checkpoints")}
     assert "prior" not in stages
+
+
+def test_gss_with_the_learned_decoder(tmp_path):
+    from ddps import config, training
+    from ddps.cli import _config_path
+
+    cfg = config.load(_config_path("synthetic-smoke"), ["head.kind=gss", "head.gss.decoder=learned", "prior.iters=3",
+                                                        "prior.batch_size=2", "train.iters=3", "eval.panels=0"])
+    report = training.train(cfg, tmp_path / "run")
+    weights = load_weights(tmp_path / "run" / "model.safetensors")
+    assert any(k.startswith("head.decoder.") for k in weights)  # trained in the prior stage, saved with the head
+    assert 0 <= report["ddps"]["final"]["mIoU"] <= 100 and 0 <= report["prior"]["reconstruction"]["mIoU"] <= 100

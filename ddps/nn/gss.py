@@ -16,13 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import maskige, ops
-from .vq import DOWNSAMPLING, MaskigeVQ
+from .vq import DOWNSAMPLING, MaskigeVQ, conv_block
 
 UNTAUGHT = -100  # the token target of a block without a labelled pixel
-
-
-def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
 
 class GSSHead(nn.Module):
@@ -49,7 +45,7 @@ class GSSHead(nn.Module):
         self.register_buffer("colours", colours.detach().float().clone())
         self.vq, self.decoder = vq, decoder
         codes = len(vq.quantizer.codebook)
-        self.tokens = nn.Sequential(_block(cond_channels, dim), _block(dim, dim, 2), _block(dim, dim),
+        self.tokens = nn.Sequential(conv_block(cond_channels, dim), conv_block(dim, dim, 2), conv_block(dim, dim),
                                     nn.Conv2d(dim, codes, 1))
         self.aux = nn.Conv2d(cond_channels, num_classes, 1)
 
@@ -84,7 +80,11 @@ class GSSHead(nn.Module):
         h, w = labels.shape[-2:]
         padded = F.pad(labels, (0, -w % DOWNSAMPLING, 0, -h % DOWNSAMPLING), value=ignore_index)
         reconstruction = self.vq.decode(self.vq.encode(maskige.encode(padded, self.colours, ignore_index)))
-        return ops.maskige_decode(reconstruction, self.colours[:self.num_classes])[:, :h, :w]
+        return self._nearest_class(reconstruction)[:, :h, :w]
+
+    def _nearest_class(self, reconstruction: torch.Tensor) -> torch.Tensor:
+        # the class colours only: a prediction never says "ignore"
+        return ops.maskige_decode(reconstruction, self.colours[:self.num_classes])
 
     @torch.no_grad()
     def token_targets(self, labels: torch.Tensor, filled: torch.Tensor,
@@ -113,7 +113,6 @@ class GSSHead(nn.Module):
         reconstruction = self.vq.decode(self.tokens(cond).argmax(1))
         if self.decoder is not None:
             scores = self.decoder(reconstruction)
-        else:  # the nearest class colour: a prediction never says "ignore"
-            rows = ops.maskige_decode(reconstruction, self.colours[:self.num_classes])
-            scores = F.one_hot(rows, self.num_classes).movedim(-1, 1).float()
+        else:
+            scores = F.one_hot(self._nearest_class(reconstruction), self.num_classes).movedim(-1, 1).float()
         return scores, {}

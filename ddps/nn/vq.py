@@ -72,8 +72,9 @@ class VectorQuantizer(nn.Module):
             self.usage[dead] = 1.0
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, GroupNorm, SiLU: the VQ autoencoder's block, and GSS's conditioning network's."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
 
 class MaskigeVQ(nn.Module):
@@ -83,12 +84,12 @@ class MaskigeVQ(nn.Module):
     def __init__(self, codes: int = 512, dim: int = 32, channels: int = 64, commitment: float = 0.25):
         super().__init__()
         self.commitment = commitment
-        down, up = [_block(3, channels)], [nn.Conv2d(dim, channels, 1)]
+        down, up = [conv_block(3, channels)], [nn.Conv2d(dim, channels, 1)]
         for _ in range(3):  # 2^3 = DOWNSAMPLING
-            down += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _block(channels, channels)]
-            up += [_block(channels, channels), nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)]
+            down += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), conv_block(channels, channels)]
+            up += [conv_block(channels, channels), nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)]
         self.encoder = nn.Sequential(*down, nn.Conv2d(channels, dim, 1))
-        self.decoder = nn.Sequential(*up, _block(channels, channels), nn.Conv2d(channels, 3, 3, padding=1))
+        self.decoder = nn.Sequential(*up, conv_block(channels, channels), nn.Conv2d(channels, 3, 3, padding=1))
         self.quantizer = VectorQuantizer(codes, dim)
 
     def _check(self, maskige: torch.Tensor) -> None:

@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Under torchrun each process trains one shard of every batch.")
     t.add_argument("--config",
                    help="YAML config file or the name of a shipped one: synthetic (default), synthetic-gss, "
-                        "synthetic-smoke, ade20k, ade20k-150, cityscapes; with --resume the run's own config is the "
-                        "base")
+                        "synthetic-diff, synthetic-smoke, ade20k, ade20k-150, cityscapes; with --resume the run's "
+                        "own config is the base")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the config it was started with "

@@ -47,10 +47,34 @@ class DataConfig:
 
 
 @dataclass
+class DiffConfig:
+    # segmentor.type=diffusion-features (DIFF); the defaults are DIFF's for Stable Diffusion 2.1
+    timesteps: list[int] = field(default_factory=lambda: [
+        160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
+        10, 9, 8, 7, 6, 5, 4, 3, 2, 1])
+    save_steps: list[int] = field(default_factory=lambda: [33, 29, 25, 22, 18, 14, 11, 7, 3])  # inversion steps kept
+    resnets: list[list[int]] | None = None     # [up block, index] pairs (null: all but the first block's)
+    attentions: list[list[int]] | None = None  # [up block, index] pairs of transformer blocks (null: likewise)
+    # widths per captured stride, fine to coarse
+    projection: list[int] = field(default_factory=lambda: [512, 1024, 2048, 2048])
+    projection_x4: int = 256       # the 1/4 level of the fused pyramid
+    eta: float = 0.0               # DDIM inversion noise (DIFF's config: 1.0), for eta_range[0] < t < eta_range[1]
+    eta_range: list[float] = field(default_factory=lambda: [10.0, 250.0])
+    dtype: str = "auto"            # the frozen model's: auto (float16 on cuda, else float32) | float32 |
+                                   # float16 | bfloat16
+    ipkl: bool = False             # train with IPKL's class-prompted branch too
+    ipkl_weight: float = 1.0       # IPKL: weight of the MSE between the two branches' logits
+    guidance_scale: float = 5.0    # IPKL: the class prompts' classifier-free guidance
+    class_prompts: list[str] = field(default_factory=list)  # IPKL: one per class ("": none)
+
+
+@dataclass
 class SegmentorConfig:
-    type: str = "compact"          # compact | segformer | segformer-mmseg (the original's, from ddps convert)
-    channels: int = 32             # compact: feature channels; segformer-mmseg: its head's channels
-    pretrained: str | None = None  # segformer: local directory or hub id
+    type: str = "compact"          # compact | segformer | segformer-mmseg (the original's, from ddps convert) |
+                                   # diffusion-features (DIFF)
+    channels: int = 32             # compact: feature channels; segformer-mmseg, diffusion-features: the head's
+    pretrained: str | None = None  # segformer: local directory or hub id; diffusion-features: a diffusers
+                                   # Stable-Diffusion folder or hub id (null: a tiny random one, for tests)
     variant: str = "b2"            # segformer-mmseg: the MiT backbone, b0..b5
     classifier_classes: int | None = None  # segformer-mmseg: the classes of its own classifier (null: none)
     checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
@@ -63,6 +87,7 @@ class SegmentorConfig:
     lr: float = 2e-3
     lr_steps: list[int] = field(default_factory=list)  # steps at which the LR is multiplied by 0.1
     weight_decay: float = 1e-4
+    diff: DiffConfig = field(default_factory=DiffConfig)
 
 
 @dataclass
@@ -116,6 +141,8 @@ class TrainConfig:
     ema_momentum: float = 0.01
     ema_interval: int = 25
     amp: str = "none"              # none | bf16
+    cache_features: bool = False   # head stage: keep the frozen segmentor's outputs per training image (needs
+                                   # images that repeat: no augmentation)
     checkpoint_interval: int = 200
     keep_last: int = 2
     log_interval: int = 20
@@ -155,7 +182,8 @@ class Config:
 
 CHOICES = {
     "data.dataset": ("synthetic-shapes", "ade20k", "ade20k-150", "cityscapes", "folder"),
-    "segmentor.type": ("compact", "segformer", "segformer-mmseg"),
+    "segmentor.type": ("compact", "segformer", "segformer-mmseg", "diffusion-features"),
+    "segmentor.diff.dtype": ("auto", "float32", "float16", "bfloat16"),
     "segmentor.variant": ("b0", "b1", "b2", "b3", "b4", "b5"),
     "head.kind": ("ddps", "refine", "gss"),
     "head.gss.palette": ("spread", "grid"),
@@ -237,6 +265,13 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
         raise ConfigError("segmentor.iters: a segformer-mmseg segmentor without a classifier "
                           "(segmentor.classifier_classes: null) cannot be trained; set segmentor.checkpoint to a "
                           "converted run's model.safetensors, or segmentor.iters=0")
+    if s.type == "diffusion-features":
+        _validate_diff(cfg)
+    d = cfg.data
+    if cfg.train.cache_features and (d.ratio_range != [1.0, 1.0] or d.flip_prob > 0 or d.photometric):
+        raise ConfigError("train.cache_features: the cache keeps one output per training image, so the images must "
+                          "repeat: set data.ratio_range=[1.0,1.0], data.flip_prob=0 and data.photometric=false (got "
+                          f"{d.ratio_range}, {d.flip_prob}, {d.photometric})")
     if cfg.head.kind == "gss":
         if cfg.head.gss.codes < 2:
             raise ConfigError(f"head.gss.codes: a codebook needs at least 2 codes, got {cfg.head.gss.codes}")
@@ -260,6 +295,26 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
         raise ConfigError(f"eval.collect_timesteps: {never} never run with eval.num_timesteps={e.num_timesteps} and "
                           f"eval.inference_steps={e.inference_steps}; the steps that run are "
                           f"{inference_timesteps(e.num_timesteps, e.inference_steps)}")
+
+
+def _validate_diff(cfg: Config) -> None:
+    # the timesteps and layers are checked against the model itself when it is built
+    d = cfg.segmentor.diff
+    for key in ("resnets", "attentions"):
+        pairs = getattr(d, key)
+        if pairs is not None and any(len(p) != 2 for p in pairs):
+            raise ConfigError(f"segmentor.diff.{key}: {pairs}: expected [up block, index] pairs")
+    if d.eta < 0 or len(d.eta_range) != 2:
+        raise ConfigError(f"segmentor.diff.eta: {d.eta} with eta_range {d.eta_range}: expected eta >= 0 and two bounds")
+    if any(p < 1 for p in d.projection) or d.projection_x4 < 1:
+        raise ConfigError(f"segmentor.diff.projection: {d.projection}, projection_x4 {d.projection_x4}: "
+                          "widths must be >= 1")
+    if d.ipkl:
+        from .model import dataset_classes
+        k, _ = dataset_classes(cfg)
+        if len(d.class_prompts) != k or not any(d.class_prompts):
+            raise ConfigError(f"segmentor.diff.class_prompts: IPKL needs one prompt per class ({k}, \"\" for none, "
+                              f"at least one given), got {len(d.class_prompts)}")
 
 
 def changes(old: Config, new: Config) -> dict:

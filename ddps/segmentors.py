@@ -15,14 +15,29 @@ MEAN = (123.675, 116.28, 103.53)  # ImageNet statistics in [0, 255], as the orig
 STD = (58.395, 57.12, 57.375)
 
 
+def check_images(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    return images
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The segmentor's training loss: its 1/4 logits upsampled (bilinear) to the labels."""
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+
+
 class Segmentor(nn.Module):
     num_classes: int
     feature_channels: int
     has_classifier = True
 
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """The segmentor stage's loss on a batch (images [B, 3, H, W], labels [B, H, W])."""
+        return cross_entropy(self(images)[1], labels, ignore_index)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        check_images(images)
         mean = images.new_tensor(MEAN, dtype=torch.float32)[None, :, None, None]
         std = images.new_tensor(STD, dtype=torch.float32)[None, :, None, None]
         return (images.float() - mean) / std
@@ -180,6 +195,12 @@ class MMSegSegFormer(Segmentor):
 
 def build_segmentor(cfg, num_classes: int) -> Segmentor:
     seg = cfg.segmentor
+    if seg.type == "diffusion-features":
+        from .nn.diff import DIFFSegmentor
+        dtype = seg.diff.dtype
+        if dtype == "auto":  # DIFF runs the frozen model in fp16 on the GPU
+            dtype = "float16" if cfg.device.startswith("cuda") else "float32"
+        return DIFFSegmentor(num_classes, seg.channels, seg.diff, seg.pretrained, getattr(torch, dtype))
     if seg.type == "compact":
         return CompactSegmentor(num_classes, seg.channels)
     if seg.type == "segformer-mmseg":

@@ -10,6 +10,7 @@ Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and ex
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, evaluation
@@ -65,9 +65,31 @@ class _SegmentorLoss(nn.Module):
         self.segmentor, self.ignore = segmentor, ignore_index
 
     def forward(self, images, labels):
-        _, logits = self.segmentor(images)
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore)
+        return self.segmentor.loss(images, labels, self.ignore)
+
+
+class _FeatureCache:
+    """The frozen segmentor's outputs per training image (train.cache_features), keyed by the
+    image's bytes, so that an expensive segmentor (diffusion-features) runs once per image in the
+    head stage. Each image's outputs are computed alone (a batch of one), so they are a function of
+    the image, not of the batch it first came in: a resumed run, which starts with an empty cache,
+    trains bitwise as the uninterrupted one. Kept on the CPU."""
+
+    def __init__(self, segmentor):
+        self.segmentor, self.store, self.hits, self.served = segmentor, {}, 0, 0
+
+    def __call__(self, images: torch.Tensor):
+        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in images]
+        self.served += len(keys)
+        for image, key in zip(images, keys):
+            if key in self.store:
+                self.hits += 1
+            else:
+                features, base = self.segmentor(image[None])
+                self.store[key] = (features[0].cpu(), None if base is None else base[0].cpu())
+        features, base = zip(*(self.store[k] for k in keys))
+        base = None if base[0] is None else torch.stack(base).to(images.device)
+        return torch.stack(features).to(images.device), base
 
 
 class _Signals:
@@ -129,8 +151,8 @@ class Trainer:
         return following
 
     def _trainable(self):
-        if self.stage == "segmentor":
-            return list(self.segmentor.parameters())
+        if self.stage == "segmentor":  # a frozen backbone (diffusion-features) never trains
+            return [p for p in self.segmentor.parameters() if p.requires_grad]
         if self.stage == "prior":
             return self.head.prior_parameters()
         return self.head.trainable_parameters()
@@ -221,6 +243,7 @@ class Trainer:
             progress = tqdm(total=iters, initial=self.step, desc=f"{self.stage:9s}", dynamic_ncols=True)
         tick, seen, losses = time.perf_counter(), 0, []
         micro = 0
+        segment = _FeatureCache(self.segmentor) if self.stage == "head" and cfg.train.cache_features else self.segmentor
         for images, labels in loader:
             images, labels = images.to(self.device), labels.to(self.device)
             torch.manual_seed(mix_seed(cfg.seed, stage_id, self.step, micro, self.rank))
@@ -229,7 +252,7 @@ class Trainer:
             with sync, amp:
                 if self.stage == "head":
                     with torch.no_grad():
-                        features, base = self.segmentor(images)
+                        features, base = segment(images)
                     loss = module(features, labels, base)
                 elif self.stage == "prior":
                     loss = module(None, labels, None)
@@ -256,6 +279,9 @@ class Trainer:
                 elapsed = time.perf_counter() - tick
                 record = {"stage": self.stage, "step": self.step, "loss": sum(losses) / len(losses),
                           "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": seen / elapsed}
+                # the share of images served from the cache since this process began the stage
+                if isinstance(segment, _FeatureCache):
+                    record["cache_hit_rate"] = segment.hits / segment.served
                 self._log(record)
                 tick, seen, losses = time.perf_counter(), 0, []
                 if progress is not None:

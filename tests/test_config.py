@@ -2,19 +2,25 @@ import argparse
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ddps import cli, config
 from ddps.cli import _config_path
 
-SHIPPED = ("synthetic", "synthetic-smoke", "ade20k", "ade20k-150", "cityscapes")
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
     cfg = config.load(_config_path(name), ["data.root=/data"])
     assert cfg.eval.collect_timesteps[-1] == cfg.eval.num_timesteps - 1
+
+
+def test_train_help_lists_every_shipped_config():
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert len(SHIPPED) >= 7 and [n for n in SHIPPED if f" {n}" not in text] == []
 
 
 def test_original_settings_in_ade20k_config():

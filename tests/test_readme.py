@@ -37,6 +37,10 @@ ADE_SHRUNK = ["device=cpu", "data.scale=[64,64]", "data.crop_size=[64,64]", "dat
               "head.dim_mults=[1,2]", "head.num_timesteps=10", "train.batch_size=2", "train.iters=2",
               "train.warmup_iters=1", "eval.panels=0"]
 BENCH_SHRUNK = ["--size", "16", "--repeats", "1"]
+# DIFF's default inversion and widths cut down for the tiny Stable-Diffusion folder
+DIFF_SHRUNK = ["segmentor.diff.timesteps=[50,25,10]", "segmentor.diff.save_steps=[1,2]",
+               "segmentor.diff.projection=[16,16,32]", "segmentor.diff.projection_x4=16"]
+SD = "segmentor.pretrained=/models/stable-diffusion-2-1"
 
 ADE_ROOT = "data.root=/data/ADEChallengeData2016"
 
@@ -55,6 +59,8 @@ COMMANDS = {
         line("ddps train --out runs/synthetic --resume"),
         line("ddps train --config synthetic-gss --out runs/gss", extra=[*SYNTHETIC_SHRUNK, "prior.iters=2"],
              expect=["runs/gss/eval.json"]),
+        line("ddps train --config synthetic-diff --out runs/synthetic-diff",
+             extra=[*SYNTHETIC_SHRUNK, "data.synthetic.max_shapes=2"], expect=["runs/synthetic-diff/eval.json"]),
         line("ddps eval --run runs/synthetic eval.mode=ms-flip", extra=["--limit", "1", "eval.scales=[1.0]"]),
         line("ddps segment --run runs/synthetic --out masks/ --steps --labels photo1.jpg photo2.png "
              "eval.inference_steps=4", expect=["masks/photo1.png", "masks/photo2_segmentor.png",
@@ -70,6 +76,10 @@ COMMANDS = {
         line("torchrun --nproc_per_node 8 -m ddps.train --config ade20k --out runs/ade20k data.root=...",
              {"8": "2", "runs/ade20k": "runs/ade20k-ddp", "data.root=...": "data.root={ade}"},
              [*ADE_SHRUNK, "segmentor.pretrained={segformer}"], ["runs/ade20k-ddp/eval.json"]),
+        line("ddps train --config ade20k --out runs/ade20k-diff data.root=/data/ADEChallengeData2016 "
+             f"segmentor.type=diffusion-features {SD} segmentor.channels=256 segmentor.iters=40000",
+             {ADE_ROOT: "data.root={ade}", SD: "segmentor.pretrained={sd}", "segmentor.iters=40000": "segmentor.iters=2"},
+             [*ADE_SHRUNK, *DIFF_SHRUNK], ["runs/ade20k-diff/eval.json"]),
         line("ddps convert iter_160000.pth --config ade20k --out runs/ddps-ade20k", extra=ADE_SHRUNK,
              expect=["runs/ddps-ade20k/model.safetensors"]),
         line("ddps eval --run runs/ddps-ade20k data.root=/data/ADEChallengeData2016 device=cpu",
@@ -155,7 +165,8 @@ def test_python_blocks():
 
 def scratch(d: Path) -> None:
     """What the commands read, in their directory: two photos, a tiny ADE20K-layout folder, a tiny
-    local SegFormer and an original DDPS checkpoint (iter_160000.pth) at MiT-B0 size."""
+    local SegFormer, a tiny diffusers Stable-Diffusion folder and an original DDPS checkpoint
+    (iter_160000.pth) at MiT-B0 size."""
     transformers = pytest.importorskip("transformers")
     from test_convert_segformer import mmseg_b0_state
 
@@ -177,6 +188,8 @@ def scratch(d: Path) -> None:
     tiny = transformers.SegformerConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32],
                                         num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=24, num_labels=150)
     transformers.SegformerForSemanticSegmentation(tiny).save_pretrained(d / "segformer")
+    from test_diff import _pretrained_folder
+    _pretrained_folder(d / "sd")
     cfg = config.load(_config_path("ade20k"), ADE_SHRUNK, reads_data=False)
     state = mmseg_b0_state(torch.Generator().manual_seed(0))
     state.update({"decode_head." + k: v for k, v in build_head(cfg, 16, for_training=True).state_dict().items()})
@@ -190,7 +203,7 @@ def test_readme_commands(group, tmp_path):
     scratch(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     for text, subs, extra, expect in COMMANDS[group]:
-        words = [subs.get(w, w).format(ade=tmp_path / "ade", segformer=tmp_path / "segformer")
+        words = [subs.get(w, w).format(ade=tmp_path / "ade", segformer=tmp_path / "segformer", sd=tmp_path / "sd")
                  for w in [*text.split(), *extra]]
         program = ["-m", "ddps"] if words[0] == "ddps" else ["-m", "torch.distributed.run"]
         out = subprocess.run([sys.executable, *program, *words[1:]], cwd=tmp_path, capture_output=True, text=True,

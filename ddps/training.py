@@ -73,23 +73,24 @@ class _FeatureCache:
     image's bytes, so that an expensive segmentor (diffusion-features) runs once per image in the
     head stage. Each image's outputs are computed alone (a batch of one), so they are a function of
     the image, not of the batch it first came in: a resumed run, which starts with an empty cache,
-    trains bitwise as the uninterrupted one. Kept on the CPU."""
+    trains bitwise as the uninterrupted one. Takes the loader's images, on the CPU, so that keying
+    them copies nothing back from the device; kept on the CPU."""
 
-    def __init__(self, segmentor):
-        self.segmentor, self.store, self.hits, self.served = segmentor, {}, 0, 0
+    def __init__(self, segmentor, device: torch.device):
+        self.segmentor, self.device, self.store, self.hits, self.served = segmentor, device, {}, 0, 0
 
     def __call__(self, images: torch.Tensor):
-        keys = [hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest() for image in images]
+        keys = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in images]
         self.served += len(keys)
         for image, key in zip(images, keys):
             if key in self.store:
                 self.hits += 1
             else:
-                features, base = self.segmentor(image[None])
+                features, base = self.segmentor(image[None].to(self.device))
                 self.store[key] = (features[0].cpu(), None if base is None else base[0].cpu())
         features, base = zip(*(self.store[k] for k in keys))
-        base = None if base[0] is None else torch.stack(base).to(images.device)
-        return torch.stack(features).to(images.device), base
+        base = None if base[0] is None else torch.stack(base).to(self.device)
+        return torch.stack(features).to(self.device), base
 
 
 class _Signals:
@@ -243,16 +244,18 @@ class Trainer:
             progress = tqdm(total=iters, initial=self.step, desc=f"{self.stage:9s}", dynamic_ncols=True)
         tick, seen, losses = time.perf_counter(), 0, []
         micro = 0
-        segment = _FeatureCache(self.segmentor) if self.stage == "head" and cfg.train.cache_features else self.segmentor
-        for images, labels in loader:
-            images, labels = images.to(self.device), labels.to(self.device)
+        cache = None
+        if self.stage == "head" and cfg.train.cache_features:
+            cache = _FeatureCache(self.segmentor, self.device)
+        for host_images, labels in loader:
+            images, labels = host_images.to(self.device), labels.to(self.device)
             torch.manual_seed(mix_seed(cfg.seed, stage_id, self.step, micro, self.rank))
             last = micro == accumulate - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else module.no_sync()
             with sync, amp:
                 if self.stage == "head":
                     with torch.no_grad():
-                        features, base = segment(images)
+                        features, base = cache(host_images) if cache is not None else self.segmentor(images)
                     loss = module(features, labels, base)
                 elif self.stage == "prior":
                     loss = module(None, labels, None)
@@ -280,8 +283,8 @@ class Trainer:
                 record = {"stage": self.stage, "step": self.step, "loss": sum(losses) / len(losses),
                           "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": seen / elapsed}
                 # the share of images served from the cache since this process began the stage
-                if isinstance(segment, _FeatureCache):
-                    record["cache_hit_rate"] = segment.hits / segment.served
+                if cache is not None:
+                    record["cache_hit_rate"] = cache.hits / cache.served
                 self._log(record)
                 tick, seen, losses = time.perf_counter(), 0, []
                 if progress is not None:

@@ -3,7 +3,6 @@ model: shapes per stride, the hooked features against a recomputation by hand, d
 parts train, IPKL's branch, the frozen model's loading and checkpointing, config errors, and the
 recipe end to end (both stages, eval.json, the head stage on cached features = on live ones)."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from ddps.checkpoint import load_weights
 from ddps.nn import diff
 from ddps.segmentors import build_segmentor
 from ddps.training import _FeatureCache
+from test_training import cli
 
 TINY = ["segmentor.type=diffusion-features", "segmentor.diff.timesteps=[50,25,10]", "segmentor.diff.save_steps=[1,2]",
         "segmentor.diff.projection=[16,16,32]", "segmentor.diff.projection_x4=16", "segmentor.channels=16"]
@@ -222,7 +222,7 @@ def test_feature_cache_serves_what_the_segmentor_computed():
     """Each image's outputs computed alone (a function of the image, whatever batch it came in),
     then served; they agree with a batched pass to float rounding."""
     seg = build().eval()
-    cache = _FeatureCache(seg)
+    cache = _FeatureCache(seg, torch.device("cpu"))
     x = images(b=4)
     with torch.no_grad():
         alone = [seg(x[i:i + 1]) for i in range(4)]
@@ -234,10 +234,6 @@ def test_feature_cache_serves_what_the_segmentor_computed():
     assert torch.equal(again[0], first[0][[2, 0]]) and torch.equal(again[1], first[1][[2, 0]])
     torch.testing.assert_close(first[0], batched[0], rtol=1e-4, atol=1e-4)
     assert cache.hits == 3 and cache.served == 8 and len(cache.store) == 5 and mixed[0].shape[0] == 2
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ddps", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_recipe_trains_both_stages_and_caches_the_head_stage(tmp_path):

@@ -123,6 +123,13 @@ def gpu_checks() -> str:
     return f"compiled {record['compiled']}; executed on a GPU by make gpu-check: {executed}"
 
 
+# Whether this CPU has AVX-512, for which the C++ kernels of attention and linear_attention are
+# register-blocked (16-float vectors, 32 registers). Elsewhere GCC lowers their vectors through
+# the stack: on an AVX2 EPYC they ran 12-35x slower than torch's SDPA and the ops' torch
+# composites, which the ops then take instead. A constant: torch.compile reads it as one.
+WIDE_CPU_VECTORS = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 # torch.compile runs the resolver once at trace time and keeps its answer: the choice depends on
 # the environment and the installed build, not on tensor data.
 @torch.compiler.assume_constant_result

@@ -322,14 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure every sampling and denoiser op, the denoiser modules and the whole ADE20K head "
                     "(one denoiser step, full inference with T=20 / 3 steps / guidance 0.4, one training step "
                     "at B=2): the original's eager ops (reference), torch.compile of them, plain-torch "
-                    "formulations and each ddps backend, side by side in one process. The quick profile "
-                    "(default) runs B=1 and leaves torch.compile out of the fwd+bwd and end-to-end cases; "
-                    "--full adds B=4 and every provider.")
+                    "formulations and each ddps backend, side by side in one process. The modules run on NCHW "
+                    "and on channels-last input. The quick profile (default) runs B=1 and leaves torch.compile "
+                    "out of the fwd+bwd and end-to-end cases; --full adds B=4 and every provider.")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to run on (default: cpu)")
     b.add_argument("--full", action="store_true", help="the full profile instead of the quick one")
     b.add_argument("--cases", nargs="+", metavar="NAME",
                    help="run only these cases (op, module or head names; see --list)")
     b.add_argument("--list", action="store_true", help="list the profile's cases and exit")
+    b.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="also run each ddps provider of the denoiser ops, modules and heads under "
+                        "torch.autocast at this dtype, as a row 'provider[dtype]' beside its float32 one "
+                        "(default: fp32, float32 rows only)")
     b.add_argument("--size", type=int, default=128,
                    help="mask size S (default: 128, the ADE20K head's); the ops and modules take their "
                         "shapes from it (attention at S/4, the Block at S/2)")

@@ -140,7 +140,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     ema_momentum: float = 0.01
     ema_interval: int = 25
-    amp: str = "none"              # none | bf16
+    amp: str = "none"              # none | bf16: the head stage's forward and backward under autocast
     cache_features: bool = False   # head stage: keep the frozen segmentor's outputs per training image (needs
                                    # images that repeat: no augmentation)
     checkpoint_interval: int = 200
@@ -157,6 +157,7 @@ class EvalConfig:
     collect_timesteps: list[int] = field(default_factory=lambda: [0, 10, 19])
     sampling: str = "renoise"      # renoise (free re-noising, the original's) | posterior (guidance_scale 1)
     mode: str = "single"           # single | ms-flip | slide
+    dtype: str = "fp32"            # fp32 | bf16 | fp16: the head samples under torch.autocast at this dtype
     scales: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     crop_size: list[int] = field(default_factory=lambda: [128, 128])   # slide
     stride: list[int] = field(default_factory=lambda: [96, 96])        # slide
@@ -195,6 +196,7 @@ CHOICES = {
     "head.backend": ("reference", "auto", "cpu", "cuda", "triton"),
     "train.amp": ("none", "bf16"),
     "eval.mode": ("single", "ms-flip", "slide"),
+    "eval.dtype": ("fp32", "bf16", "fp16"),
 }
 POSITIVE = {"data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.size", "data.synthetic.max_shapes",
             "segmentor.channels", "segmentor.batch_size", "segmentor.patience", "head.dim", "head.embed_dim", "head.num_timesteps",

@@ -64,11 +64,14 @@ class Metrics:
                 "BIoU": [None if math.isnan(v) else pct(v) for v in biou.tolist()]}
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @torch.no_grad()
-def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
+def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str = "fp32") -> dict:
     """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final"
     and "step <i>" (DDPS). A head's scores come at the features' resolution or a multiple of it
-    (GSS: the image's)."""
+    (GSS: the image's). ``dtype``: eval.dtype, the head's sampling under torch.autocast."""
     size = images.shape[-2:]
     features, logits = segmentor(images)
     out = {} if logits is None else {"base": logits}
@@ -81,7 +84,8 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
         if any(pad):
             features = F.pad(features, pad, mode="replicate")
             base = None if logits is None else F.pad(logits, pad, mode="replicate")
-        final, collected = head.sample(features, base)
+        with torch.autocast(images.device.type, dtype=AUTOCAST.get(dtype), enabled=dtype in AUTOCAST):
+            final, collected = head.sample(features, base)
         scale = final.shape[-1] // features.shape[-1]
         out["final"] = final[:, :num_classes, :h * scale, :w * scale]
         for i, step_logits in collected.items():
@@ -89,11 +93,13 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int) -> dict:
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
 
 
-def predict(segmentor, head, image: torch.Tensor, cfg, num_classes: int) -> dict:
-    """Per-output class scores [K, H, W] for one uint8 image [3, H, W], in the configured mode."""
+def predict(segmentor, head, image: torch.Tensor, cfg, num_classes: int, dtype: str | None = None) -> dict:
+    """Per-output class scores [K, H, W] for one uint8 image [3, H, W], in the configured mode,
+    the head sampling at ``dtype`` (default: eval.dtype)."""
     h, w = image.shape[-2:]
     device = next(segmentor.parameters()).device
     e = cfg.eval
+    dtype = e.dtype if dtype is None else dtype
     if e.mode == "ms-flip":
         # the original's aug_test: softmax probabilities averaged over scales and flips
         total = None
@@ -101,7 +107,7 @@ def predict(segmentor, head, image: torch.Tensor, cfg, num_classes: int) -> dict
             scaled, _ = resize(image, None, rescale_size(h, w, [int(s * ratio) for s in cfg.data.scale]))
             for flip in (False, True):
                 x = scaled.flip(-1) if flip else scaled
-                out = _forward(segmentor, head, x[None].to(device), num_classes)
+                out = _forward(segmentor, head, x[None].to(device), num_classes, dtype)
                 out = {k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False).softmax(1)[0]
                        for k, v in out.items()}
                 out = {k: v.flip(-1) if flip else v for k, v in out.items()}
@@ -110,13 +116,13 @@ def predict(segmentor, head, image: torch.Tensor, cfg, num_classes: int) -> dict
     scaled, _ = resize(image, None, rescale_size(h, w, cfg.data.scale))
     x = scaled[None].to(device)
     if e.mode == "single":
-        out = _forward(segmentor, head, x, num_classes)
+        out = _forward(segmentor, head, x, num_classes, dtype)
     else:
-        out = _slide(segmentor, head, x, e.crop_size, e.stride, num_classes)
+        out = _slide(segmentor, head, x, e.crop_size, e.stride, num_classes, dtype)
     return {k: F.interpolate(v, size=(h, w), mode="bilinear", align_corners=False)[0] for k, v in out.items()}
 
 
-def _slide(segmentor, head, x, crop, stride, num_classes: int) -> dict:
+def _slide(segmentor, head, x, crop, stride, num_classes: int, dtype: str) -> dict:
     """The original's slide_inference: logits of overlapping crops averaged on the image grid."""
     _, _, h, w = x.shape
     ch, cw = min(crop[0], h), min(crop[1], w)
@@ -126,7 +132,7 @@ def _slide(segmentor, head, x, crop, stride, num_classes: int) -> dict:
     for r in range(rows):
         for c in range(cols):
             y1, x1 = min(r * stride[0], h - ch), min(c * stride[1], w - cw)
-            out = _forward(segmentor, head, x[:, :, y1:y1 + ch, x1:x1 + cw], num_classes)
+            out = _forward(segmentor, head, x[:, :, y1:y1 + ch, x1:x1 + cw], num_classes, dtype)
             for k, v in out.items():
                 canvas = sums.setdefault(k, x.new_zeros(1, v.shape[1], h, w, dtype=torch.float32))
                 canvas[:, :, y1:y1 + ch, x1:x1 + cw] += v
@@ -188,16 +194,29 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
     """The metrics of ``dataset`` as ``{"base": {...}, "ddps": {"final": {...}, "steps": {"<i>": {...}}}}``
     ("base" only where the segmentor has a classifier, "ddps" only with a head: the head's metrics
     whatever its kind), and ``"prior": {"reconstruction": {...}}`` for a head with a mask prior of
-    its own (GSS: decode(VQ(encode(mask))) against the mask)."""
+    its own (GSS: decode(VQ(encode(mask))) against the mask). With eval.dtype bf16 or fp16 the
+    head also samples in float32 from the same random state, and "ddps" gains "fp32_final" (that
+    run's metrics) and "agreement_with_fp32" (the percentage of pixels whose final label is the
+    float32 run's)."""
     k, ignore = dataset.num_classes, dataset.ignore_index
     torch.manual_seed(cfg.seed)  # the head's random initial masks
     metrics = {}
     prior = head is not None and bool(head.prior_parameters())
+    compare = head is not None and cfg.eval.dtype != "fp32"
+    agree = pixels = 0
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for index in range(n):
         image, gt = dataset[index]
+        if compare:
+            device = next(segmentor.parameters()).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                fp32 = predict(segmentor, head, image, cfg, k, "fp32")["final"].argmax(0).cpu()
+            metrics.setdefault("fp32 final", Metrics(k, ignore, cfg.eval.boundary_dilation)).update(fp32, gt)
         scores = predict(segmentor, head, image, cfg, k)
         preds = {name: s.argmax(0).cpu() for name, s in scores.items()}
+        if compare:
+            agree += int((preds["final"] == fp32).sum())
+            pixels += fp32.numel()
         for name, pred in preds.items():
             metrics.setdefault(name, Metrics(k, ignore, cfg.eval.boundary_dilation)).update(pred, gt)
         if prior:
@@ -217,8 +236,11 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
         report["prior"] = {"reconstruction": results.pop("prior")}
     if head is not None:
         report["ddps"] = {"final": results["final"],
-                          "steps": {name.split()[1]: results[name] for name in sorted(results, key=_order)
-                                    if name.startswith("step")}}
+                          "steps": {name.split()[1]: results[name]
+                                    for name in sorted((n for n in results if n.startswith("step")), key=_order)}}
+        if compare:
+            report["ddps"].update(dtype=cfg.eval.dtype, fp32_final=results["fp32 final"],
+                                  agreement_with_fp32=100 * agree / max(pixels, 1))
     if out_json is not None:
         out_json.write_text(json.dumps(report, indent=1))
     return report
@@ -230,9 +252,15 @@ def table(report: dict, head: str = "ddps") -> str:
     rows = [("segmentor", report["base"])] if "base" in report else []
     if "ddps" in report:
         rows += [(f"{head} step {s}", r) for s, r in report["ddps"]["steps"].items()]
-        rows.append((f"{head} final", report["ddps"]["final"]))
+        dtype = report["ddps"].get("dtype")
+        rows.append((f"{head} final" + (f" {dtype}" if dtype else ""), report["ddps"]["final"]))
+        if dtype:
+            rows.append((f"{head} final fp32", report["ddps"]["fp32_final"]))
     if "prior" in report:
         rows.append((f"{head} prior", report["prior"]["reconstruction"]))
     lines = [f"{'':16s} {'mIoU':>7s} {'mBIoU':>7s} {'aAcc':>7s}"]
     lines += [f"{name:16s} {r['mIoU']:7.2f} {r['mBIoU']:7.2f} {r['aAcc']:7.2f}" for name, r in rows]
+    if "agreement_with_fp32" in report.get("ddps", {}):
+        share = report["ddps"]["agreement_with_fp32"]
+        lines.append(f"{head} final labels equal to the fp32 run's: {share:.3f}% of pixels")
     return "\n".join(lines)

@@ -237,7 +237,10 @@ class Trainer:
         stage_id = STREAMS[self.stage]
         loader = train_batches(self.train_set, cfg.data, mix_seed(cfg.seed, stage_id), batch,
                                self.step * accumulate, iters * accumulate, self.rank, self.world)
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16")
+        # train.amp is the head stage's (as train.accumulate): the head's forward and backward run
+        # under autocast, not the frozen segmentor's forward, nor the other stages.
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                             enabled=cfg.train.amp == "bf16" and self.stage == "head")
         progress = None
         if self.rank == 0 and cfg.train.progress:
             from tqdm import tqdm
@@ -252,10 +255,11 @@ class Trainer:
             torch.manual_seed(mix_seed(cfg.seed, stage_id, self.step, micro, self.rank))
             last = micro == accumulate - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else module.no_sync()
+            if self.stage == "head":
+                with torch.no_grad():
+                    features, base = cache(host_images) if cache is not None else self.segmentor(images)
             with sync, amp:
                 if self.stage == "head":
-                    with torch.no_grad():
-                        features, base = cache(host_images) if cache is not None else self.segmentor(images)
                     loss = module(features, labels, base)
                 elif self.stage == "prior":
                     loss = module(None, labels, None)

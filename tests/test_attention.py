@@ -3,6 +3,7 @@ backward."""
 import pytest
 import torch
 
+import ddps
 from ddps import reference
 from ddps.ops import attention, attention_qkv, linear_attention, linear_attention_qkv
 from ddps.kernels._layout import as_heads_like
@@ -37,6 +38,24 @@ def test_low_precision_within_twice_torch_error(backend, op, ref, dtype):
     assert_matches_reference(lambda q, k, v: op(q, k, v, 32 ** -0.5, backend=backend),
                              lambda q, k, v: ref(q, k, v, 32 ** -0.5), _qkv((2, 4, 32, 96)), dtype=dtype,
                              device=device_of(backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in DENOISER if device_of(b) == "cpu"])
+@pytest.mark.parametrize("op", [attention_qkv, linear_attention_qkv], ids=["attention_qkv", "linear_attention_qkv"])
+@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-dispatch"])
+def test_autocast_computes_in_its_dtype(backend, op, wide, monkeypatch):
+    # As autocast does for SDPA and matmul: float32 inputs are cast to its dtype, the output is in
+    # it, as close to the float64 result as the op on inputs already in that dtype (on CPUs with
+    # AVX-512 the float32 kernels would otherwise take the float32 qkv).
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 3 * 4 * 32, 6, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(qkv, 4, 0.2, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, op(qkv.bfloat16(), 4, 0.2, backend=backend))
+    exact = op(qkv.double(), 4, 0.2, backend="reference")
+    assert (out.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
 
 
 @pytest.mark.parametrize("backend", DENOISER)

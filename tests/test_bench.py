@@ -117,6 +117,27 @@ def test_bench_list_and_bad_arguments(capsys):
         assert rc == 2 and "CUDA" in printed.err
 
 
+def test_modules_run_on_both_layouts_and_dtype_adds_autocast_rows(tmp_path, capsys):
+    shapes = {c.shape for c in bench.select("quick", 128) if c.name == "LinearAttention" and c.mode == "fwd"}
+    assert {s.split("] ")[1] for s in shapes} == {"NCHW", "channels-last"}
+    out = tmp_path / "r.json"
+    rc, printed = _run_cli(capsys, "--size", str(SIZE), "--repeats", "1", "--dtype", "bf16", "--cases", "Attention",
+                           "q_sample", "--json", str(out))
+    assert rc == 0, printed.err
+    assert "torch.autocast(bf16)" in printed.out
+    rows = json.loads(out.read_text())["rows"]
+    attention = [r for r in rows if r["case"] == "Attention" and r["mode"] == "fwd" and "NCHW" in r["shape"]]
+    assert [r["provider"] for r in attention] == ["reference", "compile(reference)", "fused", "fused[bf16]"]
+    # The sampling ops take labels and logits as given: no autocast rows.
+    assert {r["provider"] for r in rows if r["case"] == "q_sample"} == {"reference", "compile(reference)",
+                                                                         "plain-torch", "cpu"}
+    bf16 = attention[-1]
+    assert bf16["check"].startswith("max rel diff") and float(bf16["check"].split()[-1]) < 0.1
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--dtype", "fp64"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_a_failing_provider_is_reported_and_fails_the_run():
     def build(device):
         def broken():

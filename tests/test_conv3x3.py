@@ -54,20 +54,47 @@ def test_conv3x3_is_no_less_accurate_than_the_direct_convolution():
 
 
 @CPU_KERNEL
-def test_conv3x3_takes_the_kernel_only_for_float32_channels_last():
+def test_conv3x3_takes_the_kernel_for_channels_last_activations():
     x, weight, bias = _inputs(2, 8, 8, 6, 6)
     kept = winograd_weight(weight)
     fast = conv3x3(x, weight, bias, winograd=kept, backend="cpu")
     assert fast.is_contiguous(memory_format=CL)
     assert torch.equal(fast, conv3x3(x, weight, bias, backend="cpu"))  # a kept transform is the same
     assert not torch.equal(fast, _reference(x, weight, bias))  # Winograd: other roundings
-    # Contiguous activations, autocast and the reference backend: F.conv2d itself.
+    # Contiguous activations, mixed dtypes outside autocast and the reference backend: F.conv2d itself.
     contiguous = x.contiguous()
     assert torch.equal(conv3x3(contiguous, weight, bias, backend="cpu"), _reference(contiguous, weight, bias))
     assert torch.equal(conv3x3(x, weight, bias, backend="reference"), _reference(x, weight, bias))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = conv3x3(x, weight, bias, backend="cpu")
-        assert low.dtype == torch.bfloat16 and torch.equal(low, _reference(x, weight, bias))
+    with pytest.raises(RuntimeError):  # F.conv2d's own error for a bfloat16 x and a float32 weight
+        conv3x3(x.bfloat16(), weight, bias, backend="cpu")
+
+
+# One rounding of the float32 result: within a unit in the last place of the largest value.
+HALF_TOLERANCE = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@CPU_KERNEL
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "half-inputs"])
+def test_conv3x3_half_precision(dtype, autocast):
+    # Autocast's conv2d (x, weight and bias rounded to dtype, output in dtype), or inputs already in
+    # dtype: the kernel loads them as float, sums in float32 and rounds the output once, so against
+    # a float64 convolution of the rounded inputs it is off by that one rounding; the gradients
+    # (with respect to the float32 leaves under autocast) within bf16 / fp16 sums' rounding.
+    x, weight, bias = _inputs(2, 24, 40, 9, 10)
+    leaves = [t.to(dtype=torch.float32 if autocast else dtype).requires_grad_() for t in (x, weight, bias)]
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        out = conv3x3(*leaves, backend="cpu")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
+    rounded = [t.detach().to(dtype).double().requires_grad_() for t in (x, weight, bias)]
+    exact = _reference(*rounded)
+    assert (out.double() - exact).abs().max() <= HALF_TOLERANCE[dtype] * exact.abs().max()
+    grad = _randn(*out.shape, seed=4).to(dtype).contiguous(memory_format=CL)
+    out.backward(grad)
+    exact.backward(grad.double())
+    for leaf, ref in zip(leaves, rounded):
+        assert leaf.grad.dtype == leaf.dtype
+        assert (leaf.grad.double() - ref.grad).abs().max() <= 4 * HALF_TOLERANCE[dtype] * ref.grad.abs().max()
 
 
 @CPU_KERNEL
@@ -88,6 +115,10 @@ def test_conv3x3_kernel_opcheck():
     torch.library.opcheck(torch.ops.ddps.conv3x3.default, (x, weight, winograd_weight(weight), bias))
     grad = _randn(2, 40, 5, 6, seed=3).contiguous(memory_format=CL)
     torch.library.opcheck(torch.ops.ddps.conv3x3_weight_grad.default, (grad, x.detach()))
+    half = x.detach().bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.ddps.conv3x3.default, (half, weight.detach().bfloat16().requires_grad_(),
+                                                           winograd_weight(weight.bfloat16()), bias))
+    torch.library.opcheck(torch.ops.ddps.conv3x3_weight_grad.default, (grad.bfloat16(), half.detach()))
 
 
 def test_conv3x3_bad_input():

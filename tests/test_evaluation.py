@@ -128,3 +128,63 @@ def test_odd_feature_sizes_are_padded_for_the_denoiser():
     final, _ = head.sample(torch.nn.functional.pad(features, (0, 0, 0, 1), mode="replicate"))
     expected = torch.nn.functional.interpolate(final[:, :, :13], size=(51, 64), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out["final"], expected)
+
+
+class _TinySegmentor(torch.nn.Module):
+    """Features at 1/4 resolution and logits, as the segmentor protocol gives them."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 4, 4, stride=4)
+        self.classifier = torch.nn.Conv2d(4, k, 1)
+
+    def forward(self, images):
+        f = self.features(images.float() / 255)
+        return f, self.classifier(f)
+
+
+class _TinySet:
+    num_classes, ignore_index = 5, 255
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.items = [(torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8),
+                       torch.randint(0, 5, (32, 32), generator=g)) for _ in range(3)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_eval_reports_the_fp32_run_and_the_label_agreement(dtype):
+    from ddps import evaluation
+    from ddps.config import Config
+    from ddps.nn import DDPSHead
+
+    cfg = Config()
+    cfg.data.scale = [32, 32]
+    torch.manual_seed(0)
+    segmentor = _TinySegmentor(5).eval()
+    head = DDPSHead(num_classes=5, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4, num_timesteps=10,
+                    inference_steps=2, collect_timesteps=(0, 5, 9), guidance_scale=0.4, backend="auto").eval()
+    data = _TinySet()
+    plain = evaluation.evaluate(cfg, segmentor, head, data)
+    cfg.eval.dtype = dtype
+    report = evaluation.evaluate(cfg, segmentor, head, data)
+    assert "agreement_with_fp32" not in plain["ddps"]
+    # The float32 run inside the low-precision evaluation draws what a float32 evaluation draws.
+    assert report["ddps"]["fp32_final"] == plain["ddps"]["final"] and report["ddps"]["dtype"] == dtype
+    # The agreement, recomputed image by image from the same random states.
+    torch.manual_seed(cfg.seed)
+    agree = total = 0
+    for image, _ in data.items:
+        with torch.random.fork_rng():
+            fp32 = evaluation.predict(segmentor, head, image, cfg, 5, "fp32")["final"].argmax(0)
+        low = evaluation.predict(segmentor, head, image, cfg, 5)["final"].argmax(0)
+        agree, total = agree + int((low == fp32).sum()), total + fp32.numel()
+    assert report["ddps"]["agreement_with_fp32"] == pytest.approx(100 * agree / total)
+    text = evaluation.table(report)
+    assert f"ddps final {dtype}" in text and "ddps final fp32" in text and "equal to the fp32 run's" in text

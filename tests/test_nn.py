@@ -174,3 +174,37 @@ def test_fused_attention_modules_train_under_compile_fullgraph(cls):
         results.append([out.detach(), x.grad, module.to_qkv.weight.grad])
     for got, expected in zip(*results):
         assert _relative_error(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])
+@pytest.mark.parametrize("block", ["LinearAttention", "Attention", "ResnetBlock", "Block"])
+def test_fused_blocks_take_any_layout_and_return_the_callers(block, wide, monkeypatch):
+    # wide=True takes the AVX-512 dispatch (C++ attention kernels on channels-last input, x
+    # converted once) whatever this CPU is; the kernels are correct without AVX-512, only slower.
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
+    cls = getattr(ddps.nn.unet, block)
+    args, extra = {"LinearAttention": ((32,), ()), "Attention": ((32,), ()), "Block": ((32, 48), ()),
+                   "ResnetBlock": ((32, 48), ())}[block]
+    kwargs = {"time_emb_dim": 16} if block == "ResnetBlock" else {}
+    torch.manual_seed(0)
+    ref = cls(*args, **kwargs).eval()
+    fused = cls(*args, **kwargs, backend="fused").eval()
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(2, 32, 8, 12)
+    extra = (torch.randn(2, 16),) if block == "ResnetBlock" else ()
+    with torch.no_grad():
+        expected = ref(x, *extra)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            out = fused(x.contiguous(memory_format=fmt), *extra)
+            assert out.is_contiguous(memory_format=fmt), (block, fmt)
+            assert _relative_error(out, expected) <= 1e-5, (block, fmt)
+    # Gradients flow through the conversions back to an NCHW input.
+    leaf = x.clone().requires_grad_()
+    fused.train()
+    fused(leaf, *extra).square().sum().backward()
+    ref_leaf = x.clone().requires_grad_()
+    ref.train()
+    ref(ref_leaf, *extra).square().sum().backward()
+    assert leaf.grad.is_contiguous() and _relative_error(leaf.grad, ref_leaf.grad) <= 1e-4

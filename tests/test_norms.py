@@ -124,6 +124,9 @@ def test_group_norm_film_silu_opcheck(film):
     ss = [s.reshape(2, 16).requires_grad_() for s in ss] or [None, None]
     torch.library.opcheck(torch.ops.ddps.group_norm_film_silu.default,
                           (x, w.requires_grad_(), bias.requires_grad_(), *ss, 4, 1e-5))
+    # bfloat16 activations (float32 parameters, statistics and parameter gradients).
+    torch.library.opcheck(torch.ops.ddps.group_norm_film_silu.default,
+                          (x.detach().bfloat16().requires_grad_(), w, bias, *ss, 4, 1e-5))
 
 
 @pytest.mark.parametrize("backend", DENOISER)

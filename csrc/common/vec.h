@@ -1,4 +1,4 @@
-// Float vectors for the CPU kernels of the denoiser ops (attention, group_norm_film_silu, linear_attention):
+// Float vectors for the CPU kernels of the denoiser ops (attention, conv3x3, group_norm_film_silu, linear_attention):
 // 16 lanes, one AVX-512 register, and the loops that use them are compiled as clones for AVX-512,
 // AVX2 and baseline x86-64 (DDPS_CLONES), with these helpers inlined into each clone.
 #pragma once
@@ -7,6 +7,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
 // The vector helpers are inlined into each clone: no vector crosses a call boundary, so GCC's
 // note that such calls would have another ABI without AVX-512 does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -14,7 +19,7 @@
 // Forced inline: GCC does not otherwise inline these (default-target) functions into the
 // target_clones loops, and an out-of-line call per vector spills it through memory.
 #define DDPS_INLINE __attribute__((always_inline))
-#define DDPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define DDPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 namespace ddps {
 
@@ -90,19 +95,75 @@ DDPS_INLINE inline FloatV load_lanes(const scalar_t* p) {
   return v;
 }
 
-// count < kLanes only at the end of a row; the full case is one vector load/store.
-DDPS_INLINE inline FloatV load(const float* p, int count = kLanes) {
-  if (count == kLanes) return *reinterpret_cast<const FloatVU*>(p);
-  FloatV v{};
-  std::memcpy(&v, p, sizeof(float) * count);
+typedef uint16_t HalfBitsV __attribute__((vector_size(2 * kLanes)));
+
+// bfloat16's 16 bits as the float they are the high half of: exact.
+DDPS_INLINE inline FloatV widen_bf16(HalfBitsV bits) {
+  const UIntV wide = __builtin_convertvector(bits, UIntV) << 16;
+  FloatV v;
+  std::memcpy(&v, &wide, sizeof v);
   return v;
 }
 
-DDPS_INLINE inline void store(float* p, FloatV v, int count = kLanes) {
-  if (count == kLanes)
-    *reinterpret_cast<FloatVU*>(p) = v;
-  else
-    std::memcpy(p, &v, sizeof(float) * count);
+// float -> bfloat16 bits, rounded to nearest even, NaN -> 0x7FC0 (as c10::BFloat16 rounds).
+DDPS_INLINE inline HalfBitsV narrow_bf16(FloatV v) {
+  UIntV bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const UIntV rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return __builtin_convertvector(v != v ? UIntV{} + 0x7FC0u : rounded, HalfBitsV);
+}
+
+// count values (count < kLanes only at the end of a row) of float, bfloat16 or half as float
+// lanes, and back (rounded to nearest even): the half-precision kernels keep float inside. The
+// full float case is one vector load/store; bfloat16 is widened and narrowed in vectors; half, rare
+// on CPUs, value by value.
+template <typename scalar_t>
+DDPS_INLINE inline FloatV load(const scalar_t* p, int count = kLanes) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == kLanes) return *reinterpret_cast<const FloatVU*>(p);
+    FloatV v{};
+    std::memcpy(&v, p, sizeof(float) * count);
+    return v;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    HalfBitsV bits{};
+    std::memcpy(&bits, p, 2 * count);
+    return widen_bf16(bits);
+  } else {
+    FloatV v{};
+    for (int l = 0; l < count; ++l) v[l] = static_cast<float>(p[l]);
+    return v;
+  }
+}
+
+template <typename scalar_t>
+DDPS_INLINE inline void store(scalar_t* p, FloatV v, int count = kLanes) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == kLanes)
+      *reinterpret_cast<FloatVU*>(p) = v;
+    else
+      std::memcpy(p, &v, sizeof(float) * count);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const HalfBitsV bits = narrow_bf16(v);
+    std::memcpy(p, &bits, 2 * count);
+  } else {
+    for (int l = 0; l < count; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+}
+
+// f(scalar_t{}) for activations of dtype t: float32, bfloat16 or float16 (kernels that load and
+// store them through load/store above and compute in float).
+template <typename F>
+void dispatch_activations(c10::ScalarType t, const char* op, F f) {
+  switch (t) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::BFloat16:
+      return f(c10::BFloat16{});
+    case c10::ScalarType::Half:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, op, ": activations must be float32, bfloat16 or float16, got ", t);
+  }
 }
 
 }  // namespace ddps

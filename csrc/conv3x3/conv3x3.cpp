@@ -1,5 +1,5 @@
-// ddps::conv3x3 on the CPU: a 3x3 convolution (stride 1, padding 1) of float32 channels-last
-// activations by Winograd's F(2x2, 3x3). Each 2x2 block of outputs is computed from the 4x4 input
+// ddps::conv3x3 on the CPU: a 3x3 convolution (stride 1, padding 1) of channels-last activations
+// (float32, bfloat16 or float16; float inside) by Winograd's F(2x2, 3x3). Each 2x2 block of outputs is computed from the 4x4 input
 // tile around it as A^T [U * (B^T d B)] A, U = G w G^T: per tile, 16 products of a Cin-vector with
 // a Cin x Cout matrix instead of 36, 2.25x fewer multiply-adds than the direct convolution. B^T and
 // A^T hold only 0 and +-1, so the two transforms are additions; U comes from Python
@@ -13,6 +13,9 @@
 // A chunk's V and M hold a row of C values per (position k, tile).
 
 #pragma GCC optimize("fp-contract=fast")
+// The loops are vectorised by hand (explicit vectors); GCC's loop vectoriser otherwise turns the
+// AVX2 register blocks into shuffles and horizontal sums across Cin.
+#pragma GCC optimize("no-tree-loop-vectorize")
 
 #include <torch/library.h>
 
@@ -72,11 +75,12 @@ DDPS_INLINE inline void output_1d_adjoint(const FloatV (&z)[2], FloatV (&out)[4]
 // v[(k * stride + t) * ld + c] = (B^T d B)[k] for the n tiles first .. first + n - 1 (tile index
 // (b * tiles_h + i) * tiles_w + j), c < C: d is the 4 x 4 patch of x at rows 2i-1 .. 2i+2 and
 // columns 2j-1 .. 2j+2, zero outside the image (the padding).
-DDPS_CLONES void input_tiles(const float* x, float* v, const Dims& d, int64_t C, int64_t ld, int64_t first, int64_t n,
+template <typename scalar_t>
+DDPS_CLONES void input_tiles(const scalar_t* x, float* v, const Dims& d, int64_t C, int64_t ld, int64_t first, int64_t n,
                              int64_t stride) {
   for (int64_t t = 0; t < n; ++t) {
     const auto [b, i, j] = d.tile(first + t);
-    const float* sample = x + b * d.height * d.width * C;
+    const scalar_t* sample = x + b * d.height * d.width * C;
     for (int64_t c = 0; c < C; c += kLanes) {
       const int count = static_cast<int>(std::min<int64_t>(kLanes, C - c));
       FloatV rows[4][4];  // B^T applied along each patch row
@@ -99,34 +103,68 @@ DDPS_CLONES void input_tiles(const float* x, float* v, const Dims& d, int64_t C,
   }
 }
 
+// The register blocks of products and weight_products: kBlock x 32 floats of accumulators in
+// vectors of kWidth floats. AVX-512 (32 registers) takes 12 x 32 in 16-float vectors; AVX2 (16
+// registers) 2 x 32 in 8-float ones: GCC lowers a 16-float vector on AVX2 through the stack, and
+// 12 x 32 does not fit its registers either (27x slower than oneDNN on an AVX2 EPYC before).
+// (Specialisations, not an alias template: GCC drops vector_size from a dependent alias.)
+template <int kWidth>
+struct LanesOf;
+template <>
+struct LanesOf<8> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct LanesOf<16> {
+  typedef float type __attribute__((vector_size(64), aligned(4)));
+};
+template <int kWidth>
+using Lanes = typename LanesOf<kWidth>::type;
+static_assert(sizeof(Lanes<8>) == 32 && sizeof(Lanes<16>) == 64);
+
+// out[r][0 .. 32) = sum over i < n of a[r * a_row + i * a_step] * b[i * 32 .. i * 32 + 32), r < kBlock.
+template <int kBlock, int kWidth>
+DDPS_INLINE inline void block_products(const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t n,
+                                       Lanes<kWidth> (&acc)[kBlock][32 / kWidth]) {
+  constexpr int kVectors = 32 / kWidth;
+  for (int64_t i = 0; i < n; ++i) {
+    Lanes<kWidth> bv[kVectors];
+    for (int j = 0; j < kVectors; ++j) bv[j] = *reinterpret_cast<const Lanes<kWidth>*>(b + i * 32 + j * kWidth);
+    for (int r = 0; r < kBlock; ++r) {
+      const float x = a[r * a_row + i * a_step];
+      for (int j = 0; j < kVectors; ++j) acc[r][j] += x * bv[j];
+    }
+  }
+}
+
+// One block of M[k] = V[k] U[k]: rows vr .. (kBlock rows of cin values), one 32-column panel.
+template <int kBlock, int kWidth>
+DDPS_INLINE inline void product_block(const float* vr, const float* panel, float* out, int64_t cin, int64_t cout_pad) {
+  Lanes<kWidth> acc[kBlock][32 / kWidth] = {};
+  block_products<kBlock, kWidth>(vr, cin, 1, panel, cin, acc);
+  for (int r = 0; r < kBlock; ++r)
+    for (int j = 0; j < 32 / kWidth; ++j) *reinterpret_cast<Lanes<kWidth>*>(out + r * cout_pad + j * kWidth) = acc[r][j];
+}
+
 // M[k] = V[k] U[k] for the rows 0 .. rows - 1 of a chunk (rows a multiple of kRows): v as
 // input_tiles writes it, u [16, Cout_pad / 32, Cin, 32] (each 32-column panel of U[k] contiguous),
-// m[(k * stride + t) * Cout_pad + co]. A 12 x 32 block of M per pass over Cin, in 24 registers.
+// m[(k * stride + t) * Cout_pad + co], one register block (above) per pass over Cin.
 // oneDNN's 1x1 convolution does these products fast only on whole images with all threads (on
 // one thread it takes a path 4x slower), which would stream the 4x-sized V through memory.
 DDPS_CLONES void products(const float* v, const float* u, float* m, int64_t cin, int64_t cout_pad, int64_t rows,
                           int64_t stride) {
   const int64_t panels = cout_pad / 32;
+  const bool wide = __builtin_cpu_supports("avx512f");
   for (int k = 0; k < kPositions; ++k) {
     const float* vk = v + k * stride * cin;
     float* mk = m + k * stride * cout_pad;
     for (int64_t p = 0; p < panels; ++p) {
       const float* panel = u + (k * panels + p) * cin * 32;
-      for (int64_t t = 0; t < rows; t += kRows) {
-        FloatV acc[kRows][2] = {};
-        const float* vr = vk + t * cin;
-        for (int64_t ci = 0; ci < cin; ++ci) {
-          const FloatV u0 = load(panel + ci * 32), u1 = load(panel + ci * 32 + 16);
-          for (int r = 0; r < kRows; ++r) {
-            const float a = vr[r * cin + ci];
-            acc[r][0] += a * u0;
-            acc[r][1] += a * u1;
-          }
-        }
-        for (int r = 0; r < kRows; ++r) {
-          store(mk + (t + r) * cout_pad + p * 32, acc[r][0]);
-          store(mk + (t + r) * cout_pad + p * 32 + 16, acc[r][1]);
-        }
+      float* out = mk + p * 32;
+      if (wide) {
+        for (int64_t t = 0; t < rows; t += kRows) product_block<kRows, 16>(vk + t * cin, panel, out + t * cout_pad, cin, cout_pad);
+      } else {
+        for (int64_t t = 0; t < rows; t += 2) product_block<2, 8>(vk + t * cin, panel, out + t * cout_pad, cin, cout_pad);
       }
     }
   }
@@ -134,11 +172,12 @@ DDPS_CLONES void products(const float* v, const float* u, float* m, int64_t cin,
 
 // out[b, :, 2i + a, 2j + e] = (A^T M A)[a][e] + bias for the n tiles first .. first + n - 1,
 // where it falls inside the image; M[k] of tile t at m[(k * stride + t) * Cout_pad].
-DDPS_CLONES void output_tiles(const float* m, const float* bias, float* out, const Dims& d, int64_t C, int64_t cout_pad,
+template <typename scalar_t>
+DDPS_CLONES void output_tiles(const float* m, const float* bias, scalar_t* out, const Dims& d, int64_t C, int64_t cout_pad,
                               int64_t first, int64_t n, int64_t stride) {
   for (int64_t t = 0; t < n; ++t) {
     const auto [b, i, j] = d.tile(first + t);
-    float* sample = out + b * d.height * d.width * C;
+    scalar_t* sample = out + b * d.height * d.width * C;
     for (int64_t c = 0; c < C; c += kLanes) {
       const int count = static_cast<int>(std::min<int64_t>(kLanes, C - c));
       FloatV rows[4][2];  // A^T applied along each tile row
@@ -165,11 +204,12 @@ DDPS_CLONES void output_tiles(const float* m, const float* bias, float* out, con
 // the tile's M, for the n tiles first .. first + n - 1. In 32-channel panels, each position's
 // panel holding its stride tiles contiguously: channel c of tile t at
 // m[((k * panels + c / 32) * stride + t) * 32 + c % 32], as weight_products reads them.
-DDPS_CLONES void grad_tiles(const float* grad, float* m, const Dims& d, int64_t C, int64_t panels, int64_t first,
+template <typename scalar_t>
+DDPS_CLONES void grad_tiles(const scalar_t* grad, float* m, const Dims& d, int64_t C, int64_t panels, int64_t first,
                             int64_t n, int64_t stride) {
   for (int64_t t = 0; t < n; ++t) {
     const auto [b, i, j] = d.tile(first + t);
-    const float* sample = grad + b * d.height * d.width * C;
+    const scalar_t* sample = grad + b * d.height * d.width * C;
     for (int64_t c = 0; c < C; c += kLanes) {
       const int count = static_cast<int>(std::min<int64_t>(kLanes, C - c));
       FloatV cols[2][4];  // A applied down each of the block's two columns
@@ -192,40 +232,40 @@ DDPS_CLONES void grad_tiles(const float* grad, float* m, const Dims& d, int64_t 
 }
 
 // du[k][ci][co-panel p] += sum over the chunk's rows t of v[k][t][ci] * m[k][p][t], for
-// item = k * panels + p: a 12 x 32 block of du per pass over the rows, in 24 registers (as in
-// products, with the reduction over tiles instead of channels). v rows hold cin_pad values (a
+// item = k * panels + p: a register block of du per pass over the rows (as in products, with the
+// reduction over tiles instead of channels). v rows hold cin_pad values (a
 // multiple of kRows, zero beyond Cin); m as grad_tiles writes it (zero beyond Cout), each panel
 // contiguous, so that it stays in L1 while every block of 12 input channels passes over it.
+template <int kBlock, int kWidth>
+DDPS_INLINE inline void weight_block(const float* vk, const float* mk, float* dk, int64_t cin_pad, int64_t cout_pad,
+                                     int64_t rows) {
+  // The chunk's sum, then added to du: sums of a chunk's length, not of every tile's, round.
+  Lanes<kWidth> acc[kBlock][32 / kWidth] = {};
+  block_products<kBlock, kWidth>(vk, 1, cin_pad, mk, rows, acc);
+  for (int r = 0; r < kBlock; ++r)
+    for (int j = 0; j < 32 / kWidth; ++j) {
+      auto* row = reinterpret_cast<Lanes<kWidth>*>(dk + r * cout_pad + j * kWidth);
+      *row = *row + acc[r][j];
+    }
+}
+
 DDPS_CLONES void weight_products(const float* v, const float* m, float* du, int64_t cin_pad, int64_t cout_pad,
                                  int64_t rows, int64_t stride, int64_t item) {
   const int64_t panels = cout_pad / 32, k = item / panels, p = item % panels;
   const float* vk = v + k * stride * cin_pad;
   const float* mk = m + item * stride * 32;
   float* dk = du + k * cin_pad * cout_pad + p * 32;
-  for (int64_t ci = 0; ci < cin_pad; ci += kRows) {
-    // The chunk's sum, then added to du: sums of a chunk's length, not of every tile's, round.
-    FloatV acc[kRows][2] = {};
-    for (int64_t t = 0; t < rows; ++t) {
-      const FloatV g0 = load(mk + t * 32), g1 = load(mk + t * 32 + 16);
-      const float* vr = vk + t * cin_pad + ci;
-      for (int r = 0; r < kRows; ++r) {
-        acc[r][0] += vr[r] * g0;
-        acc[r][1] += vr[r] * g1;
-      }
-    }
-    for (int r = 0; r < kRows; ++r) {
-      float* row = dk + (ci + r) * cout_pad;
-      store(row, load(row) + acc[r][0]);
-      store(row + 16, load(row + 16) + acc[r][1]);
-    }
+  if (__builtin_cpu_supports("avx512f")) {
+    for (int64_t ci = 0; ci < cin_pad; ci += kRows) weight_block<kRows, 16>(vk + ci, mk, dk + ci * cout_pad, cin_pad, cout_pad, rows);
+  } else {
+    for (int64_t ci = 0; ci < cin_pad; ci += 2) weight_block<2, 8>(vk + ci, mk, dk + ci * cout_pad, cin_pad, cout_pad, rows);
   }
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
                        const std::optional<at::Tensor>& bias) {
   const auto cl = at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(cl),
-              "conv3x3: x must be float32 [B, C, H, W] in channels-last memory");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(cl), "conv3x3: x must be [B, C, H, W] in channels-last memory");
   const int64_t cin = x.size(1), cout = weight.size(0), cout_pad = (cout + 31) / 32 * 32;
   TORCH_CHECK(u.dim() == 4 && u.size(0) == kPositions && u.size(1) == cout_pad / 32 && u.size(2) == cin &&
                   u.size(3) == 32 && u.scalar_type() == at::kFloat && u.is_contiguous(),
@@ -241,59 +281,66 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   if (cin == 0) return bias.has_value() ? out.copy_(bias->view({1, cout, 1, 1})) : out.zero_();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
   const float* up = u.data_ptr<float>();
-  float* op = out.data_ptr<float>();
 
   // Each thread takes chunks of kChunk tiles and runs the three stages on one chunk before the
   // next: the chunk's V and M (16 rows per tile) stay in its cache. Transforming the whole image
   // first would stream 4x the activations through memory twice and evict what the rest of the
-  // UNet keeps in cache.
-  const int64_t chunks = (d.tiles() + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(kPositions * kChunk * cin, 0.0f), m(kPositions * kChunk * cout_pad);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = item * kChunk, n = std::min(kChunk, d.tiles() - first);
-      input_tiles(xp, v.data(), d, cin, cin, first, n, kChunk);
-      products(v.data(), up, m.data(), cin, cout_pad, (n + kRows - 1) / kRows * kRows, kChunk);
-      output_tiles(m.data(), bp, op, d, cout, cout_pad, first, n, kChunk);
-    }
+  // UNet keeps in cache. Half-precision activations are widened on load and rounded once on
+  // store: the products sum in float.
+  dispatch_activations(x.scalar_type(), "conv3x3", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t chunks = (d.tiles() + kChunk - 1) / kChunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> v(kPositions * kChunk * cin, 0.0f), m(kPositions * kChunk * cout_pad);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t first = item * kChunk, n = std::min(kChunk, d.tiles() - first);
+        input_tiles(xp, v.data(), d, cin, cin, first, n, kChunk);
+        products(v.data(), up, m.data(), cin, cout_pad, (n + kRows - 1) / kRows * kRows, kChunk);
+        output_tiles(m.data(), bp, op, d, cout, cout_pad, first, n, kChunk);
+      }
+    });
   });
   return out;
 }
 
-// d(loss)/dU for the gradient grad of conv3x3's output (both float32 channels-last, grad
-// [B, Cout, H, W]): [16, Cin, Cout], the sum over all tiles of every sample of V[k]^T M[k]; the
+// d(loss)/dU for the gradient grad of conv3x3's output (both channels-last, of one dtype, grad
+// [B, Cout, H, W]): float32 [16, Cin, Cout], the sum over all tiles of every sample of V[k]^T M[k]; the
 // weight's gradient is G^T dU G (ddps/ops/conv3x3.py). Per chunk of kWeightChunk tiles the
 // threads first transform x and grad, then share out the (position, 32-column panel) blocks of
 // dU: each block is summed by one thread over the tiles in order, whatever the thread count.
 at::Tensor weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x) {
   const auto cl = at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(cl) && grad.dim() == 4 &&
-                  grad.scalar_type() == at::kFloat && grad.is_contiguous(cl) && grad.size(0) == x.size(0) &&
-                  grad.size(2) == x.size(2) && grad.size(3) == x.size(3),
-              "conv3x3_weight_grad: grad and x must be float32 [B, C, H, W] channels-last tensors of one batch and size");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(cl) && grad.dim() == 4 && grad.scalar_type() == x.scalar_type() &&
+                  grad.is_contiguous(cl) && grad.size(0) == x.size(0) && grad.size(2) == x.size(2) &&
+                  grad.size(3) == x.size(3),
+              "conv3x3_weight_grad: grad and x must be [B, C, H, W] channels-last tensors of one dtype, batch and size");
   const int64_t cin = x.size(1), cout = grad.size(1);
   const int64_t cin_pad = (cin + kRows - 1) / kRows * kRows, cout_pad = (cout + 31) / 32 * 32;
   const Dims d{x.size(0), x.size(2), x.size(3), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
-  at::Tensor du = at::zeros({kPositions, cin_pad, cout_pad}, x.options());
+  at::Tensor du = at::zeros({kPositions, cin_pad, cout_pad}, x.options().dtype(at::kFloat));
   if (cin > 0 && cout > 0) {
-    const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>();
-    float* dp = du.data_ptr<float>();
-    // Zero-filled once: the padding columns are never written.
-    std::vector<float> v(kPositions * kWeightChunk * cin_pad, 0.0f), m(kPositions * kWeightChunk * cout_pad, 0.0f);
-    for (int64_t first = 0; first < d.tiles(); first += kWeightChunk) {
-      const int64_t n = std::min(kWeightChunk, d.tiles() - first);
-      at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
-        const int64_t t0 = begin * kRows, count = std::min(end * kRows, n) - t0;
-        input_tiles(xp, v.data() + t0 * cin_pad, d, cin, cin_pad, first + t0, count, kWeightChunk);
-        grad_tiles(gp, m.data() + t0 * 32, d, cout, cout_pad / 32, first + t0, count, kWeightChunk);
-      });
-      at::parallel_for(0, kPositions * (cout_pad / 32), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item)
-          weight_products(v.data(), m.data(), dp, cin_pad, cout_pad, n, kWeightChunk, item);
-      });
-    }
+    dispatch_activations(x.scalar_type(), "conv3x3_weight_grad", [&](auto zero) {
+      using scalar_t = decltype(zero);
+      const scalar_t *xp = x.data_ptr<scalar_t>(), *gp = grad.data_ptr<scalar_t>();
+      float* dp = du.data_ptr<float>();
+      // Zero-filled once: the padding columns are never written.
+      std::vector<float> v(kPositions * kWeightChunk * cin_pad, 0.0f), m(kPositions * kWeightChunk * cout_pad, 0.0f);
+      for (int64_t first = 0; first < d.tiles(); first += kWeightChunk) {
+        const int64_t n = std::min(kWeightChunk, d.tiles() - first);
+        at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
+          const int64_t t0 = begin * kRows, count = std::min(end * kRows, n) - t0;
+          input_tiles(xp, v.data() + t0 * cin_pad, d, cin, cin_pad, first + t0, count, kWeightChunk);
+          grad_tiles(gp, m.data() + t0 * 32, d, cout, cout_pad / 32, first + t0, count, kWeightChunk);
+        });
+        at::parallel_for(0, kPositions * (cout_pad / 32), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t item = begin; item < end; ++item)
+            weight_products(v.data(), m.data(), dp, cin_pad, cout_pad, n, kWeightChunk, item);
+        });
+      }
+    });
   }
   return du.narrow(1, 0, cin).narrow(2, 0, cout).contiguous();
 }

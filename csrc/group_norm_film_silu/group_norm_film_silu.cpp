@@ -1,5 +1,6 @@
-// ddps::group_norm_film_silu on the CPU: float32 activations in channels-last memory, the layout
-// of the fused UNet. Forward: one statistics pass, one output pass (the reference makes seven).
+// ddps::group_norm_film_silu on the CPU: activations in channels-last memory, the layout of the
+// fused UNet (float32, bfloat16 or float16: loaded as float, every sum and the output in float,
+// rounded once on store; parameters float32). Forward: one statistics pass, one output pass (the reference makes seven).
 // Backward: one pass for the per-channel sums, one for dx. Every sum is over fixed chunks of
 // pixels combined in a fixed order, so the results do not depend on the thread count.
 // This file alone is compiled with fused multiply-adds: nothing here must match another backend
@@ -128,14 +129,14 @@ void for_each_vector(const Shape& s, G g) {
 
 struct Inputs {
   Shape shape;
-  const float *x, *weight, *bias, *scale, *shift;  // scale, shift: [B, C] or null
+  const float *weight, *bias, *scale, *shift;  // scale, shift: [B, C] or null
   float film(int64_t b, int64_t c) const { return scale ? scale[b * shape.channels + c] + 1.0f : 1.0f; }
 };
 
 Inputs inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "group_norm_film_silu (cpu): x must be a channels-last float32 [B, C, H, W] tensor");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "group_norm_film_silu (cpu): x must be a channels-last [B, C, H, W] tensor");
   const int64_t C = x.size(1);
   TORCH_CHECK(groups > 0 && C % groups == 0, "group_norm_film_silu: groups must divide C");
   for (const at::Tensor* t : {&weight, &bias})
@@ -146,31 +147,28 @@ Inputs inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b
     for (const at::Tensor* t : {&*scale, &*shift})
       TORCH_CHECK(t->numel() == x.size(0) * C && t->is_contiguous() && t->scalar_type() == at::kFloat,
                   "group_norm_film_silu (cpu): scale and shift must be contiguous float32 [B, C]");
-  return Inputs{{x.size(0), C, x.size(2) * x.size(3), groups}, x.data_ptr<float>(), weight.data_ptr<float>(),
+  return Inputs{{x.size(0), C, x.size(2) * x.size(3), groups}, weight.data_ptr<float>(),
                 bias.data_ptr<float>(), scale ? scale->data_ptr<float>() : nullptr,
                 shift ? shift->data_ptr<float>() : nullptr};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                           const at::Tensor& bias,
-                                                           const std::optional<at::Tensor>& scale,
-                                                           const std::optional<at::Tensor>& shift, int64_t groups,
-                                                           double eps) {
-  const Inputs in = inputs(x, weight, bias, scale, shift, groups);
+// The forward on x (channels-last, scalar_t) into out; mean and rstd [B, groups].
+template <typename scalar_t>
+void forward_kernel(const Inputs& in, const scalar_t* px, scalar_t* out, float* mean, float* rstd, double eps) {
   const Shape& s = in.shape;
   const int64_t C = s.channels, P = s.pixels, Cg = s.group_size();
   // Sums of x - x[pixel 0] per channel: shifted by a sample of the data, the variance does not
   // cancel catastrophically when the mean is large against the spread.
   std::vector<float> origin(s.batch * C);
-  for (int64_t b = 0; b < s.batch; ++b) std::memcpy(&origin[b * C], in.x + b * P * C, C * sizeof(float));
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t c = 0; c < C; ++c) origin[b * C + c] = static_cast<float>(px[b * P * C + c]);
   // The lambdas index raw pointers: std::vector::operator[] is not inlined into the clones.
-  const float *px = in.x, *o = origin.data();
+  const float* o = origin.data();
   const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
     const FloatV d = load(px + (b * P + p) * C + c, count) - load(o + b * C + c, count);
     v0 = d;
     v1 = d * d;
   });
-  at::Tensor mean = at::empty({s.batch, s.groups}, x.options()), rstd = at::empty_like(mean);
   Affine f{std::vector<float>(s.batch * C), std::vector<float>(s.batch * C), std::vector<float>(s.batch * C)};
   for (int64_t b = 0; b < s.batch; ++b)
     for (int64_t g = 0; g < s.groups; ++g) {
@@ -182,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
       }
       const double n = static_cast<double>(P * Cg), m = sum / n;
       const double r = 1.0 / std::sqrt(std::max(sumsq / n - m * m, 0.0) + eps);
-      mean.data_ptr<float>()[b * s.groups + g] = static_cast<float>(m);
-      rstd.data_ptr<float>()[b * s.groups + g] = static_cast<float>(r);
+      mean[b * s.groups + g] = static_cast<float>(m);
+      rstd[b * s.groups + g] = static_cast<float>(r);
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
         const double k = in.film(b, c);
         f.mean[b * C + c] = static_cast<float>(m);
@@ -191,8 +189,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
         f.b[b * C + c] = static_cast<float>(in.bias[c] * k + (in.shift ? in.shift[b * C + c] : 0.0f));
       }
     }
-  at::Tensor y = at::empty_like(x);
-  float* out = y.data_ptr<float>();
   const float *fm = f.mean.data(), *fa = f.a.data(), *fb = f.b.data();
   for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
     const int64_t j = b * C + c;
@@ -200,7 +196,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
                      load(fb + j, count);
     store(out + (b * P + p) * C + c, z / (1.0f + exp_lanes(-z)), count);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                           const at::Tensor& bias,
+                                                           const std::optional<at::Tensor>& scale,
+                                                           const std::optional<at::Tensor>& shift, int64_t groups,
+                                                           double eps) {
+  const Inputs in = inputs(x, weight, bias, scale, shift, groups);
+  at::Tensor mean = at::empty({in.shape.batch, in.shape.groups}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty_like(mean), y = at::empty_like(x);
+  dispatch_activations(x.scalar_type(), "group_norm_film_silu", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    forward_kernel(in, x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                   eps);
+  });
   return {y, mean, rstd};
+}
+
+// The backward on grad and x (channels-last, scalar_t): dx (scalar_t), and dz, a float32 buffer
+// for the first pass (dx itself where scalar_t is float); the rest float32.
+template <typename scalar_t>
+void backward_kernel(const Inputs& in, const scalar_t* dy, const scalar_t* px, scalar_t* out, float* dzp,
+                     const float* mean, const float* rstd, float* dweight, float* dbias, float* dscale,
+                     float* dshift) {
+  const Shape& s = in.shape;
+  const int64_t C = s.channels, P = s.pixels, Cg = s.group_size(), G = s.groups;
+  // Per (b, c): n = (x - nm) * nr, z = n * za + zb.
+  std::vector<float> nm(s.batch * C), nr(s.batch * C), za(s.batch * C), zb(s.batch * C);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const float r = rstd[b * G + c / Cg], m = mean[b * G + c / Cg];
+      const float k = in.film(b, c);
+      nm[b * C + c] = m;
+      nr[b * C + c] = r;
+      za[b * C + c] = in.weight[c] * k;
+      zb[b * C + c] = in.bias[c] * k + (in.shift ? in.shift[b * C + c] : 0.0f);
+    }
+  // n of one vector of channels at one pixel (raw pointers, as in the forward).
+  const float *pm = nm.data(), *pr = nr.data(), *pa = za.data(), *pb = zb.data();
+  auto normalized = [&](int64_t i, int64_t j, int count) DDPS_INLINE {
+    return (load(px + i, count) - load(pm + j, count)) * load(pr + j, count);
+  };
+  // The first pass keeps dz (in float): the second pass then reads it back instead of evaluating
+  // the exp again (the exp is most of the work; one more read is not).
+  const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
+    const int64_t i = (b * P + p) * C + c, j = b * C + c;
+    const FloatV n = normalized(i, j, count);
+    const FloatV z = n * load(pa + j, count) + load(pb + j, count);
+    const FloatV sig = 1.0f / (1.0f + exp_lanes(-z));
+    const FloatV dz = load(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
+    store(dzp + i, dz, count);
+    v0 = dz;
+    v1 = dz * n;
+  });
+  std::vector<double> dw(C, 0.0), db(C, 0.0);
+  std::vector<float> m1(s.batch * G), m2(s.batch * G);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      double t1 = 0, t2 = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const double s1 = sums[(b * C + c) * 2], s2 = sums[(b * C + c) * 2 + 1], k = in.film(b, c);
+        if (in.scale) {
+          dshift[b * C + c] = static_cast<float>(s1);
+          dscale[b * C + c] = static_cast<float>(s2 * in.weight[c] + s1 * in.bias[c]);
+        }
+        dw[c] += k * s2;
+        db[c] += k * s1;
+        t1 += in.weight[c] * k * s1;
+        t2 += in.weight[c] * k * s2;
+      }
+      m1[b * G + g] = static_cast<float>(t1 / (P * Cg));
+      m2[b * G + g] = static_cast<float>(t2 / (P * Cg));
+    }
+  for (int64_t c = 0; c < C; ++c) {
+    dweight[c] = static_cast<float>(dw[c]);
+    dbias[c] = static_cast<float>(db[c]);
+  }
+  // Per (b, c): dx = dz * xa + n * xb + xc.
+  std::vector<float> xa(s.batch * C), xb(s.batch * C), xc(s.batch * C);
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t g = b * G + c / Cg;
+      const float r = rstd[g];
+      xa[b * C + c] = r * za[b * C + c];
+      xb[b * C + c] = -r * m2[g];
+      xc[b * C + c] = -r * m1[g];
+    }
+  const float *qa = xa.data(), *qb = xb.data(), *qc = xc.data();
+  for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
+    const int64_t i = (b * P + p) * C + c, j = b * C + c;
+    store(out + i, load(dzp + i, count) * load(qa + j, count) + normalized(i, j, count) * load(qb + j, count) +
+                       load(qc + j, count), count);
+  });
 }
 
 // dy -> dx, dweight, dbias, dscale, dshift (the last two undefined without FiLM). With
@@ -212,86 +300,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t groups) {
   const Inputs in = inputs(x, weight, bias, scale, shift, groups);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat &&
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "group_norm_film_silu (cpu): grad must be channels-last float32 like x");
-  const Shape& s = in.shape;
-  const int64_t C = s.channels, P = s.pixels, Cg = s.group_size(), G = s.groups;
-  const float* dy = grad.data_ptr<float>();
-  // Per (b, c): n = (x - nm) * nr, z = n * za + zb.
-  std::vector<float> nm(s.batch * C), nr(s.batch * C), za(s.batch * C), zb(s.batch * C);
-  for (int64_t b = 0; b < s.batch; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      const float r = rstd.data_ptr<float>()[b * G + c / Cg], m = mean.data_ptr<float>()[b * G + c / Cg];
-      const float k = in.film(b, c);
-      nm[b * C + c] = m;
-      nr[b * C + c] = r;
-      za[b * C + c] = in.weight[c] * k;
-      zb[b * C + c] = in.bias[c] * k + (in.shift ? in.shift[b * C + c] : 0.0f);
-    }
-  // n of one vector of channels at one pixel (raw pointers, as in the forward).
-  const float *px = in.x, *pm = nm.data(), *pr = nr.data(), *pa = za.data(), *pb = zb.data();
-  auto normalized = [&](int64_t i, int64_t j, int count) DDPS_INLINE {
-    return (load(px + i, count) - load(pm + j, count)) * load(pr + j, count);
-  };
-  // The first pass keeps dz in dx's memory: the second pass then reads it back instead of
-  // evaluating the exp again (the exp is most of the work; one more read is not).
+              "group_norm_film_silu (cpu): grad must be channels-last like x, of its dtype");
+  const int64_t C = in.shape.channels;
+  const auto f32 = weight.options();
   at::Tensor dx = at::empty_like(x);
-  float* out = dx.data_ptr<float>();
-  const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
-    const int64_t i = (b * P + p) * C + c, j = b * C + c;
-    const FloatV n = normalized(i, j, count);
-    const FloatV z = n * load(pa + j, count) + load(pb + j, count);
-    const FloatV sig = 1.0f / (1.0f + exp_lanes(-z));
-    const FloatV dz = load(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
-    store(out + i, dz, count);
-    v0 = dz;
-    v1 = dz * n;
-  });
-  at::Tensor dweight = at::zeros({C}, weight.options()), dbias = at::zeros({C}, weight.options());
-  at::Tensor dscale, dshift;
+  at::Tensor dz = x.scalar_type() == at::kFloat ? dx : at::empty_like(x, x.options().dtype(at::kFloat));
+  at::Tensor dweight = at::empty({C}, f32), dbias = at::empty({C}, f32), dscale, dshift;
   if (in.scale) {
-    dscale = at::empty({s.batch, C}, x.options());
-    dshift = at::empty({s.batch, C}, x.options());
+    dscale = at::empty({in.shape.batch, C}, f32);
+    dshift = at::empty({in.shape.batch, C}, f32);
   }
-  std::vector<double> dw(C, 0.0), db(C, 0.0);
-  std::vector<float> m1(s.batch * G), m2(s.batch * G);
-  for (int64_t b = 0; b < s.batch; ++b)
-    for (int64_t g = 0; g < G; ++g) {
-      double t1 = 0, t2 = 0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        const double s1 = sums[(b * C + c) * 2], s2 = sums[(b * C + c) * 2 + 1], k = in.film(b, c);
-        if (in.scale) {
-          dshift.data_ptr<float>()[b * C + c] = static_cast<float>(s1);
-          dscale.data_ptr<float>()[b * C + c] = static_cast<float>(s2 * in.weight[c] + s1 * in.bias[c]);
-        }
-        dw[c] += k * s2;
-        db[c] += k * s1;
-        t1 += in.weight[c] * k * s1;
-        t2 += in.weight[c] * k * s2;
-      }
-      m1[b * G + g] = static_cast<float>(t1 / (P * Cg));
-      m2[b * G + g] = static_cast<float>(t2 / (P * Cg));
-    }
-  for (int64_t c = 0; c < C; ++c) {
-    dweight.data_ptr<float>()[c] = static_cast<float>(dw[c]);
-    dbias.data_ptr<float>()[c] = static_cast<float>(db[c]);
-  }
-  // Per (b, c): dx = dz * xa + n * xb + xc.
-  std::vector<float> xa(s.batch * C), xb(s.batch * C), xc(s.batch * C);
-  for (int64_t b = 0; b < s.batch; ++b)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t g = b * G + c / Cg;
-      const float r = rstd.data_ptr<float>()[g];
-      xa[b * C + c] = r * za[b * C + c];
-      xb[b * C + c] = -r * m2[g];
-      xc[b * C + c] = -r * m1[g];
-    }
-  const float *qa = xa.data(), *qb = xb.data(), *qc = xc.data();
-  for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
-    const int64_t i = (b * P + p) * C + c, j = b * C + c;
-    store(out + i, load(out + i, count) * load(qa + j, count) + normalized(i, j, count) * load(qb + j, count) +
-                       load(qc + j, count), count);
+  dispatch_activations(x.scalar_type(), "group_norm_film_silu_backward", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    backward_kernel(in, grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                    dz.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), dweight.data_ptr<float>(),
+                    dbias.data_ptr<float>(), in.scale ? dscale.data_ptr<float>() : nullptr,
+                    in.scale ? dshift.data_ptr<float>() : nullptr);
   });
   return {dx, dweight, dbias, dscale, dshift};
 }

@@ -87,8 +87,10 @@ def _counted(fn, counter: FlopCounterMode):
     return call
 
 
-def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None) -> dict:
-    """Measure every case; ``log(row)`` is called as each row is ready (for live printing)."""
+def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None,
+        dtype: str = "fp32") -> dict:
+    """Measure every case; ``log(row)`` is called as each row is ready (for live printing).
+    ``dtype``: see ``cases.with_dtype``."""
     from . import floor  # not at import: `python -m ddps.bench.floor` would find it imported twice
     _count_winograd_flops()
     # Every case compiles its own shapes of the same module code: past dynamo's default of 8
@@ -101,6 +103,7 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
         providers = case.build(device)
         if list(providers) != case.provider_names(device):
             raise RuntimeError(f"case {case.name}: built {list(providers)}, declared {case.provider_names(device)}")
+        providers = cases_mod.with_dtype(case, providers, dtype, device)
         copy = copy_gbps(case.nbytes, device, 5) if case.nbytes else None
         # On a GPU: the case's floor on paper (ddps.bench.floor), of which each row reaches a fraction.
         gpu_floor = floor.floor_ms(*floor.case_work(case, providers["reference"]),
@@ -144,7 +147,7 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
             log and log(row)
         del providers, expected
         gc.collect()
-    return dict(machine=machine(device), profile=profile, rows=rows)
+    return dict(machine=machine(device), profile=profile, dtype=dtype, rows=rows)
 
 
 def peak_conv_gflops(device: torch.device) -> float:
@@ -196,9 +199,9 @@ def main(args) -> int:
     if args.plot:
         report.check_plotting()
     start = time.perf_counter()
-    print(report.header(machine(device), profile, args.size))
+    print(report.header(machine(device), profile, args.size, args.dtype))
     printer = report.LivePrinter()
-    result = run(cases, device, profile, args.repeats, printer)
+    result = run(cases, device, profile, args.repeats, printer, args.dtype)
     add_floor(result, device)
     result.update(size=args.size, seconds=time.perf_counter() - start, command=" ".join(["ddps bench", *args.argv]))
     print(report.summary_lines(result))

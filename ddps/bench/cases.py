@@ -14,6 +14,7 @@ Every case builds its tensors only when it runs.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +36,9 @@ REFERENCE = ("reference", "compile(reference)")
 PLAIN = (*REFERENCE, "plain-torch")
 MODULE = (*REFERENCE, "fused")
 HEAD = ("reference", "ddps")
+LAYOUTS = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
+# --dtype: the dtypes a ddps provider also runs at, under torch.autocast.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADE20K_HEAD = dict(num_classes=K, cond_channels=DIM, dim=DIM, out_dim=DIM, dim_mults=(1, 1, 1), embed_dim=16,
                    num_timesteps=T, inference_steps=2, collect_timesteps=(0, 10, 19), guidance_scale=0.4)
 
@@ -62,6 +66,30 @@ class Case:
     def provider_names(self, device: torch.device) -> list[str]:
         """The keys of ``build(device)``, known without building anything."""
         return [*self.fixed, *(ddps_backends(self.op, device) if self.op else ())]
+
+    def at_dtype(self, dtype: str) -> bool:
+        """Whether --dtype adds rows to this case: the denoiser's ops, modules and heads (the
+        sampling ops take labels and logits as given, whatever autocast says)."""
+        return dtype != "fp32" and self.group in ("denoiser op", "module", "end-to-end")
+
+
+def with_dtype(case: Case, providers: dict, dtype: str, device: torch.device) -> dict:
+    """``providers`` plus, for ``--dtype bf16`` or ``fp16``, each ddps provider (every one but the
+    reference, its torch.compile and plain torch) once more under ``torch.autocast`` at that dtype,
+    named ``provider[dtype]`` and placed after it: its float32 row and the reference's beside it."""
+    if not case.at_dtype(dtype):
+        return providers
+    out = {}
+    for name, fn in providers.items():
+        out[name] = fn
+        if name not in PLAIN:
+            out[f"{name}[{dtype}]"] = functools.partial(_autocast, fn, device, DTYPES[dtype])
+    return out
+
+
+def _autocast(fn, device, dtype):
+    with torch.autocast(device.type, dtype=dtype):
+        return fn()
 
 
 def ddps_backends(op: str, device: torch.device) -> list[str]:
@@ -345,22 +373,24 @@ def _module_pair(cls, *args):
 def module_cases(batch: int, size: int, modes) -> list[Case]:
     cases = []
     for mode in modes:
-        def build_for(cls, shape, extra=(), mode=mode):
-            def build(device):
-                ref, fused = (m.to(device) for m in _module_pair(cls, *shape[1:2], *extra))
-                x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
-                # As inside UNet(backend="fused"): channels-last weights and activations.
-                fused = fused.to(memory_format=torch.channels_last)
-                inputs = {"reference": (ref, x), "compile(reference)": (torch.compile(ref, dynamic=False), x),
-                          "fused": (fused, x.contiguous(memory_format=torch.channels_last))}
-                return {name: _module_call(m, x, mode) for name, (m, x) in inputs.items()}
-            return build
+        for layout, fmt in LAYOUTS.items():
+            def build_for(cls, shape, extra=(), mode=mode, fmt=fmt):
+                def build(device):
+                    ref, fused = (m.to(device) for m in _module_pair(cls, *shape[1:2], *extra))
+                    # Every provider gets x in the case's layout: NCHW as a user's own model gives it, or
+                    # channels-last as inside UNet(backend="fused").
+                    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+                    x = x.contiguous(memory_format=fmt)
+                    inputs = {"reference": ref, "compile(reference)": torch.compile(ref, dynamic=False), "fused": fused}
+                    return {name: _module_call(m, x, mode) for name, m in inputs.items()}
+                return build
 
-        cases.append(Case("Attention", "module", f"x [{batch},{DIM},{size // 4},{size // 4}]", mode,
-                          build_for(Attention, (batch, DIM, size // 4, size // 4)), MODULE, flops=True))
-        for side in (size, size // 2, size // 4):
-            cases.append(Case("LinearAttention", "module", f"x [{batch},{DIM},{side},{side}]", mode,
-                              build_for(LinearAttention, (batch, DIM, side, side)), MODULE, flops=True))
+            side = size // 4
+            cases.append(Case("Attention", "module", f"x [{batch},{DIM},{side},{side}] {layout}", mode,
+                              build_for(Attention, (batch, DIM, side, side)), MODULE, flops=True))
+            for side in (size, size // 2, size // 4):
+                cases.append(Case("LinearAttention", "module", f"x [{batch},{DIM},{side},{side}] {layout}", mode,
+                                  build_for(LinearAttention, (batch, DIM, side, side)), MODULE, flops=True))
 
     def unet(device):
         ref, fused = (m.to(device).eval() for m in _module_pair(UNet, DIM, DIM, DIM + 16, (1, 1, 1)))

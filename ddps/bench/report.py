@@ -15,9 +15,10 @@ CSV_FIELDS = ("case", "group", "mode", "shape", "provider", "median_ms", "q20_ms
               "torch", "triton", "python", "ddps", "commit")
 
 
-def header(machine: dict, profile: str, size: int) -> str:
-    return (f"{machine_line(machine)}\nprofile: {profile}, mask size {size}; speedup = reference median / "
-            "provider median, both measured in this run")
+def header(machine: dict, profile: str, size: int, dtype: str = "fp32") -> str:
+    lowp = f"; rows 'provider[{dtype}]' run under torch.autocast({dtype})" if dtype != "fp32" else ""
+    return (f"{machine_line(machine)}\nprofile: {profile}, mask size {size}{lowp}; speedup = reference (float32) "
+            "median / provider median, both measured in this run")
 
 
 def _num(value, fmt: str) -> str:

@@ -9,17 +9,23 @@ standardisation and conv3x3's weight transform computed once per weight version 
 gradient flows into the weight).
 ``UNet(backend="fused")`` also keeps its convolution weights and activations channels-last
 (``torch.channels_last``): its state dict has the same keys and values, in that memory format.
+The fused Attention, LinearAttention, ResnetBlock and Block take input in any layout and return
+their output in the caller's (NCHW-contiguous input gives NCHW-contiguous output): where their C++
+kernels want channels-last (conv3x3 on the CPU; the attention kernels on AVX-512 CPUs) the input
+is converted once on the way in and once on the way out, not per op, so that a user's own NCHW
+model can call them as they are.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops, reference
-from ..ops.conv3x3 import winograd_weight
+from .. import _backend, ops, reference
+from ..ops.conv3x3 import compute_dtype, winograd_weight
 
 MODULE_BACKENDS = ("reference", "fused")
 
@@ -33,6 +39,21 @@ def check_backend(backend: str) -> str:
 def op_backend(backend: str) -> str | None:
     """The ``backend=`` a module passes to ``ddps.ops``: the reference ops, or the resolver's choice."""
     return "reference" if backend == "reference" else None
+
+
+def _any_layout(forward):
+    """A fused block's ``forward(x, ...)`` on x in any layout: where its kernels run channels-last
+    (``self.kernels_channels_last(x)``) x is converted to channels-last once, and the output is
+    returned NCHW-contiguous where x was not channels-last (the caller's layout; a copy only where
+    the block's output is not already so)."""
+    @functools.wraps(forward)
+    def wrapped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.backend == "reference" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return forward(self, x, *args, **kwargs)
+        if self.kernels_channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return forward(self, x, *args, **kwargs).contiguous()
+    return wrapped
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -53,7 +74,7 @@ class SinusoidalPosEmb(nn.Module):
 class Conv3x3(nn.Conv2d):
     """3x3 convolution, stride 1, padding 1. The fused backend runs ``ops.conv3x3`` (Winograd on
     CPU) and keeps the weight's Winograd transform while the weight is unchanged (same tensor,
-    same version counter, same dtype) and no gradient flows into it."""
+    same version counter, same dtype, same autocast dtype) and no gradient flows into it."""
 
     def __init__(self, dim: int, dim_out: int, backend: str = "reference"):
         super().__init__(dim, dim_out, 3, padding=1)
@@ -71,9 +92,11 @@ class Conv3x3(nn.Conv2d):
         cacheable = not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
         if not cacheable:
             return ops.conv3x3(x, self.conv_weight(weight, x), self.bias)
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, reference._norm_eps(x))
+        # Under autocast the kernel computes with the weight rounded to autocast's dtype.
+        dtype = compute_dtype(x)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, reference._norm_eps(x), dtype)
         if self._cached is None or self._cached[0] != key:
-            applied = self.conv_weight(weight.detach(), x)
+            applied = self.conv_weight(weight.detach(), x).to(dtype)
             self._cached = (key, applied, winograd_weight(applied))
         return ops.conv3x3(x, self._cached[1], self.bias, winograd=self._cached[2])
 
@@ -130,6 +153,13 @@ class _QkvAttention(nn.Module):
         self.core = core
         self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
 
+    @staticmethod
+    def kernels_channels_last(x: torch.Tensor) -> bool:
+        # The C++ attention kernels (AVX-512 CPUs) take channels-last qkv only; elsewhere the
+        # torch composites run on NCHW as fast as on a converted copy (measured on an AVX2 EPYC).
+        return x.device.type == "cpu" and _backend.WIDE_CPU_VECTORS
+
+    @_any_layout
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_out(self.core(self.to_qkv(x), self.heads, self.scale, backend=op_backend(self.backend)))
 
@@ -140,6 +170,7 @@ class LinearAttention(_QkvAttention):
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
         super().__init__(dim, heads, dim_head, backend, ops.linear_attention_qkv)
         self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1), LayerNorm(dim, backend=backend))
+        _fused_layout(self)
 
 
 class Attention(_QkvAttention):
@@ -148,17 +179,27 @@ class Attention(_QkvAttention):
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
         super().__init__(dim, heads, dim_head, backend, ops.attention_qkv)
         self.to_out = nn.Conv2d(dim_head * heads, dim, 1)
+        _fused_layout(self)
+
+
+def _cpu_tensor(x: torch.Tensor) -> bool:
+    """The blocks' kernels_channels_last: conv3x3's C++ kernel (CPU) takes channels-last input only."""
+    return x.device.type == "cpu"
 
 
 class Block(nn.Module):
     """WS-conv 3x3 -> GroupNorm -> optional FiLM (x * (scale + 1) + shift) -> SiLU."""
+
+    kernels_channels_last = staticmethod(_cpu_tensor)
 
     def __init__(self, dim: int, dim_out: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
         self.backend = check_backend(backend)
         self.proj = WeightStandardizedConv2d(dim, dim_out, backend=backend)
         self.norm = nn.GroupNorm(groups, dim_out)
+        _fused_layout(self)
 
+    @_any_layout
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         return ops.group_norm_film_silu(self.proj(x), self.norm.weight, self.norm.bias, scale, shift,
@@ -166,18 +207,31 @@ class Block(nn.Module):
 
 
 class ResnetBlock(nn.Module):
+    kernels_channels_last = staticmethod(_cpu_tensor)
+
     def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
+        self.backend = check_backend(backend)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
         self.block1 = Block(dim, dim_out, groups=groups, backend=backend)
         self.block2 = Block(dim_out, dim_out, groups=groups, backend=backend)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        _fused_layout(self)
 
+    @_any_layout
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         scale_shift = self.mlp(time_emb)[:, :, None, None].chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)
         h = self.block2(h)
         return h + self.res_conv(x)
+
+
+def _fused_layout(module: nn.Module) -> None:
+    """A fused module's convolution weights channels-last, as its activations run: oneDNN's
+    channels-last convolutions are 1.2-1.4x the NCHW ones on this package's reference CPU, and
+    with the weights stored so no convolution reorders them."""
+    if module.backend == "fused":
+        module.to(memory_format=torch.channels_last)
 
 
 def _upsample(dim: int, dim_out: int, backend: str) -> nn.Module:
@@ -235,10 +289,7 @@ class UNet(nn.Module):
             ]))
         self.final_res_block = resnet(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, out_dim, 1)
-        if backend == "fused":
-            # oneDNN's channels-last convolutions run at 1.2-1.4x the NCHW ones on this package's
-            # reference CPU; with the weights stored channels-last, no convolution reorders them.
-            self.to(memory_format=torch.channels_last)
+        _fused_layout(self)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:

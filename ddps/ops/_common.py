@@ -50,6 +50,15 @@ def check_ignore_index(ignore_index, schedule: DiffusionSchedule):
     return ignore_index
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's lower-precision dtype where autocast is on for x's device and x is float32,
+    else x: the casts autocast makes for matmul and scaled_dot_product_attention, which it does
+    not make for custom ops."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def draw_seed(generator: torch.Generator | None) -> torch.Tensor:
     """A 62-bit Philox seed from ``generator`` (the default CPU generator when None), as a CPU
     int64 scalar tensor: the same generator state gives the same seed, hence the same samples on

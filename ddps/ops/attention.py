@@ -4,9 +4,9 @@ Backends: ``triton`` (kernels/attention.py: flash-style forward and backward, an
 three share, output token-major when the inputs are), ``cpu`` and ``reference``
 (``ddps.reference.attention``). Differentiable on all three.
 
-``cpu``: float32 views of a channels-last conv's output (token-major, d a multiple of 16 up to 64:
-the fused UNet's case) go to the C++ kernels (csrc/attention/: register-blocked scores, softmax and
-weighted sums per block of query rows; the backward recomputes the probabilities from the saved
+``cpu``: on CPUs with AVX-512, float32 views of a channels-last conv's output (token-major, d a
+multiple of 16 up to 64: the fused UNet's case) go to the C++ kernels (csrc/attention/:
+register-blocked scores, softmax and weighted sums per block of query rows; the backward recomputes the probabilities from the saved
 log-sum-exp per block of keys for dk, dv and the head's dS^T, from which dq follows; 2.2x torch's
 SDPA forward and fwd+bwd here, whose sgemm is slow on this package's reference CPU). Everything
 else runs torch's scaled_dot_product_attention on token-major views (copies where the inputs are
@@ -60,9 +60,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def dispatch(op, q, k, v, scale, backend, triton, composite):
     """attention's and linear_attention's backends: the reference, ``triton()`` (the op's Triton
     autograd function; heads up to MAX_D[op] wide), the C++ kernel where it takes the inputs, else
-    ``composite`` (torch ops, on any device)."""
+    ``composite`` (torch ops, on any device). Under autocast they compute in its dtype, as SDPA and
+    matmul do."""
     _checks.heads(q, k, v)
     chosen = _backend.resolve(op, backend, q.device, IMPLEMENTED)
+    if chosen != "reference":  # the reference's own einsums and matmuls are cast by autocast itself
+        q, k, v = (_common.autocast_input(x) for x in (q, k, v))
     if q.numel() == 0:  # no samples or no tokens: an empty output (which the original's reshapes fail on)
         b, h, d, n = q.shape
         # The inputs' sum, so that backward gives each its (empty) gradient.
@@ -86,9 +89,10 @@ def _sdpa(q, k, v, scale):
 
 def kernel_takes(q, k, v) -> bool:
     """The case of the C++ kernels of attention and linear_attention: float32 token-major views, d
-    a multiple of 16 up to 64."""
+    a multiple of 16 up to 64, on a CPU with AVX-512 (``_backend.WIDE_CPU_VECTORS``)."""
     d = q.shape[-2]
-    return (all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
+    return (_backend.WIDE_CPU_VECTORS
+            and all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
             and d % 16 == 0 and d <= 64 and q.numel() > 0)
 
 

@@ -1,13 +1,17 @@
 """conv3x3: the denoiser's 3x3 convolution (stride 1, padding 1; the Blocks' weight-standardised
 convolutions and the UNet's plain 3x3 ones), most of a UNet forward's FLOPs.
 
-Backends: ``cpu`` (for float32 channels-last activations outside autocast, as in the fused UNet:
-Winograd F(2x2, 3x3), csrc/conv3x3/conv3x3.cpp, 2.25x fewer multiply-adds than the direct
-convolution; its backward takes dx by the same algorithm, and dweight as G^T dU G from dU, the
-weight's gradient in the Winograd domain, summed over tiles by a second kernel; dbias is grad's
-sum; otherwise ``F.conv2d``) and ``reference`` (``F.conv2d``, the original's op).
+Backends: ``cpu`` (for channels-last activations, as in the fused UNet: Winograd F(2x2, 3x3),
+csrc/conv3x3/conv3x3.cpp, 2.25x fewer multiply-adds than the direct convolution; float32, bfloat16
+or float16 activations, float32 inside; its backward takes dx by the same algorithm, and dweight
+as G^T dU G from dU, the weight's gradient in the Winograd domain, summed over tiles by a second
+kernel; dbias is grad's sum; otherwise ``F.conv2d``) and ``reference`` (``F.conv2d``, the original's op).
 The Winograd result differs from the direct convolution by float rounding only (tested against a
 float64 convolution: no larger error than ``F.conv2d``'s own).
+
+Under ``torch.autocast`` it computes as autocast's ``conv2d`` does (``compute_dtype``): x, weight
+and bias in the autocast dtype, output in it; the kernel rounds the weight's transform from the
+rounded weight and sums in float32.
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ def _both_axes(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """m t m^T over the first two axes of t [q, q, n]: [p, p, n] for m [p, q]. Two matmuls (einsum
     took 6 ms on a 256 x 256 weight here, these 1); in float32, m's entries (0, +-1/2, 1) scale
     exactly and each result sums at most three terms."""
-    half = torch.matmul(m, t.reshape(t.shape[0], -1)).reshape(m.shape[0], t.shape[1], -1)
-    return torch.matmul(m, half)
+    with torch.autocast(t.device.type, enabled=False):  # float32 whatever the caller's autocast
+        half = torch.matmul(m, t.reshape(t.shape[0], -1)).reshape(m.shape[0], t.shape[1], -1)
+        return torch.matmul(m, half)
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -44,10 +49,19 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.contiguous()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype conv3x3 computes and returns in for x: autocast's lower precision dtype where
+    autocast is on for x's device (as for ``conv2d``), else x's own."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             winograd: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for x [B, Cin, H, W], weight [Cout, Cin, 3, 3],
-    bias [Cout] or None. ``winograd``: ``winograd_weight(weight)`` when the caller keeps it."""
+    bias [Cout] or None. ``winograd``: ``winograd_weight(weight.to(compute_dtype(x)))`` when the
+    caller keeps it."""
     _checks.floating(x, "x")
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 3, 3):
         raise ValueError(f"conv3x3: x must be [B, Cin, H, W] and weight [Cout, Cin, 3, 3], got shapes "
@@ -57,22 +71,28 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     # No Triton or CUDA kernel (on GPUs cuDNN's convolution is the fast path): DDPS_BACKEND=triton
     # or cuda, meant for the other ops, leaves conv3x3 on its default.
     chosen = _backend.resolve("conv3x3", backend, x.device, IMPLEMENTED, env_optional=True)
-    if chosen == "reference" or not _kernel_takes(x, weight, bias):
+    dtype = compute_dtype(x)
+    if chosen == "reference" or not _kernel_takes(x, weight, bias, dtype):
         return F.conv2d(x, weight, bias, padding=1)
+    # Autocast's casts, made here (autocast does not see the custom op); no-ops outside it.
+    x, weight = x.to(dtype), weight.to(dtype)
     if winograd is None:
         winograd = winograd_weight(weight)
     elif winograd.shape != (16, -(-weight.shape[0] // 32), weight.shape[1], 32):
         raise ValueError(f"conv3x3: winograd must be winograd_weight(weight), [16, ceil(Cout / 32), Cin={weight.shape[1]}, "
                          f"32], got shape {tuple(winograd.shape)}")
-    return torch.ops.ddps.conv3x3(x, weight, winograd, bias)
+    # The bias is added in float32 before the output's one rounding.
+    return torch.ops.ddps.conv3x3(x, weight, winograd, None if bias is None else bias.to(dtype).float())
 
 
-def _kernel_takes(x, weight, bias) -> bool:
-    """The C++ kernel's case: float32 channels-last activations (the fused UNet's), float32
-    parameters, and no autocast (under which F.conv2d's casting policy applies)."""
-    return (x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled(x.device.type))
+def _kernel_takes(x, weight, bias, dtype) -> bool:
+    """The C++ kernel's case: channels-last activations (the fused UNet's), computed in float32,
+    bfloat16 or float16, with parameters of that dtype (or any, under autocast, which casts them)."""
+    params_match = torch.is_autocast_enabled(x.device.type) or (
+        weight.dtype == dtype and (bias is None or bias.dtype == dtype))
+    return (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype.is_floating_point
+            and params_match)
 
 
 @_backend.register_fake("conv3x3")
@@ -88,7 +108,7 @@ def _setup_context(ctx, inputs, output):
 
 def _grads(ctx, grad):
     x, weight = ctx.saved_tensors
-    grad = grad.contiguous(memory_format=torch.channels_last)
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     dx = dweight = dbias = None
     if ctx.needs_input_grad[0]:
         # The gradient of a stride-1, padding-1 3x3 convolution with respect to its input is the
@@ -98,7 +118,7 @@ def _grads(ctx, grad):
     if ctx.needs_input_grad[1]:
         dweight = _weight_grad(torch.ops.ddps.conv3x3_weight_grad(grad, x), weight)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        dbias = grad.sum(dim=(0, 2, 3))
+        dbias = grad.sum(dim=(0, 2, 3), dtype=torch.float32)
     return dx, dweight, None, dbias
 
 
@@ -111,7 +131,7 @@ def _weight_grad(du: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @_backend.register_fake("conv3x3_weight_grad")
 def _weight_grad_fake(grad, x):
-    return x.new_empty((16, x.shape[1], grad.shape[1]))
+    return x.new_empty((16, x.shape[1], grad.shape[1]), dtype=torch.float32)
 
 
 _backend.register_autograd("conv3x3", _grads, _setup_context)

@@ -2,8 +2,8 @@
 SiLU.
 
 Backends: ``triton`` (kernels/group_norm_film_silu.py: a statistics pass and an elementwise pass,
-backward likewise; contiguous or channels-last as given), ``cpu`` (for float32 channels-last
-activations, as in the fused UNet: a C++ kernel with one statistics pass and one output pass, and
+backward likewise; contiguous or channels-last as given), ``cpu`` (for channels-last activations,
+as in the fused UNet, float32, bfloat16 or float16 computed in float32: a C++ kernel with one statistics pass and one output pass, and
 a two-pass backward; otherwise torch's group_norm, then FiLM as one addcmul and SiLU in place) and ``reference``
 (``ddps.reference.group_norm_film_silu``). Differentiable on all three.
 """
@@ -49,8 +49,10 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if chosen == "triton":
         return _triton()(x, weight.contiguous(), bias.contiguous(), *film, groups, eps)[0]
     if _kernel_takes(x, weight, bias, scale, shift):
-        return torch.ops.ddps.group_norm_film_silu(x, weight.contiguous(), bias.contiguous(), *film, groups,
-                                                  eps)[0]
+        # Parameters in float32 whatever x's dtype: the kernel computes in float32 and rounds only
+        # its output to x's dtype (what autocast's group_norm gives on the CPU).
+        params = [None if t is None else t.float().contiguous() for t in (weight, bias, *film)]
+        return torch.ops.ddps.group_norm_film_silu(x, *params, groups, eps)[0]
     y = F.group_norm(x, groups, weight, bias, eps)
     if scale is not None:
         y = torch.addcmul(shift, y, scale + 1)
@@ -59,20 +61,22 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _kernel_takes(x, *params) -> bool:
-    """The C++ kernel's case: float32 channels-last [B, C, H, W] (the fused UNet's activations)."""
-    return (x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-            and all(p is None or p.dtype == torch.float32 for p in params) and x.numel() > 0)
+    """The C++ kernel's case: channels-last [B, C, H, W] (the fused UNet's activations), float32,
+    bfloat16 or float16."""
+    return (x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and all(p is None or p.dtype != torch.float64 for p in params) and x.numel() > 0)
 
 
 @_backend.register_fake("group_norm_film_silu")
 def _fake(x, weight, bias, scale, shift, groups, eps):
-    stats = x.new_empty(x.shape[0], groups)
+    stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
     return torch.empty_like(x), stats, stats.clone()
 
 
 @_backend.register_fake("group_norm_film_silu_backward")
 def _backward_fake(grad, x, weight, bias, scale, shift, mean, rstd, groups):
-    film = None if scale is None else x.new_empty(x.shape[:2])
+    film = None if scale is None else x.new_empty(x.shape[:2], dtype=torch.float32)
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), film, \
         None if film is None else film.clone()
 

@@ -4,8 +4,8 @@ Backends: ``triton`` (kernels/linear_attention.py: a streaming pass for the d x 
 for the output; backward likewise; float32 inside, any layout the three share), ``cpu`` and
 ``reference`` (``ddps.reference.linear_attention``). Differentiable on all three.
 
-``cpu``: float32 views of a channels-last conv's output (token-major, d a multiple of 16 up to 64:
-the fused UNet's case) go to the C++ kernel (csrc/linear_attention/: one pass over the tokens for
+``cpu``: on CPUs with AVX-512, float32 views of a channels-last conv's output (token-major, d a
+multiple of 16 up to 64: the fused UNet's case) go to the C++ kernel (csrc/linear_attention/: one pass over the tokens for
 the d x d context, one for the output, in memory order), and the output comes back token-major.
 Everything else runs the same math in torch ops, with the scalings q * scale and v / N folded into
 the d x d context and batched matmuls instead of einsum (on token-major views torch's softmax over

@@ -34,7 +34,9 @@ def _on_qkv(op, qkv, heads, scale, backend):
                          f"got shape {tuple(qkv.shape)}")
     q, k, v = split_heads(qkv, heads)
     h, w = qkv.shape[-2:]
-    if kernel_takes(q, k, v):  # views of one float32 tensor: nothing for the op's input checks to catch
+    if kernel_takes(q, k, v) and not torch.is_autocast_enabled(qkv.device.type):
+        # Views of one float32 tensor: nothing for the op's input checks to catch. (Under autocast
+        # the op casts them to its dtype first.)
         backend = _backend.resolve(op, backend, qkv.device, IMPLEMENTED)
         if backend == "cpu":
             return merge_heads(_Packed.apply(qkv, heads, scale, op), h, w)

@@ -161,19 +161,26 @@ def test_fused_unet_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
-def test_fused_attention_modules_train_under_compile_fullgraph(cls):
-    # The C++ kernels' path (channels-last float32, d = 32; d(qkv) one tensor).
+def test_fused_attention_modules_train_under_compile_fullgraph(cls, monkeypatch):
+    # The C++ kernels' path (channels-last float32, d = 32; d(qkv) one tensor), which CPUs without
+    # AVX-512 take only when told to (they are correct there, only slower).
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", True)
     module = cls(16, backend="fused").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     results = []
+    # A fresh start: after a compile of the same forward at other shapes in this process (the
+    # bench's tests) dynamo would make the shapes dynamic, on which Inductor 2.13 fails for the
+    # LinearAttention composite's graph (see ddps/bench/cases.py).
+    torch._dynamo.reset()
     for fn in (torch.compile(module, fullgraph=True), module):
         module.zero_grad(set_to_none=True)
         x.grad = None
         out = fn(x)
         out.square().sum().backward()
         results.append([out.detach(), x.grad, module.to_qkv.weight.grad])
+    # Inductor reassociates the float32 sums of the graph around the op (1-2e-5 seen here).
     for got, expected in zip(*results):
-        assert _relative_error(got, expected) <= 1e-5
+        assert _relative_error(got, expected) <= 1e-4
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])

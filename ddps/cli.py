@@ -19,6 +19,7 @@ from . import __version__, backends
 from .bench.measure import machine, machine_line, measure
 from .nn import DDPSHead
 from .ops import q_sample
+from .ops._common import DTYPES
 from .schedule import DiffusionSchedule
 
 
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cases", nargs="+", metavar="NAME",
                    help="run only these cases (op, module or head names; see --list)")
     b.add_argument("--list", action="store_true", help="list the profile's cases and exit")
-    b.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+    b.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                    help="also run each ddps provider of the denoiser ops, modules and heads under "
                         "torch.autocast at this dtype, as a row 'provider[dtype]' beside its float32 one "
                         "(default: fp32, float32 rows only)")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .data import rescale_size, resize
+from .ops._common import DTYPES
 
 
 class Metrics:
@@ -64,9 +65,6 @@ class Metrics:
                 "BIoU": [None if math.isnan(v) else pct(v) for v in biou.tolist()]}
 
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @torch.no_grad()
 def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str = "fp32") -> dict:
     """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final"
@@ -84,7 +82,7 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str
         if any(pad):
             features = F.pad(features, pad, mode="replicate")
             base = None if logits is None else F.pad(logits, pad, mode="replicate")
-        with torch.autocast(images.device.type, dtype=AUTOCAST.get(dtype), enabled=dtype in AUTOCAST):
+        with torch.autocast(images.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
             final, collected = head.sample(features, base)
         scale = final.shape[-1] // features.shape[-1]
         out["final"] = final[:, :num_classes, :h * scale, :w * scale]

@@ -7,7 +7,8 @@ import ddps
 from ddps import reference
 from ddps.ops import attention, attention_qkv, linear_attention, linear_attention_qkv
 from ddps.kernels._layout import as_heads_like
-from ddps.ops.attention import token_major
+from ddps.ops import qkv as qkv_module
+from ddps.ops.attention import kernel_takes, token_major
 from denoiser import DENOISER, assert_matches_reference, device_of, on
 from sampling import assert_thread_count_invariant
 
@@ -110,9 +111,19 @@ def test_bad_input_is_a_clear_error(op):
         op(q, k, v, 1.0, backend="gpu")
 
 
-# The C++ kernels of attention and linear_attention (cpu backend: float32 token-major views,
-# d = 16k <= 64).
-CPU_KERNEL = pytest.mark.skipif("cpu" not in DENOISER, reason="needs the compiled extension")
+# The C++ kernels of attention and linear_attention (cpu backend: token-major views, d = 16k <= 64),
+# tested on any CPU: the backend dispatches to them only where torch reports AVX-512.
+def cpu_kernel(test):
+    return pytest.mark.skipif("cpu" not in DENOISER, reason="needs the compiled extension")(
+        pytest.mark.usefixtures("kernel_dispatch")(test))
+
+
+@pytest.fixture
+def kernel_dispatch(monkeypatch):
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", True)
+
+
+LOW = [torch.bfloat16, torch.float16]
 
 
 # attention: query blocks of 12 rows (6 for d > 32) with the last one partial, key blocks of 32
@@ -124,19 +135,41 @@ KERNEL_CASES = ([(attention, reference.attention, s) for s in [(1, 2, 16, 3), (2
                    for s in [(1, 2, 16, 2500), (2, 1, 48, 1030), (1, 3, 64, 17)]])
 
 
-@CPU_KERNEL
+@cpu_kernel
 @pytest.mark.parametrize("op,ref,shape", KERNEL_CASES,
                          ids=[f"{op.__name__}-d{s[2]}N{s[3]}" for op, _, s in KERNEL_CASES])
-def test_kernels_over_blocks(op, ref, shape):
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_kernels_over_blocks(op, ref, shape, dtype):
+    # bfloat16 and float16: float32 inside and one rounding of each output, within twice the error
+    # of the reference computed in that dtype (measured: 0.2-0.7 of it).
     scale = shape[2] ** -0.5
-    assert_matches_reference(lambda q, k, v: op(*_token_major(q, k, v), scale, backend="cpu"),
-                             lambda q, k, v: ref(q, k, v, scale), _qkv(shape))
+
+    def kernel(q, k, v):
+        views = _token_major(q, k, v)
+        assert kernel_takes(*views)
+        out = op(*views, scale, backend="cpu")
+        assert out.dtype == dtype
+        return out
+
+    assert_matches_reference(kernel, lambda q, k, v: ref(q, k, v, scale), _qkv(shape), dtype=dtype)
 
 
-@CPU_KERNEL
+@cpu_kernel
+@pytest.mark.parametrize("op", ["attention", "linear_attention"])
+def test_kernel_bad_input_is_a_clear_error(op):
+    # The ops' own checks stop these first; the kernels check them again for direct callers.
+    q, k, v = _token_major(*_qkv((1, 2, 16, 5)))
+    with pytest.raises(RuntimeError, match="views of one dtype"):
+        getattr(torch.ops.ddps, op)(q, k.bfloat16(), v, 0.3)
+    with pytest.raises(RuntimeError, match="activations must be float32, bfloat16 or float16, got Double"):
+        getattr(torch.ops.ddps, op)(q.double(), k.double(), v.double(), 0.3)
+
+
+@cpu_kernel
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-def test_attention_kernel_opcheck(packed):
-    q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernel_opcheck(packed, dtype):
+    q, k, v = (x.to(dtype).detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
     torch.library.opcheck(torch.ops.ddps.attention.default, (q, k, v, 0.3))
     out, lse = torch.ops.ddps.attention(q, k, v, 0.3)
     grad = torch.randn_like(out.detach())
@@ -158,10 +191,11 @@ def test_gradient_layout_copied_only_where_it_differs():
         assert torch.equal(got, grad)
 
 
-@CPU_KERNEL
+@cpu_kernel
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-def test_linear_attention_kernel_opcheck(packed):
-    q, k, v = (x.detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_attention_kernel_opcheck(packed, dtype):
+    q, k, v = (x.to(dtype).detach().requires_grad_() for x in _token_major(*_qkv((2, 2, 32, 40))))
     torch.library.opcheck(torch.ops.ddps.linear_attention.default, (q, k, v, 0.3))
     out, *saved = (t.detach() for t in torch.ops.ddps.linear_attention(q, k, v, 0.3))
     grad = torch.randn_like(out)
@@ -169,7 +203,7 @@ def test_linear_attention_kernel_opcheck(packed):
                           (grad, q.detach(), k.detach(), v.detach(), *saved, 0.3, packed))
 
 
-@CPU_KERNEL
+@cpu_kernel
 @pytest.mark.parametrize("op,n", [(attention, 300), (linear_attention, 2100)], ids=OP_IDS)
 def test_kernels_same_bits_for_any_thread_count(op, n):
     # Forward and backward; linear_attention's N spans several token ranges.
@@ -209,6 +243,7 @@ def test_non_finite_inputs_as_reference(op, spoil, backend):
 # Attention and LinearAttention modules call).
 QKV_OPS = [(attention_qkv, attention), (linear_attention_qkv, linear_attention)]
 QKV_IDS = ["attention_qkv", "linear_attention_qkv"]
+_PACKED_APPLY = qkv_module._Packed.apply
 
 
 def _split_reference(op, qkv, heads, scale):
@@ -234,13 +269,18 @@ def test_qkv_matches_reference(backend, op_qkv, op, layout, shape, heads):
                              device=device_of(backend))
 
 
-@CPU_KERNEL
+@cpu_kernel
 @pytest.mark.parametrize("op_qkv,op", QKV_OPS, ids=QKV_IDS)
-def test_qkv_is_the_kernel_with_one_gradient(op_qkv, op):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_is_the_kernel_with_one_gradient(op_qkv, op, dtype, monkeypatch):
     # Bit for bit the q, k, v entry's results, with d(qkv) and the output both channels-last with
     # a batch stride torch reads as such at B = 1 (else the convolutions around it copy them).
-    qkv = torch.randn(1, 3 * 4 * 32, 20, 30).contiguous(memory_format=torch.channels_last).requires_grad_()
+    packed = []
+    monkeypatch.setattr(qkv_module._Packed, "apply", lambda *args: packed.append(args) or _PACKED_APPLY(*args))
+    qkv = torch.randn(1, 3 * 4 * 32, 20, 30, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    qkv.requires_grad_()
     out = op_qkv(qkv, 4, 0.2, backend="cpu")
+    assert len(packed) == 1
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     packed_grad, qkv.grad = qkv.grad, None

@@ -140,7 +140,10 @@ def test_weight_standardization_cache_follows_weight_changes():
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
-def test_fused_unet_under_cpu_autocast_bfloat16():
+@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])
+def test_fused_unet_under_cpu_autocast_bfloat16(wide, monkeypatch):
+    # wide: the C++ attention kernels on the bfloat16 qkv convolutions' output.
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
     ref, fused = (m.eval() for m in _pair(dim=16, out_dim=8, channels=5, dim_mults=(1, 2)))
     x, t = torch.randn(2, 5, 8, 8), torch.tensor([0, 3])
     with torch.no_grad():
@@ -158,6 +161,26 @@ def test_fused_unet_compiles_fullgraph():
     compiled = torch.compile(fused, fullgraph=True)
     with torch.no_grad():
         assert _relative_error(compiled(x, t), ref(x, t)) <= 1e-4
+
+
+@pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
+@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])
+def test_fused_attention_modules_on_nchw_under_cpu_autocast_bfloat16(cls, wide, monkeypatch):
+    # NCHW input: matmuls for the 1x1 convolutions (composites) or one conversion to channels-last
+    # (kernels); either way bfloat16 out, within the flash-attention rule of the reference's error.
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
+    torch.manual_seed(0)
+    ref = cls(32).eval()
+    fused = cls(32, backend="fused").eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 8, 12)
+    with torch.no_grad():
+        expected = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_ref, low_fused = ref(x), fused(x)
+    assert low_fused.dtype == torch.bfloat16 and low_fused.is_contiguous()
+    low_ref, low_fused = low_ref.float(), low_fused.float()
+    assert (low_fused - expected).abs().max() <= 2 * (low_ref - expected).abs().max() + 1e-2 * expected.abs().max()
 
 
 @pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
@@ -215,3 +238,7 @@ def test_fused_blocks_take_any_layout_and_return_the_callers(block, wide, monkey
     ref.train()
     ref(ref_leaf, *extra).square().sum().backward()
     assert leaf.grad.is_contiguous() and _relative_error(leaf.grad, ref_leaf.grad) <= 1e-4
+    # and into every parameter (the attention blocks' 1x1 convolutions run as matmuls on NCHW).
+    expected_grads = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        assert _relative_error(p.grad, expected_grads[name].grad) <= 1e-4, name

@@ -15,10 +15,12 @@ def _randn(*shape, seed=0):
 @pytest.mark.parametrize("backend", DENOISER)
 @pytest.mark.parametrize("shape", [(2, 256, 9, 7), (1, 3, 1, 1), (3, 64, 16, 16)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_channel_layer_norm(backend, shape, dtype):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+def test_channel_layer_norm(backend, shape, dtype, layout):
+    # cpu: two paths, by whether the channels are contiguous.
     x, g = _randn(*shape), _randn(1, shape[1], 1, 1, seed=1)
     eps = 1e-5 if dtype == torch.float32 else 1e-3
-    assert_matches_reference(lambda x, g: channel_layer_norm(x, g, backend=backend),
+    assert_matches_reference(lambda x, g: channel_layer_norm(x.contiguous(memory_format=layout), g, backend=backend),
                              lambda x, g: reference.channel_layer_norm(x, g, eps), [x, g], dtype=dtype,
                              device=device_of(backend))
 

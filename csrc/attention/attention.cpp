@@ -1,6 +1,7 @@
-// ddps::attention on the CPU: softmax attention over float32 q, k, v [B, heads, D, N] given as
-// token-major views (a token's D values contiguous, tokens strided: a channels-last qkv
-// convolution's output, as in the fused UNet), D a multiple of 16 up to 64. torch's CPU SDPA
+// ddps::attention on the CPU: softmax attention over q, k, v [B, heads, D, N] (float32, bfloat16 or
+// float16; float32 inside, the output rounded once to theirs) given as token-major views (a
+// token's D values contiguous, tokens strided: a channels-last qkv convolution's output, as in the
+// fused UNet), D a multiple of 16 up to 64. torch's CPU SDPA
 // spends its time in sgemm, which on this package's reference (AMD) CPU runs at a third of the
 // rate of the register-blocked products here (as in conv3x3.cpp). Forward: a block of query rows
 // takes its scores against every key, their softmax and the weighted sum of the values, with the
@@ -45,16 +46,17 @@ struct Shape {
 
 // t[pair][d][n] = x[pair][d][n] (zero past N): a head's tokens contiguous per channel, the layout
 // in which a block of scores reads its other operand.
-std::vector<float> transposed(const Shape& s, const Heads& x) {
+template <typename scalar_t>
+std::vector<float> transposed(const Shape& s, const Heads<scalar_t>& x) {
   const int64_t np = s.padded();
   std::vector<float> t(s.pairs() * s.d * np, 0.0f);
   at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       float* out = t.data() + pair * s.d * np;
-      const Rows rows = x(pair);
+      const Rows<scalar_t> rows = x(pair);
       for (int64_t n = 0; n < s.n; ++n) {
-        const float* row = rows(n);
-        for (int64_t d = 0; d < s.d; ++d) out[d * np + n] = row[d];
+        const scalar_t* row = rows(n);
+        for (int64_t d = 0; d < s.d; ++d) out[d * np + n] = static_cast<float>(row[d]);
       }
     }
   });
@@ -62,11 +64,11 @@ std::vector<float> transposed(const Shape& s, const Heads& x) {
 }
 
 // R rows of D values of one head (rows n0 .. n0 + R - 1, the last repeated past N), times f.
-template <int V, int R>
-DDPS_INLINE inline void load_rows(Rows rows, int64_t n0, int64_t n, float f, float (&out)[R][V * kLanes]) {
+template <int V, int R, typename scalar_t>
+DDPS_INLINE inline void load_rows(Rows<scalar_t> rows, int64_t n0, int64_t n, float f, float (&out)[R][V * kLanes]) {
   for (int r = 0; r < R; ++r) {
-    const float* row = rows(std::min(n0 + r, n - 1));
-    for (int j = 0; j < V; ++j) store(out[r] + j * kLanes, load(row + j * kLanes) * f);
+    const scalar_t* row = rows(std::min(n0 + r, n - 1));
+    for (int j = 0; j < V; ++j) store_lanes(out[r] + j * kLanes, load_lanes(row + j * kLanes) * f);
   }
 }
 
@@ -78,15 +80,15 @@ DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* b
   for (int64_t m = 0; m < n; m += kKeys) {
     FloatV acc[R][2] = {};
     for (int d = 0; d < V * kLanes; ++d) {
-      const FloatV b0 = load(bt + d * np + m), b1 = load(bt + d * np + m + kLanes);
+      const FloatV b0 = load_lanes(bt + d * np + m), b1 = load_lanes(bt + d * np + m + kLanes);
       for (int r = 0; r < R; ++r) {
         acc[r][0] += a[r][d] * b0;
         acc[r][1] += a[r][d] * b1;
       }
     }
     for (int r = 0; r < R; ++r) {
-      store(out + r * np + m, acc[r][0]);
-      store(out + r * np + m + kLanes, acc[r][1]);
+      store_lanes(out + r * np + m, acc[r][0]);
+      store_lanes(out + r * np + m + kLanes, acc[r][1]);
       block(r, m, acc[r][0], acc[r][1]);
     }
   }
@@ -99,15 +101,15 @@ DDPS_INLINE inline void products(const float (&a)[R][V * kLanes], const float* b
 
 // acc[r] = sum over m < n of coef[r * rs + m * cs] * rows(m): R x V registers, one row of D values
 // at a time.
-template <int V, int R>
-DDPS_INLINE inline void weighted_rows(const float* coef, int64_t rs, int64_t cs, Rows rows, int64_t n,
+template <int V, int R, typename scalar_t>
+DDPS_INLINE inline void weighted_rows(const float* coef, int64_t rs, int64_t cs, Rows<scalar_t> rows, int64_t n,
                                       FloatV (&acc)[R][V]) {
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < V; ++j) acc[r][j] = FloatV{};
   for (int64_t m = 0; m < n; ++m) {
-    const float* row = rows(m);
+    const scalar_t* row = rows(m);
     FloatV x[V];
-    for (int j = 0; j < V; ++j) x[j] = load(row + j * kLanes);
+    for (int j = 0; j < V; ++j) x[j] = load_lanes(row + j * kLanes);
     for (int r = 0; r < R; ++r) {
       const float c = coef[r * rs + m * cs];
       for (int j = 0; j < V; ++j) acc[r][j] += c * x[j];
@@ -120,26 +122,27 @@ DDPS_INLINE inline void weighted_rows(const float* coef, int64_t rs, int64_t cs,
 template <typename F>
 DDPS_INLINE inline void map_row(float* row, int64_t n, F f) {
   const int64_t whole = n / kLanes * kLanes;
-  for (int64_t m = 0; m < whole; m += kLanes) store(row + m, f(m, load(row + m)));
+  for (int64_t m = 0; m < whole; m += kLanes) store_lanes(row + m, f(m, load_lanes(row + m)));
   for (int64_t m = whole; m < n; ++m) row[m] = f(m, row[m]);
 }
 
 // Rows n0 .. n0 + R - 1 (those below N) of a [B, N, heads, D] output whose tokens are token_stride
-// floats apart, times f.
-template <int V, int R>
+// elements apart, times f (rounded once to the output's dtype).
+template <int V, int R, typename scalar_t>
 DDPS_INLINE inline void write_rows(const Shape& s, int64_t token_stride, int64_t pair, int64_t n0,
-                                   const FloatV (&acc)[R][V], float f, float* out) {
+                                   const FloatV (&acc)[R][V], float f, scalar_t* out) {
   constexpr int D = V * kLanes;
   const int64_t b = pair / s.heads, h = pair % s.heads;
   for (int r = 0; r < R && n0 + r < s.n; ++r)
-    for (int j = 0; j < V; ++j) store(out + (b * s.n + n0 + r) * token_stride + h * D + j * kLanes, acc[r][j] * f);
+    for (int j = 0; j < V; ++j)
+      store_lanes(out + (b * s.n + n0 + r) * token_stride + h * D + j * kLanes, acc[r][j] * f);
 }
 
 // A block of R query rows: scores against every key, softmax in place, out = softmax . v; out and
 // lse of each row.
-template <int V>
-DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, const float* kt, float scale,
-                               int64_t pair, int64_t n0, float* scores, float* out, float* lse) {
+template <int V, typename scalar_t>
+DDPS_CLONES void forward_block(const Shape& s, const Heads<scalar_t>& q, const Heads<scalar_t>& v, const float* kt,
+                               float scale, int64_t pair, int64_t n0, float* scores, scalar_t* out, float* lse) {
   constexpr int D = V * kLanes, R = rows_for(V);
   const int64_t np = s.padded(), N = s.n;
   alignas(64) float qs[R][D];
@@ -185,16 +188,18 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads& q, const Heads& v, c
   for (int r = 0; r < R && n0 + r < N; ++r) lse[pair * N + n0 + r] = top[r] + std::log(total[r]);
 }
 
-template <int V>
+// out in the inputs' dtype, lse in float32.
+template <int V, typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, double scale) {
   constexpr int R = rows_for(V);
   const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
-  const std::vector<float> kt = transposed(s, Heads(k));
+  const std::vector<float> kt = transposed(s, Heads<scalar_t>(k));
   at::Tensor out = at::empty({s.batch, s.n, s.heads * s.d}, q.options());
-  at::Tensor lse = at::empty({s.batch, s.heads, s.n}, q.options());
-  const Heads qh(q), vh(v);
-  float *po = out.data_ptr<float>(), *pl = lse.data_ptr<float>();
+  at::Tensor lse = at::empty({s.batch, s.heads, s.n}, q.options().dtype(at::kFloat));
+  const Heads<scalar_t> qh(q), vh(v);
+  scalar_t* po = out.data_ptr<scalar_t>();
+  float* pl = lse.data_ptr<float>();
   at::parallel_for(0, s.pairs() * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(R * np);
     for (int64_t item = begin; item < end; ++item)
@@ -206,8 +211,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, 
 
 // What the backward passes read: the inputs, dO, the saved lse, delta = rowsum(dO * O) per query,
 // and the transposed operands of the keys' score products; and the token stride of dq, dk, dv.
+template <typename scalar_t>
 struct Saved {
-  Heads q, k, v, dout;
+  Heads<scalar_t> q, k, v, dout;
   const float *lse, *delta, *qt, *dot;
   float scale;
   int64_t grad_stride;
@@ -216,9 +222,9 @@ struct Saved {
 // With S the scaled scores and P = exp(S - lse): dS = P (dO v^T - delta). A block of R keys takes
 // its rows of P^T and dS^T (in p and dst, rows of np) from the transposed products, then
 // dv = P^T dO and dk = scale * dS^T q.
-template <int V>
-DDPS_CLONES void key_block(const Shape& s, const Saved& w, int64_t pair, int64_t n0, float* p, float* dst,
-                           float* dk, float* dv) {
+template <int V, typename scalar_t>
+DDPS_CLONES void key_block(const Shape& s, const Saved<scalar_t>& w, int64_t pair, int64_t n0, float* p, float* dst,
+                           scalar_t* dk, scalar_t* dv) {
   constexpr int D = V * kLanes, R = rows_for(V);
   const int64_t np = s.padded(), N = s.n, o = pair * D * np;
   const float *lse = w.lse + pair * N, *delta = w.delta + pair * N;
@@ -233,14 +239,14 @@ DDPS_CLONES void key_block(const Shape& s, const Saved& w, int64_t pair, int64_t
       if constexpr (std::is_same_v<decltype(x), float>) {
         return std::exp(x - lse[m]);
       } else {
-        return exp_lanes(x - load(lse + m));
+        return exp_lanes(x - load_lanes(lse + m));
       }
     });
     map_row(dr, N, [&](int64_t m, auto x) DDPS_INLINE {
       if constexpr (std::is_same_v<decltype(x), float>) {
         return pr[m] * (x - delta[m]);
       } else {
-        return load(pr + m) * (x - load(delta + m));
+        return load_lanes(pr + m) * (x - load_lanes(delta + m));
       }
     });
   }
@@ -252,37 +258,38 @@ DDPS_CLONES void key_block(const Shape& s, const Saved& w, int64_t pair, int64_t
 }
 
 // dq = scale * dS k for a block of R query rows: the columns n0 .. n0 + R of the pair's dS^T.
-template <int V>
-DDPS_CLONES void query_block(const Shape& s, const Saved& w, int64_t pair, int64_t n0, const float* dst, float* dq) {
+template <int V, typename scalar_t>
+DDPS_CLONES void query_block(const Shape& s, const Saved<scalar_t>& w, int64_t pair, int64_t n0, const float* dst,
+                             scalar_t* dq) {
   constexpr int R = rows_for(V);
   FloatV acc[R][V];
   weighted_rows<V, R>(dst + n0, 1, s.padded(), w.k(pair), s.n, acc);
   write_rows<V, R>(s, w.grad_stride, pair, n0, acc, w.scale, dq);
 }
 
-template <int V>
+template <int V, typename scalar_t>
 std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
                                  bool packed) {
   constexpr int R = rows_for(V);
   const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
-  const Heads qh(q), kh(k), vh(v), gh(grad), oh(out);
+  const Heads<scalar_t> qh(q), kh(k), vh(v), gh(grad), oh(out);
   std::vector<float> delta(s.pairs() * s.n);
   at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
-      const Rows gr = gh(pair), orows = oh(pair);
+      const Rows<scalar_t> gr = gh(pair), orows = oh(pair);
       for (int64_t n = 0; n < s.n; ++n) {
         FloatV sum{};
-        for (int j = 0; j < V; ++j) sum += load(gr(n) + j * kLanes) * load(orows(n) + j * kLanes);
+        for (int j = 0; j < V; ++j) sum += load_lanes(gr(n) + j * kLanes) * load_lanes(orows(n) + j * kLanes);
         delta[pair * s.n + n] = lanes_sum(sum)[0];
       }
     }
   });
   const std::vector<float> qt = transposed(s, qh), dot = transposed(s, gh);
-  const QkvGrads grads(q, packed);
-  const Saved w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(), qt.data(), dot.data(), static_cast<float>(scale),
-                grads.token_stride};
-  float *pq = grads.dq, *pk = grads.dk, *pv = grads.dv;
+  const QkvGrads<scalar_t> grads(q, packed);
+  const Saved<scalar_t> w{qh, kh, vh, gh, lse.data_ptr<float>(), delta.data(),
+                          qt.data(), dot.data(), static_cast<float>(scale), grads.token_stride};
+  scalar_t *pq = grads.dq, *pk = grads.dk, *pv = grads.dv;
   // dS^T of one (sample, head) at a time, R rows per block of keys: the key blocks write it, the
   // query blocks read their columns of it. Computing dS once instead of per query block and per
   // key block saves two of the seven products, for N x np floats that stay in cache.
@@ -304,7 +311,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                double scale) {
   check_heads("attention", q, k, v);
   const Shape s{q.size(0), q.size(1), q.size(2), q.size(3)};
-  return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
+  return by_width(q, "attention", [&](auto w, auto zero) {
+    return forward<decltype(w)::value, decltype(zero)>(s, q, k, v, scale);
+  });
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
@@ -315,8 +324,9 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == q.size(0) * q.size(1) * q.size(3),
               "attention (cpu): lse must be the forward's contiguous float32 [B, heads, N]");
   const Shape s{q.size(0), q.size(1), q.size(2), q.size(3)};
-  return by_width(s.d,
-                  [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, out, lse, scale, packed); });
+  return by_width(q, "attention", [&](auto w, auto zero) {
+    return backward<decltype(w)::value, decltype(zero)>(s, grad, q, k, v, out, lse, scale, packed);
+  });
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The q, k, v views the attention kernels take: [B, heads, D, N] with a token's D values contiguous
-// and tokens strided (a channels-last qkv convolution's output), addressed per (sample, head) pair.
+// and tokens strided (a channels-last qkv convolution's output), addressed per (sample, head) pair;
+// float32, bfloat16 or float16 (scalar_t), read through vec.h's load_lanes as float.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,34 +14,37 @@
 namespace ddps {
 
 // One (sample, head) of such a view: token n's row.
+template <typename scalar_t>
 struct Rows {
-  const float* base;
+  const scalar_t* base;
   int64_t stride;
-  const float* operator()(int64_t n) const { return base + n * stride; }
+  const scalar_t* operator()(int64_t n) const { return base + n * stride; }
 };
 
 // Every (sample, head) of such a view. Pointer and strides are read from the tensor once:
 // data_ptr() per token costs more than the token's arithmetic.
+template <typename scalar_t>
 struct Heads {
-  const float* data;
+  const scalar_t* data;
   int64_t sample_stride, head_stride, token_stride, heads;
   explicit Heads(const at::Tensor& t)
-      : data(t.data_ptr<float>()), sample_stride(t.stride(0)), head_stride(t.stride(1)), token_stride(t.stride(3)),
+      : data(t.data_ptr<scalar_t>()), sample_stride(t.stride(0)), head_stride(t.stride(1)), token_stride(t.stride(3)),
         heads(t.size(1)) {}
-  Heads(const float* data, int64_t sample_stride, int64_t head_stride, int64_t token_stride, int64_t heads)
+  Heads(const scalar_t* data, int64_t sample_stride, int64_t head_stride, int64_t token_stride, int64_t heads)
       : data(data), sample_stride(sample_stride), head_stride(head_stride), token_stride(token_stride), heads(heads) {}
-  Rows operator()(int64_t pair) const {
+  Rows<scalar_t> operator()(int64_t pair) const {
     return {data + pair / heads * sample_stride + pair % heads * head_stride, token_stride};
   }
 };
 
-// Checks q, k, v as the kernels take them: float32 [B, heads, D, N] views of one shape with D
-// contiguous, D = 16, 32, 48 or 64, N >= 1; op names the kernel in the error.
+// Checks q, k, v as the kernels take them: [B, heads, D, N] views of one shape and one dtype with
+// D contiguous, D = 16, 32, 48 or 64, N >= 1; op names the kernel in the error. (dispatch_activations
+// checks that the dtype is float32, bfloat16 or float16.)
 inline void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->sizes() == q.sizes() && t->stride(2) == 1, op,
-                " (cpu): q, k, v must be float32 [B, heads, D, N] views with D contiguous, got ", t->sizes(),
-                " with strides ", t->strides());
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == q.scalar_type() && t->sizes() == q.sizes() && t->stride(2) == 1,
+                op, " (cpu): q, k, v must be [B, heads, D, N] views of one dtype with D contiguous, got ",
+                t->scalar_type(), " ", t->sizes(), " with strides ", t->strides());
   TORCH_CHECK(q.size(2) % kLanes == 0 && q.size(2) <= 4 * kLanes && q.size(3) > 0, op,
               " (cpu): D must be a multiple of 16 up to 64 and N >= 1, got D=", q.size(2), ", N=", q.size(3));
 }
@@ -50,19 +54,20 @@ inline void check_heads(const char* op, const at::Tensor& q, const at::Tensor& k
 // gradient of the channels-last qkv convolution's output as one tensor (which autograd would
 // otherwise concatenate from three). Else three [B, N, heads, D] tensors: separate allocations,
 // which stay below the allocator's threshold for fresh (page-faulting) memory where one of three
-// times the size does not.
+// times the size does not. In q's dtype.
+template <typename scalar_t>
 struct QkvGrads {
   std::vector<at::Tensor> tensors;
-  float *dq, *dk, *dv;
-  int64_t token_stride;  // floats from one token's rows to the next's
+  scalar_t *dq, *dk, *dv;
+  int64_t token_stride;  // elements from one token's rows to the next's
 
   QkvGrads(const at::Tensor& q, bool packed) : token_stride((packed ? 3 : 1) * q.size(1) * q.size(2)) {
     for (int i = 0; i < (packed ? 1 : 3); ++i)
       tensors.push_back(at::empty({q.size(0), q.size(3), token_stride}, q.options()));
     const int64_t hd = q.size(1) * q.size(2);
-    dq = tensors[0].data_ptr<float>();
-    dk = packed ? dq + hd : tensors[1].data_ptr<float>();
-    dv = packed ? dk + hd : tensors[2].data_ptr<float>();
+    dq = tensors[0].data_ptr<scalar_t>();
+    dk = packed ? dq + hd : tensors[1].data_ptr<scalar_t>();
+    dv = packed ? dk + hd : tensors[2].data_ptr<scalar_t>();
   }
 
   // packed: d(qkv) [B, 3 * heads * D, N]; else dq, dk, dv as [B, heads, D, N] views, q's layout.
@@ -75,15 +80,21 @@ struct QkvGrads {
   }
 };
 
-// f(std::integral_constant<int, D / 16>{}): the kernels are compiled per head width.
+// f(std::integral_constant<int, D / 16>{}, scalar_t{}) for inputs like t: the kernels are compiled
+// per head width and dtype.
 template <typename F>
-auto by_width(int64_t d, F f) {
-  switch (d / kLanes) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
+auto by_width(const at::Tensor& t, const char* op, F f) {
+  using Result = decltype(f(std::integral_constant<int, 1>{}, float{}));
+  Result result;
+  dispatch_activations(t.scalar_type(), op, [&](auto zero) {
+    switch (t.size(2) / kLanes) {
+      case 1: result = f(std::integral_constant<int, 1>{}, zero); break;
+      case 2: result = f(std::integral_constant<int, 2>{}, zero); break;
+      case 3: result = f(std::integral_constant<int, 3>{}, zero); break;
+      default: result = f(std::integral_constant<int, 4>{}, zero);
+    }
+  });
+  return result;
 }
 
 }  // namespace ddps

@@ -83,18 +83,6 @@ DDPS_INLINE inline FloatV lanes_max(FloatV x) {
   return butterfly(x, [](FloatV a, FloatV b) DDPS_INLINE { return b > a ? b : a; });
 }
 
-// 16 consecutive values of float, half or bfloat16, as float lanes.
-template <typename scalar_t>
-DDPS_INLINE inline FloatV load_lanes(const scalar_t* p) {
-  FloatV v;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::memcpy(&v, p, sizeof v);
-  } else {
-    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
-  }
-  return v;
-}
-
 typedef uint16_t HalfBitsV __attribute__((vector_size(2 * kLanes)));
 
 // bfloat16's 16 bits as the float they are the high half of: exact.
@@ -118,7 +106,7 @@ DDPS_INLINE inline HalfBitsV narrow_bf16(FloatV v) {
 // full float case is one vector load/store; bfloat16 is widened and narrowed in vectors; half, rare
 // on CPUs, value by value.
 template <typename scalar_t>
-DDPS_INLINE inline FloatV load(const scalar_t* p, int count = kLanes) {
+DDPS_INLINE inline FloatV load_lanes(const scalar_t* p, int count = kLanes) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (count == kLanes) return *reinterpret_cast<const FloatVU*>(p);
     FloatV v{};
@@ -136,7 +124,7 @@ DDPS_INLINE inline FloatV load(const scalar_t* p, int count = kLanes) {
 }
 
 template <typename scalar_t>
-DDPS_INLINE inline void store(scalar_t* p, FloatV v, int count = kLanes) {
+DDPS_INLINE inline void store_lanes(scalar_t* p, FloatV v, int count = kLanes) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (count == kLanes)
       *reinterpret_cast<FloatVU*>(p) = v;
@@ -150,8 +138,26 @@ DDPS_INLINE inline void store(scalar_t* p, FloatV v, int count = kLanes) {
   }
 }
 
+// One class (row) of a running argmax in lanes, without NaN: v wins where strictly greater, which
+// is all of the exact rule (argmax_step) then. probe sums every v: a NaN among them stays in it
+// (any_nan), and the caller redoes those pixels by the exact rule.
+DDPS_INLINE inline void argmax_lanes(FloatV v, IntV index, FloatV& best, IntV& best_index, FloatV& probe) {
+  const IntV take = v > best;
+  best = take ? v : best;
+  best_index = take ? index : best_index;
+  probe += v;
+}
+
+// Whether a lane of probe[0 .. count) is NaN (a vector `v != v` GCC tests lane by lane anyway).
+DDPS_INLINE inline bool any_nan(const FloatV* probe, int count) {
+  for (int j = 0; j < count; ++j)
+    for (int l = 0; l < kLanes; ++l)
+      if (probe[j][l] != probe[j][l]) return true;
+  return false;
+}
+
 // f(scalar_t{}) for activations of dtype t: float32, bfloat16 or float16 (kernels that load and
-// store them through load/store above and compute in float).
+// store them through load_lanes/store_lanes above and compute in float).
 template <typename F>
 void dispatch_activations(c10::ScalarType t, const char* op, F f) {
   switch (t) {

@@ -90,14 +90,14 @@ DDPS_CLONES void input_tiles(const scalar_t* x, float* v, const Dims& d, int64_t
         for (int w = 0; w < 4; ++w) {
           const int64_t xc = 2 * j + w - 1;
           const bool inside = y >= 0 && y < d.height && xc >= 0 && xc < d.width;
-          z[w] = inside ? load(sample + (y * d.width + xc) * C + c, count) : FloatV{};
+          z[w] = inside ? load_lanes(sample + (y * d.width + xc) * C + c, count) : FloatV{};
         }
         input_1d(z, rows[u]);
       }
       for (int s = 0; s < 4; ++s) {
         FloatV z[4] = {rows[0][s], rows[1][s], rows[2][s], rows[3][s]}, out[4];
         input_1d(z, out);
-        for (int r = 0; r < 4; ++r) store(v + ((4 * r + s) * stride + t) * ld + c, out[r], count);
+        for (int r = 0; r < 4; ++r) store_lanes(v + ((4 * r + s) * stride + t) * ld + c, out[r], count);
       }
     }
   }
@@ -183,16 +183,16 @@ DDPS_CLONES void output_tiles(const float* m, const float* bias, scalar_t* out, 
       FloatV rows[4][2];  // A^T applied along each tile row
       for (int r = 0; r < 4; ++r) {
         FloatV z[4];
-        for (int s = 0; s < 4; ++s) z[s] = load(m + ((4 * r + s) * stride + t) * cout_pad + c, count);
+        for (int s = 0; s < 4; ++s) z[s] = load_lanes(m + ((4 * r + s) * stride + t) * cout_pad + c, count);
         output_1d(z, rows[r]);
       }
-      const FloatV shift = bias != nullptr ? load(bias + c, count) : FloatV{};
+      const FloatV shift = bias != nullptr ? load_lanes(bias + c, count) : FloatV{};
       for (int e = 0; e < 2; ++e) {
         FloatV z[4] = {rows[0][e], rows[1][e], rows[2][e], rows[3][e]}, y[2];
         output_1d(z, y);
         for (int a = 0; a < 2; ++a) {
           const int64_t yy = 2 * i + a, xx = 2 * j + e;
-          if (yy < d.height && xx < d.width) store(sample + (yy * d.width + xx) * C + c, y[a] + shift, count);
+          if (yy < d.height && xx < d.width) store_lanes(sample + (yy * d.width + xx) * C + c, y[a] + shift, count);
         }
       }
     }
@@ -217,7 +217,7 @@ DDPS_CLONES void grad_tiles(const scalar_t* grad, float* m, const Dims& d, int64
         FloatV z[2];
         for (int a = 0; a < 2; ++a) {
           const int64_t yy = 2 * i + a, xx = 2 * j + e;
-          z[a] = yy < d.height && xx < d.width ? load(sample + (yy * d.width + xx) * C + c, count) : FloatV{};
+          z[a] = yy < d.height && xx < d.width ? load_lanes(sample + (yy * d.width + xx) * C + c, count) : FloatV{};
         }
         output_1d_adjoint(z, cols[e]);
       }
@@ -225,7 +225,7 @@ DDPS_CLONES void grad_tiles(const scalar_t* grad, float* m, const Dims& d, int64
         FloatV z[2] = {cols[0][r], cols[1][r]}, out[4];
         output_1d_adjoint(z, out);
         for (int q = 0; q < 4; ++q)
-          store(m + (((4 * r + q) * panels + c / 32) * stride + t) * 32 + c % 32, out[q], count);
+          store_lanes(m + (((4 * r + q) * panels + c / 32) * stride + t) * 32 + c % 32, out[q], count);
       }
     }
   }

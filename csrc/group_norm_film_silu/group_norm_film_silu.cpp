@@ -61,8 +61,8 @@ DDPS_CLONES void chunk_sums(const Shape& s, F& f, int64_t b, int64_t p0, int64_t
         s1[j] += v1;
       }
     for (int j = 0; j < kBlock; ++j) {
-      store(out + c0 + j * kLanes, s0[j]);
-      store(out + C + c0 + j * kLanes, s1[j]);
+      store_lanes(out + c0 + j * kLanes, s0[j]);
+      store_lanes(out + C + c0 + j * kLanes, s1[j]);
     }
   }
   std::fill(out + c0, out + C, 0.0f);
@@ -70,8 +70,8 @@ DDPS_CLONES void chunk_sums(const Shape& s, F& f, int64_t b, int64_t p0, int64_t
   auto add = [&](int64_t p, int64_t c, int count) DDPS_INLINE {
     FloatV v0, v1;
     f(b, p, c, count, v0, v1);
-    store(out + c, load(out + c, count) + v0, count);
-    store(out + C + c, load(out + C + c, count) + v1, count);
+    store_lanes(out + c, load_lanes(out + c, count) + v0, count);
+    store_lanes(out + C + c, load_lanes(out + C + c, count) + v1, count);
   };
   for (int64_t p = p0; p < p1 && c0 < C; ++p) {
     int64_t c = c0;
@@ -165,7 +165,7 @@ void forward_kernel(const Inputs& in, const scalar_t* px, scalar_t* out, float* 
   // The lambdas index raw pointers: std::vector::operator[] is not inlined into the clones.
   const float* o = origin.data();
   const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
-    const FloatV d = load(px + (b * P + p) * C + c, count) - load(o + b * C + c, count);
+    const FloatV d = load_lanes(px + (b * P + p) * C + c, count) - load_lanes(o + b * C + c, count);
     v0 = d;
     v1 = d * d;
   });
@@ -192,9 +192,10 @@ void forward_kernel(const Inputs& in, const scalar_t* px, scalar_t* out, float* 
   const float *fm = f.mean.data(), *fa = f.a.data(), *fb = f.b.data();
   for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
     const int64_t j = b * C + c;
-    const FloatV z = (load(px + (b * P + p) * C + c, count) - load(fm + j, count)) * load(fa + j, count) +
-                     load(fb + j, count);
-    store(out + (b * P + p) * C + c, z / (1.0f + exp_lanes(-z)), count);
+    const FloatV z =
+        (load_lanes(px + (b * P + p) * C + c, count) - load_lanes(fm + j, count)) * load_lanes(fa + j, count) +
+        load_lanes(fb + j, count);
+    store_lanes(out + (b * P + p) * C + c, z / (1.0f + exp_lanes(-z)), count);
   });
 }
 
@@ -236,17 +237,17 @@ void backward_kernel(const Inputs& in, const scalar_t* dy, const scalar_t* px, s
   // n of one vector of channels at one pixel (raw pointers, as in the forward).
   const float *pm = nm.data(), *pr = nr.data(), *pa = za.data(), *pb = zb.data();
   auto normalized = [&](int64_t i, int64_t j, int count) DDPS_INLINE {
-    return (load(px + i, count) - load(pm + j, count)) * load(pr + j, count);
+    return (load_lanes(px + i, count) - load_lanes(pm + j, count)) * load_lanes(pr + j, count);
   };
   // The first pass keeps dz (in float): the second pass then reads it back instead of evaluating
   // the exp again (the exp is most of the work; one more read is not).
   const auto sums = channel_sums(s, [&](int64_t b, int64_t p, int64_t c, int count, FloatV& v0, FloatV& v1) DDPS_INLINE {
     const int64_t i = (b * P + p) * C + c, j = b * C + c;
     const FloatV n = normalized(i, j, count);
-    const FloatV z = n * load(pa + j, count) + load(pb + j, count);
+    const FloatV z = n * load_lanes(pa + j, count) + load_lanes(pb + j, count);
     const FloatV sig = 1.0f / (1.0f + exp_lanes(-z));
-    const FloatV dz = load(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
-    store(dzp + i, dz, count);
+    const FloatV dz = load_lanes(dy + i, count) * (sig * (1.0f + z * (1.0f - sig)));
+    store_lanes(dzp + i, dz, count);
     v0 = dz;
     v1 = dz * n;
   });
@@ -286,8 +287,10 @@ void backward_kernel(const Inputs& in, const scalar_t* dy, const scalar_t* px, s
   const float *qa = xa.data(), *qb = xb.data(), *qc = xc.data();
   for_each_vector(s, [&](int64_t b, int64_t p, int64_t c, int count) DDPS_INLINE {
     const int64_t i = (b * P + p) * C + c, j = b * C + c;
-    store(out + i, load(dzp + i, count) * load(qa + j, count) + normalized(i, j, count) * load(qb + j, count) +
-                       load(qc + j, count), count);
+    store_lanes(out + i,
+                load_lanes(dzp + i, count) * load_lanes(qa + j, count) +
+                    normalized(i, j, count) * load_lanes(qb + j, count) + load_lanes(qc + j, count),
+                count);
   });
 }
 

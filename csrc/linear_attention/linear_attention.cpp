@@ -1,8 +1,9 @@
-// ddps::linear_attention on the CPU: float32 q, k, v [B, heads, D, N] given as token-major views
-// (the D values of a token contiguous, tokens strided: a channels-last qkv convolution's output,
-// as in the fused UNet), D a multiple of 16 up to 64. The composite in ddps/ops/linear_attention.py
-// softmaxes k over strided tokens and copies every operand for its matmuls; here each pass walks
-// the tokens once, in memory order, with the D x D matrices in L1.
+// ddps::linear_attention on the CPU: q, k, v [B, heads, D, N] (float32, bfloat16 or float16; float32
+// inside, the output rounded once to theirs, the saved context and statistics float32) given as
+// token-major views (the D values of a token contiguous, tokens strided: a channels-last qkv
+// convolution's output, as in the fused UNet), D a multiple of 16 up to 64. The composite in
+// ddps/ops/linear_attention.py softmaxes k over strided tokens and copies every operand for its
+// matmuls; here each pass walks the tokens once, in memory order, with the D x D matrices in L1.
 // Forward: a max pass over k, a context pass, an output pass. Backward: a d(context) pass and a
 // pass for dq, dk, dv. Sums over tokens are taken over fixed token ranges and combined in a fixed
 // order, so the results do not depend on the thread count.
@@ -42,15 +43,15 @@ DDPS_INLINE inline FloatV lane_sum(const FloatV (&x)[V]) {
 }
 
 // softmax over a token's D values; NaN and +inf give NaN rows, as torch's softmax does.
-template <int V>
-DDPS_INLINE inline void softmax_row(const float* row, FloatV (&out)[V]) {
-  FloatV m = load(row);
+template <int V, typename scalar_t>
+DDPS_INLINE inline void softmax_row(const scalar_t* row, FloatV (&out)[V]) {
+  FloatV m = load_lanes(row);
   for (int j = 1; j < V; ++j) {
-    const FloatV x = load(row + j * kLanes);
+    const FloatV x = load_lanes(row + j * kLanes);
     m = x > m ? x : m;
   }
   m = lanes_max(m);
-  for (int j = 0; j < V; ++j) out[j] = exp_lanes(load(row + j * kLanes) - m);
+  for (int j = 0; j < V; ++j) out[j] = exp_lanes(load_lanes(row + j * kLanes) - m);
   const FloatV inv = 1.0f / lane_sum<V>(out);
   for (int j = 0; j < V; ++j) out[j] *= inv;
 }
@@ -58,8 +59,8 @@ DDPS_INLINE inline void softmax_row(const float* row, FloatV (&out)[V]) {
 // out[d][:] += sum over tokens n in [n0, n1) of coef_n[d] * rows(n)[:], and sums[d] += coef_n[d],
 // where coef(n, FloatV (&)[V]) gives a token's D coefficients. Four tokens per update of out: one
 // load and store of out per four multiply-adds.
-template <int V, typename Coef>
-DDPS_CLONES void outer_sums(Coef& coef, Rows vals, int64_t n0, int64_t n1, float* out, float* sums) {
+template <int V, typename Coef, typename scalar_t>
+DDPS_CLONES void outer_sums(Coef& coef, Rows<scalar_t> vals, int64_t n0, int64_t n1, float* out, float* sums) {
   constexpr int D = V * kLanes, kBlock = 4;
   alignas(64) float c[kBlock][D];
   FloatV total[V] = {};
@@ -70,22 +71,23 @@ DDPS_CLONES void outer_sums(Coef& coef, Rows vals, int64_t n0, int64_t n1, float
       FloatV cv[V] = {};
       if (t < count) {
         coef(n + t, cv);
-        for (int j = 0; j < V; ++j) val[t][j] = load(vals(n + t) + j * kLanes);
+        for (int j = 0; j < V; ++j) val[t][j] = load_lanes(vals(n + t) + j * kLanes);
       } else {
         for (int j = 0; j < V; ++j) val[t][j] = FloatV{};
       }
       for (int j = 0; j < V; ++j) {
-        store(c[t] + j * kLanes, cv[j]);
+        store_lanes(c[t] + j * kLanes, cv[j]);
         total[j] += cv[j];
       }
     }
     for (int d = 0; d < D; ++d)
       for (int j = 0; j < V; ++j) {
         float* o = out + d * D + j * kLanes;
-        store(o, load(o) + c[0][d] * val[0][j] + c[1][d] * val[1][j] + c[2][d] * val[2][j] + c[3][d] * val[3][j]);
+        store_lanes(o, load_lanes(o) + c[0][d] * val[0][j] + c[1][d] * val[1][j] + c[2][d] * val[2][j] +
+                           c[3][d] * val[3][j]);
       }
   }
-  for (int j = 0; j < V; ++j) store(sums + j * kLanes, load(sums + j * kLanes) + total[j]);
+  for (int j = 0; j < V; ++j) store_lanes(sums + j * kLanes, load_lanes(sums + j * kLanes) + total[j]);
 }
 
 // acc = sum_d coef[d] * mat[d][:] (mat D x D, row-major).
@@ -94,7 +96,7 @@ DDPS_INLINE inline void mat_vec(const float* coef, const float* mat, FloatV (&ac
   constexpr int D = V * kLanes;
   for (int j = 0; j < V; ++j) acc[j] = FloatV{};
   for (int d = 0; d < D; ++d)
-    for (int j = 0; j < V; ++j) acc[j] += coef[d] * load(mat + d * D + j * kLanes);
+    for (int j = 0; j < V; ++j) acc[j] += coef[d] * load_lanes(mat + d * D + j * kLanes);
 }
 
 // Per (sample, head) sums over all tokens of outer_sums, from per-split partials summed in split
@@ -147,48 +149,50 @@ Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 // The max over tokens of each of the D channels (the shift of k's softmax over tokens).
-template <int V>
-DDPS_CLONES void channel_max(Rows kr, int64_t n, float* out) {
+template <int V, typename scalar_t>
+DDPS_CLONES void channel_max(Rows<scalar_t> kr, int64_t n, float* out) {
   FloatV m[V];
   for (int j = 0; j < V; ++j) m[j] = FloatV{} - std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i)
     for (int j = 0; j < V; ++j) {
-      const FloatV x = load(kr(i) + j * kLanes);
+      const FloatV x = load_lanes(kr(i) + j * kLanes);
       m[j] = x > m[j] ? x : m[j];
     }
-  for (int j = 0; j < V; ++j) store(out + j * kLanes, m[j]);
+  for (int j = 0; j < V; ++j) store_lanes(out + j * kLanes, m[j]);
 }
 
 // The coefficients of the context: exp(k - kmax) per token.
-auto k_exp(const Shape& s, Heads k, const float* kmax) {
+template <typename scalar_t>
+auto k_exp(const Shape& s, Heads<scalar_t> k, const float* kmax) {
   return [&s, k, kmax](int64_t pair) {
-    const Rows kr = k(pair);
+    const Rows<scalar_t> kr = k(pair);
     const float* m = kmax + pair * s.d;
     return [kr, m](int64_t n, auto& out) DDPS_INLINE {
       for (size_t j = 0; j < std::size(out); ++j)
-        out[j] = exp_lanes(load(kr(n) + j * kLanes) - load(m + j * kLanes));
+        out[j] = exp_lanes(load_lanes(kr(n) + j * kLanes) - load_lanes(m + j * kLanes));
     };
   };
 }
 
 // The coefficients of d(context): q's softmax over D per token.
-auto q_softmax(Heads q) {
+template <typename scalar_t>
+auto q_softmax(Heads<scalar_t> q) {
   return [q](int64_t pair) {
-    const Rows qr = q(pair);
+    const Rows<scalar_t> qr = q(pair);
     return [qr](int64_t n, auto& out) DDPS_INLINE { softmax_row(qr(n), out); };
   };
 }
 
-template <int V>
+template <int V, typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q,
                                                                    const at::Tensor& k, const at::Tensor& v,
                                                                    double scale) {
   constexpr int D = V * kLanes;
-  auto opts = q.options();
+  auto opts = q.options().dtype(at::kFloat);
   at::Tensor kmax = at::empty({s.batch, s.heads, D}, opts), ksum = at::empty({s.batch, s.heads, D}, opts);
   at::Tensor context = at::empty({s.batch, s.heads, D, D}, opts);
   float *pm = kmax.data_ptr<float>(), *ps = ksum.data_ptr<float>(), *pc = context.data_ptr<float>();
-  const Heads qh(q), kh(k), vh(v);
+  const Heads<scalar_t> qh(q), kh(k), vh(v);
   at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) channel_max<V>(kh(pair), s.n, pm + pair * D);
   });
@@ -200,28 +204,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& 
       for (int e = 0; e < D; ++e) pc[(pair * D + d) * D + e] *= f;
     }
   // out [B, N, heads * D] in memory, returned as [B, heads * D, N] (what the output conv reads).
-  at::Tensor out = at::empty({s.batch, s.n, s.heads * D}, opts);
-  float* po = out.data_ptr<float>();
+  at::Tensor out = at::empty({s.batch, s.n, s.heads * D}, q.options());
+  scalar_t* po = out.data_ptr<scalar_t>();
   for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
     const int64_t b = pair / s.heads, h = pair % s.heads;
     FloatV sq[V], acc[V];
     softmax_row(qh(pair)(n), sq);
     alignas(64) float coef[D];
-    for (int j = 0; j < V; ++j) store(coef + j * kLanes, sq[j]);
+    for (int j = 0; j < V; ++j) store_lanes(coef + j * kLanes, sq[j]);
     mat_vec<V>(coef, pc + pair * D * D, acc);
-    for (int j = 0; j < V; ++j) store(po + (b * s.n + n) * s.heads * D + h * D + j * kLanes, acc[j]);
+    for (int j = 0; j < V; ++j) store_lanes(po + (b * s.n + n) * s.heads * D + h * D + j * kLanes, acc[j]);
   });
   return {out.transpose(1, 2), context, kmax, ksum};
 }
 
-template <int V>
+template <int V, typename scalar_t>
 std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& context, const at::Tensor& kmax,
                                                         const at::Tensor& ksum, double scale, bool packed) {
   constexpr int D = V * kLanes;
   // grad [B, heads * D, N] with heads * D contiguous: per (sample, head) rows like q's.
-  const Heads gh(grad.data_ptr<float>(), grad.stride(0), D, grad.stride(2), s.heads), qh(q), kh(k), vh(v);
+  const Heads<scalar_t> gh(grad.data_ptr<scalar_t>(), grad.stride(0), D, grad.stride(2), s.heads), qh(q), kh(k),
+      vh(v);
   std::vector<float> dctx(s.pairs() * D * D), unused(s.pairs() * D);
   token_sums<V>(s, q_softmax(qh), gh, dctx.data(), unused.data());
   // With C the saved context: dv = sk G, dsk = G v, dk = sk (dsk - r), r = rowsum(dC * C), where
@@ -242,8 +247,8 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
       kinv[pair * D + d] = 1.0f / psum[pair * D + d];
     }
   }
-  const QkvGrads grads(q, packed);
-  float *pq = grads.dq, *pk = grads.dk, *pv = grads.dv;
+  const QkvGrads<scalar_t> grads(q, packed);
+  scalar_t *pq = grads.dq, *pk = grads.dk, *pv = grads.dv;
   const int64_t token_stride = grads.token_stride;
   const float *pm = kmax.data_ptr<float>(), *pkinv = kinv.data(), *pr = r.data(), *pct = ct.data(),
               *pg = g.data(), *pgt = gt.data();
@@ -255,12 +260,13 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
     alignas(64) float gn[D], skn[D], vn[D];
     FloatV sq[V], dsq[V], sk[V], dvv[V], dsk[V];
     softmax_row(qh(pair)(n), sq);
-    const float *kr = kh(pair)(n), *gr = gh(pair)(n), *vr = vh(pair)(n);
+    const scalar_t *kr = kh(pair)(n), *gr = gh(pair)(n), *vr = vh(pair)(n);
     for (int j = 0; j < V; ++j) {
-      sk[j] = exp_lanes(load(kr + j * kLanes) - load(pm + pair * D + j * kLanes)) * load(pkinv + pair * D + j * kLanes);
-      store(skn + j * kLanes, sk[j]);
-      store(gn + j * kLanes, load(gr + j * kLanes));
-      store(vn + j * kLanes, load(vr + j * kLanes));
+      sk[j] = exp_lanes(load_lanes(kr + j * kLanes) - load_lanes(pm + pair * D + j * kLanes)) *
+              load_lanes(pkinv + pair * D + j * kLanes);
+      store_lanes(skn + j * kLanes, sk[j]);
+      store_lanes(gn + j * kLanes, load_lanes(gr + j * kLanes));
+      store_lanes(vn + j * kLanes, load_lanes(vr + j * kLanes));
     }
     mat_vec<V>(gn, pct + o, dsq);
     FloatV prod[V];
@@ -269,9 +275,9 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
     mat_vec<V>(skn, pg + o, dvv);
     mat_vec<V>(vn, pgt + o, dsk);
     for (int j = 0; j < V; ++j) {
-      store(pq + out + j * kLanes, sq[j] * (dsq[j] - dot));
-      store(pk + out + j * kLanes, sk[j] * (dsk[j] - load(pr + pair * D + j * kLanes)));
-      store(pv + out + j * kLanes, dvv[j]);
+      store_lanes(pq + out + j * kLanes, sq[j] * (dsq[j] - dot));
+      store_lanes(pk + out + j * kLanes, sk[j] * (dsk[j] - load_lanes(pr + pair * D + j * kLanes)));
+      store_lanes(pv + out + j * kLanes, dvv[j]);
     }
   });
   return grads.results(q);
@@ -280,7 +286,9 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                        const at::Tensor& v, double scale) {
   const Shape s = check_inputs(q, k, v);
-  return by_width(s.d, [&](auto w) { return forward<decltype(w)::value>(s, q, k, v, scale); });
+  return by_width(q, "linear_attention", [&](auto w, auto zero) {
+    return forward<decltype(w)::value, decltype(zero)>(s, q, k, v, scale);
+  });
 }
 
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q,
@@ -288,12 +296,13 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& q
                                                             const at::Tensor& context, const at::Tensor& kmax,
                                                             const at::Tensor& ksum, double scale, bool packed) {
   const Shape s = check_inputs(q, k, v);
-  TORCH_CHECK(grad.dim() == 3 && grad.scalar_type() == at::kFloat && grad.size(0) == s.batch &&
+  TORCH_CHECK(grad.dim() == 3 && grad.scalar_type() == q.scalar_type() && grad.size(0) == s.batch &&
                   grad.size(1) == s.heads * s.d && grad.size(2) == s.n && grad.stride(1) == 1,
-              "linear_attention (cpu): grad must be float32 [B, heads * D, N] with heads * D contiguous");
+              "linear_attention (cpu): grad must be [B, heads * D, N] in q's dtype with heads * D contiguous");
   for (const at::Tensor* t : {&context, &kmax, &ksum})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "linear_attention (cpu): bad saved tensor");
-  return by_width(s.d, [&](auto w) { return backward<decltype(w)::value>(s, grad, q, k, v, context, kmax, ksum, scale, packed);
+  return by_width(q, "linear_attention", [&](auto w, auto zero) {
+    return backward<decltype(w)::value, decltype(zero)>(s, grad, q, k, v, context, kmax, ksum, scale, packed);
   });
 }
 

@@ -34,17 +34,10 @@ DDPS_CLONES bool decode_tile(const scalar_t* x, int64_t plane, const float* pale
   }
   for (int32_t k = 1; k < rows; ++k) {
     const IntV row = IntV{} + k;
-    for (int j = 0; j < kVectors; ++j) {
-      const FloatV v = negated_distance(x0[j], x1[j], x2[j], palette + 3 * k);
-      const IntV take = v > best[j];
-      best[j] = take ? v : best[j];
-      arg[j] = take ? row : arg[j];
-      sum[j] += v;
-    }
+    for (int j = 0; j < kVectors; ++j)
+      argmax_lanes(negated_distance(x0[j], x1[j], x2[j], palette + 3 * k), row, best[j], arg[j], sum[j]);
   }
-  for (int j = 0; j < kVectors; ++j)
-    for (int l = 0; l < kLanes; ++l)
-      if (sum[j][l] != sum[j][l]) return false;
+  if (any_nan(sum, kVectors)) return false;
   for (int j = 0; j < kVectors; ++j)
     for (int l = 0; l < kLanes; ++l) out[j * kLanes + l] = arg[j][l];
   return true;

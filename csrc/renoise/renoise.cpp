@@ -27,8 +27,8 @@ constexpr int64_t kTile = kLanes * kVectors;
 // is a running sum of the logits (a NaN propagates through it; +inf + -inf only costs a redo),
 // one add per vector: GCC turns a per-class `v != v` into a scalar test per lane.
 template <int kWidth, typename scalar_t>
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-bool argmax_tile(const scalar_t* src, const scalar_t* next, int64_t plane, int32_t num_classes, int32_t* arg) {
+DDPS_CLONES bool argmax_tile(const scalar_t* src, const scalar_t* next, int64_t plane, int32_t num_classes,
+                             int32_t* arg) {
   FloatV best[kWidth];
   IntV best_class[kWidth];
   FloatV sum[kWidth];
@@ -43,17 +43,10 @@ bool argmax_tile(const scalar_t* src, const scalar_t* next, int64_t plane, int32
     for (int64_t byte = 0; byte < kWidth * kLanes * int64_t{sizeof(scalar_t)}; byte += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(next + k * plane) + byte, 0, 2);
     const IntV kv = IntV{} + k;
-    for (int j = 0; j < kWidth; ++j) {
-      const FloatV v = load_lanes(row + j * kLanes);
-      const IntV take = v > best[j];
-      best[j] = take ? v : best[j];
-      best_class[j] = take ? kv : best_class[j];
-      sum[j] += v;
-    }
+    for (int j = 0; j < kWidth; ++j)
+      argmax_lanes(load_lanes(row + j * kLanes), kv, best[j], best_class[j], sum[j]);
   }
-  for (int j = 0; j < kWidth; ++j)
-    for (int l = 0; l < kLanes; ++l)
-      if (sum[j][l] != sum[j][l]) return false;
+  if (any_nan(sum, kWidth)) return false;
   std::memcpy(arg, best_class, sizeof best_class);
   return true;
 }

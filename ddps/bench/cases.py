@@ -26,6 +26,7 @@ from .. import _backend, maskige, ops, reference
 from ..nn import DDPSHead
 from ..nn.unet import Attention, LinearAttention, UNet
 from ..ops import _tables
+from ..ops._common import DTYPES
 from ..ops.attention import split_heads
 from ..ops.conv3x3 import winograd_weight
 from ..ops.maskige_decode import composite as maskige_decode_composite
@@ -37,8 +38,6 @@ PLAIN = (*REFERENCE, "plain-torch")
 MODULE = (*REFERENCE, "fused")
 HEAD = ("reference", "ddps")
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
-# --dtype: the dtypes a ddps provider also runs at, under torch.autocast.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADE20K_HEAD = dict(num_classes=K, cond_channels=DIM, dim=DIM, out_dim=DIM, dim_mults=(1, 1, 1), embed_dim=16,
                    num_timesteps=T, inference_steps=2, collect_timesteps=(0, 10, 19), guidance_scale=0.4)
 

@@ -12,6 +12,8 @@ from ..schedule import DiffusionSchedule
 
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The precisions by name (bench --dtype, eval.dtype); the lower two run under torch.autocast.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_schedule(schedule, device: torch.device, name: str) -> DiffusionSchedule:
@@ -50,13 +52,14 @@ def check_ignore_index(ignore_index, schedule: DiffusionSchedule):
     return ignore_index
 
 
-def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in autocast's lower-precision dtype where autocast is on for x's device and x is float32,
-    else x: the casts autocast makes for matmul and scaled_dot_product_attention, which it does
-    not make for custom ops."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a denoiser op computes and returns in for x: autocast's lower-precision dtype where
+    autocast is on for x's device and x is float32, bfloat16 or float16 (the cast autocast makes
+    for the ops' nearest stock equivalents, conv2d, matmul and scaled_dot_product_attention, and
+    does not make for custom ops), else x's own."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in LOGIT_DTYPES:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def draw_seed(generator: torch.Generator | None) -> torch.Tensor:

@@ -4,10 +4,11 @@ Backends: ``triton`` (kernels/attention.py: flash-style forward and backward, an
 three share, output token-major when the inputs are), ``cpu`` and ``reference``
 (``ddps.reference.attention``). Differentiable on all three.
 
-``cpu``: on CPUs with AVX-512, float32 views of a channels-last conv's output (token-major, d a
-multiple of 16 up to 64: the fused UNet's case) go to the C++ kernels (csrc/attention/:
-register-blocked scores, softmax and weighted sums per block of query rows; the backward recomputes the probabilities from the saved
-log-sum-exp per block of keys for dk, dv and the head's dS^T, from which dq follows; 2.2x torch's
+``cpu``: on CPUs with AVX-512, float32, bfloat16 or float16 views of a channels-last conv's output
+(token-major, d a multiple of 16 up to 64: the fused UNet's case; float32 inside) go to the C++
+kernels (csrc/attention/: register-blocked scores, softmax and weighted sums per block of query
+rows; the backward recomputes the probabilities from the saved log-sum-exp per block of keys for
+dk, dv and the head's dS^T, from which dq follows; 2.2x torch's
 SDPA forward and fwd+bwd here, whose sgemm is slow on this package's reference CPU). Everything
 else runs torch's scaled_dot_product_attention on token-major views (copies where the inputs are
 not), the output then token-major too.
@@ -65,7 +66,7 @@ def dispatch(op, q, k, v, scale, backend, triton, composite):
     _checks.heads(q, k, v)
     chosen = _backend.resolve(op, backend, q.device, IMPLEMENTED)
     if chosen != "reference":  # the reference's own einsums and matmuls are cast by autocast itself
-        q, k, v = (_common.autocast_input(x) for x in (q, k, v))
+        q, k, v = (x.to(_common.compute_dtype(x)) for x in (q, k, v))
     if q.numel() == 0:  # no samples or no tokens: an empty output (which the original's reshapes fail on)
         b, h, d, n = q.shape
         # The inputs' sum, so that backward gives each its (empty) gradient.
@@ -88,18 +89,19 @@ def _sdpa(q, k, v, scale):
 
 
 def kernel_takes(q, k, v) -> bool:
-    """The case of the C++ kernels of attention and linear_attention: float32 token-major views, d
-    a multiple of 16 up to 64, on a CPU with AVX-512 (``_backend.WIDE_CPU_VECTORS``)."""
+    """The case of the C++ kernels of attention and linear_attention: token-major views of one
+    dtype (float32, bfloat16 or float16), d a multiple of 16 up to 64, on a CPU with AVX-512
+    (``_backend.WIDE_CPU_VECTORS``)."""
     d = q.shape[-2]
-    return (_backend.WIDE_CPU_VECTORS
-            and all(x.dtype == torch.float32 and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
+    return (_backend.WIDE_CPU_VECTORS and q.dtype in _common.LOGIT_DTYPES
+            and all(x.dtype == q.dtype and x.stride(-2) == 1 and x.shape == q.shape for x in (q, k, v))
             and d % 16 == 0 and d <= 64 and q.numel() > 0)
 
 
 @_backend.register_fake("attention")
 def _cpu_fake(q, k, v, scale):
     b, h, d, n = q.shape
-    return q.new_empty((b, n, h * d)).transpose(1, 2), q.new_empty((b, h, n))
+    return q.new_empty((b, n, h * d)).transpose(1, 2), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 def _cpu_setup_context(ctx, inputs, output):
@@ -122,10 +124,10 @@ def packed_grads_fake(q, packed):
 
 
 def kernel_backward(grad, q, k, v, outputs, scale, packed):
-    """The C++ backward, given the forward's outputs."""
+    """The C++ backward, given the forward's outputs (grad in q's dtype, as the kernel takes it)."""
     out, lse = outputs
-    return torch.ops.ddps.attention_backward(as_heads_like(grad, q), q, k, v, as_heads_like(out, q), lse, scale,
-                                             packed)
+    return torch.ops.ddps.attention_backward(as_heads_like(grad.to(q.dtype), q), q, k, v, as_heads_like(out, q), lse,
+                                             scale, packed)
 
 
 def _cpu_backward(ctx, grad, _lse):

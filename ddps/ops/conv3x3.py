@@ -9,7 +9,7 @@ kernel; dbias is grad's sum; otherwise ``F.conv2d``) and ``reference`` (``F.conv
 The Winograd result differs from the direct convolution by float rounding only (tested against a
 float64 convolution: no larger error than ``F.conv2d``'s own).
 
-Under ``torch.autocast`` it computes as autocast's ``conv2d`` does (``compute_dtype``): x, weight
+Under ``torch.autocast`` it computes as autocast's ``conv2d`` does (``_common.compute_dtype``): x, weight
 and bias in the autocast dtype, output in it; the kernel rounds the weight's transform from the
 rounded weight and sums in float32.
 """
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks
+from ._common import compute_dtype
 
 IMPLEMENTED = ("cpu", "reference")
 
@@ -47,14 +48,6 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     panels = -(-cout // 32)
     u = F.pad(u, (0, panels * 32 - cout)).reshape(16, cin, panels, 32).transpose(1, 2)
     return u.contiguous()
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype conv3x3 computes and returns in for x: autocast's lower precision dtype where
-    autocast is on for x's device (as for ``conv2d``), else x's own."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -90,7 +83,7 @@ def _kernel_takes(x, weight, bias, dtype) -> bool:
     bfloat16 or float16, with parameters of that dtype (or any, under autocast, which casts them)."""
     params_match = torch.is_autocast_enabled(x.device.type) or (
         weight.dtype == dtype and (bias is None or bias.dtype == dtype))
-    return (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (dtype in (torch.float32, torch.bfloat16, torch.float16)
             and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype.is_floating_point
             and params_match)
 

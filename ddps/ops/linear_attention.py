@@ -4,9 +4,10 @@ Backends: ``triton`` (kernels/linear_attention.py: a streaming pass for the d x 
 for the output; backward likewise; float32 inside, any layout the three share), ``cpu`` and
 ``reference`` (``ddps.reference.linear_attention``). Differentiable on all three.
 
-``cpu``: on CPUs with AVX-512, float32 views of a channels-last conv's output (token-major, d a
-multiple of 16 up to 64: the fused UNet's case) go to the C++ kernel (csrc/linear_attention/: one pass over the tokens for
-the d x d context, one for the output, in memory order), and the output comes back token-major.
+``cpu``: on CPUs with AVX-512, float32, bfloat16 or float16 views of a channels-last conv's output
+(token-major, d a multiple of 16 up to 64: the fused UNet's case; float32 inside) go to the C++
+kernel (csrc/linear_attention/: one pass over the tokens for the d x d context, one for the
+output, in memory order), and the output comes back token-major.
 Everything else runs the same math in torch ops, with the scalings q * scale and v / N folded into
 the d x d context and batched matmuls instead of einsum (on token-major views torch's softmax over
 strided tokens and the matmuls' copies make that slower than the reference, hence the kernel).
@@ -57,8 +58,9 @@ def _linear_attention_tokens(q, k, v, scale):
 @_backend.register_fake("linear_attention")
 def _cpu_fake(q, k, v, scale):
     b, h, d, n = q.shape
-    stats = q.new_empty((b, h, d))
-    return q.new_empty((b, n, h * d)).transpose(1, 2), q.new_empty((b, h, d, d)), stats, stats.clone()
+    stats = q.new_empty((b, h, d), dtype=torch.float32)
+    return (q.new_empty((b, n, h * d)).transpose(1, 2), q.new_empty((b, h, d, d), dtype=torch.float32), stats,
+            stats.clone())
 
 
 @_backend.register_fake("linear_attention_backward")
@@ -74,11 +76,11 @@ def _cpu_setup_context(ctx, inputs, output):
 
 def kernel_backward(grad, q, k, v, outputs, scale, packed):
     """The C++ backward, given the forward's outputs (out itself is not read). grad goes in as
-    heads * d channels contiguous per token: the output's layout, which is heads_like(q)'s for the
-    views the kernel takes."""
+    heads * d channels contiguous per token, in q's dtype: the output's layout, which is
+    heads_like(q)'s for the views the kernel takes."""
     _out, context, kmax, ksum = outputs
-    return torch.ops.ddps.linear_attention_backward(as_heads_like(grad, q).reshape(grad.shape), q, k, v, context,
-                                                    kmax, ksum, scale, packed)
+    return torch.ops.ddps.linear_attention_backward(as_heads_like(grad.to(q.dtype), q).reshape(grad.shape), q, k, v,
+                                                    context, kmax, ksum, scale, packed)
 
 
 def _cpu_backward(ctx, grad, _context, _kmax, _ksum):

@@ -1,6 +1,6 @@
 """attention and linear_attention on the qkv convolution's whole output [B, 3 * heads * d, H, W]
 (q, k, v its three chunks) -> [B, heads * d, H, W]: what the Attention and LinearAttention modules
-call. The same ops; in the C++ kernels' case (channels-last float32 qkv) the gradient comes back
+call. The same ops; in the C++ kernels' case (channels-last qkv) the gradient comes back
 as one tensor in qkv's layout, where autograd would otherwise concatenate dq, dk and dv (a copy of
 the whole gradient) into a contiguous tensor that the channels-last convolution's backward then
 reorders (a second copy)."""
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ._common import compute_dtype
 from .attention import IMPLEMENTED, attention, kernel_backward as attention_backward, kernel_takes, merge_heads, \
     split_heads
 from .linear_attention import kernel_backward as linear_attention_backward, linear_attention
@@ -34,9 +35,9 @@ def _on_qkv(op, qkv, heads, scale, backend):
                          f"got shape {tuple(qkv.shape)}")
     q, k, v = split_heads(qkv, heads)
     h, w = qkv.shape[-2:]
-    if kernel_takes(q, k, v) and not torch.is_autocast_enabled(qkv.device.type):
-        # Views of one float32 tensor: nothing for the op's input checks to catch. (Under autocast
-        # the op casts them to its dtype first.)
+    if kernel_takes(q, k, v) and compute_dtype(qkv) == qkv.dtype:
+        # Views of one tensor: nothing for the op's input checks to catch. (Where autocast would
+        # cast them, the op does that first.)
         backend = _backend.resolve(op, backend, qkv.device, IMPLEMENTED)
         if backend == "cpu":
             return merge_heads(_Packed.apply(qkv, heads, scale, op), h, w)

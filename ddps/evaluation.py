@@ -201,12 +201,12 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
     metrics = {}
     prior = head is not None and bool(head.prior_parameters())
     compare = head is not None and cfg.eval.dtype != "fp32"
+    device = next(segmentor.parameters()).device
     agree = pixels = 0
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for index in range(n):
         image, gt = dataset[index]
         if compare:
-            device = next(segmentor.parameters()).device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 fp32 = predict(segmentor, head, image, cfg, k, "fp32")["final"].argmax(0).cpu()
             metrics.setdefault("fp32 final", Metrics(k, ignore, cfg.eval.boundary_dilation)).update(fp32, gt)

@@ -2,9 +2,11 @@
 original's LayerNorm, used twice per attention block).
 
 Backends: ``triton`` (kernels/channel_layer_norm.py: one pass forward, one backward, contiguous or
-channels-last as given), ``cpu`` (channels-last input: torch's layer_norm kernel on the channel-minor view, one
-statistics pass instead of the reference's separate mean and variance, about 1.9x on this
-package's reference CPU; NCHW: mean and variance over dim 1 in place, ``_strided_channels``) and ``reference`` (``ddps.reference.channel_layer_norm``). Differentiable on all three.
+channels-last as given), ``cpu`` (channels-last input: torch's layer_norm kernel on the
+channel-minor view, one statistics pass instead of the reference's separate mean and variance,
+about 1.9x on this package's reference CPU; NCHW: mean and variance over dim 1 in place,
+``_strided_channels``) and ``reference`` (``ddps.reference.channel_layer_norm``). Differentiable
+on all three.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks
-from ._common import compute_dtype
+from ._common import LOGIT_DTYPES, compute_dtype
 
 IMPLEMENTED = ("cpu", "reference")
 
@@ -83,7 +83,7 @@ def _kernel_takes(x, weight, bias, dtype) -> bool:
     bfloat16 or float16, with parameters of that dtype (or any, under autocast, which casts them)."""
     params_match = torch.is_autocast_enabled(x.device.type) or (
         weight.dtype == dtype and (bias is None or bias.dtype == dtype))
-    return (dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (dtype in LOGIT_DTYPES
             and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype.is_floating_point
             and params_match)
 

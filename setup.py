@@ -45,7 +45,7 @@ def _extensions():
     with_cuda = cuda_possible if force_cuda is None else force_cuda
     # Portable flags: no -march=native, so a wheel built here runs on any x86-64 / aarch64.
     # -ffp-contract=off: no fused multiply-adds, so float math matches the other backends bitwise
-    # (group_norm_film_silu.cpp, which has no such contract, turns them back on for itself).
+    # (the denoiser kernels that have no such contract and gain from them turn them back on).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],

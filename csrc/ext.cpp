@@ -24,6 +24,10 @@ TORCH_LIBRARY(ddps, m) {
         "float eps) -> (Tensor, Tensor, Tensor)");
   m.def("group_norm_film_silu_backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
         "Tensor? shift, Tensor mean, Tensor rstd, int groups) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x [B, C, *spatial] contiguous (channel-major), g float32 [C] -> (y, mean [B, pixels], rstd [B,
+  // pixels]); the backward takes the latter two and returns (dx, dg).
+  m.def("channel_layer_norm(Tensor x, Tensor g, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("channel_layer_norm_backward(Tensor grad, Tensor x, Tensor g, Tensor mean, Tensor rstd) -> (Tensor, Tensor)");
   // q, k, v [B, heads, D, N] with D contiguous -> (out [B, heads * D, N] laid out token-major,
   // lse [B, heads, N]: the log-sum-exp of each query's scaled scores); the backward takes grad and
   // out laid out as q and returns dq, dk, dv laid out token-major: packed, one [B, 3 * heads * D, N]

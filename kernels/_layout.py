@@ -18,7 +18,9 @@ def bcp(x: torch.Tensor):
 def bcp_like(t: torch.Tensor, strides) -> torch.Tensor:
     """t (x's shape) laid out as ``bcp`` took x, whose (batch, channel, pixel) strides are given:
     as it is when it already is, else a copy."""
-    return t.contiguous(memory_format=torch.channels_last) if strides[1] == 1 else t.contiguous()
+    # strides[1] == 1 also for contiguous [B, C, 1] (one pixel), which only 4-d tensors can be
+    # channels-last for, and as a contiguous one they are laid out the same.
+    return t.contiguous(memory_format=torch.channels_last) if strides[1] == 1 and t.dim() == 4 else t.contiguous()
 
 
 def like(x: torch.Tensor, dtype=None) -> torch.Tensor:

@@ -27,3 +27,19 @@ def official_heads():
 def _no_backend_override(monkeypatch):
     # Tests choose backends explicitly; a DDPS_BACKEND left in the caller's shell must not leak in.
     monkeypatch.delenv("DDPS_BACKEND", raising=False)
+
+
+# The CPU dispatch of the attention ops: torch composites, or the C++ kernels that only CPUs with
+# AVX-512 take (correct on any CPU, only slower without it), whatever this CPU is.
+@pytest.fixture(params=[False, True], ids=["composites", "avx512-dispatch"])
+def cpu_dispatch(request, monkeypatch):
+    import ddps._backend
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", request.param)
+    return request.param
+
+
+@pytest.fixture
+def kernel_dispatch(monkeypatch):
+    """The C++ kernels' dispatch alone."""
+    import ddps._backend
+    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", True)

@@ -3,7 +3,6 @@ backward."""
 import pytest
 import torch
 
-import ddps
 from ddps import reference
 from ddps.ops import attention, attention_qkv, linear_attention, linear_attention_qkv
 from ddps.kernels._layout import as_heads_like
@@ -43,12 +42,10 @@ def test_low_precision_within_twice_torch_error(backend, op, ref, dtype):
 
 @pytest.mark.parametrize("backend", [b for b in DENOISER if device_of(b) == "cpu"])
 @pytest.mark.parametrize("op", [attention_qkv, linear_attention_qkv], ids=["attention_qkv", "linear_attention_qkv"])
-@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-dispatch"])
-def test_autocast_computes_in_its_dtype(backend, op, wide, monkeypatch):
+def test_autocast_computes_in_its_dtype(backend, op, cpu_dispatch):
     # As autocast does for SDPA and matmul: float32 inputs are cast to its dtype, the output is in
     # it, as close to the float64 result as the op on inputs already in that dtype (on CPUs with
     # AVX-512 the float32 kernels would otherwise take the float32 qkv).
-    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 3 * 4 * 32, 6, 7, generator=g).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -117,10 +114,6 @@ def cpu_kernel(test):
     return pytest.mark.skipif("cpu" not in DENOISER, reason="needs the compiled extension")(
         pytest.mark.usefixtures("kernel_dispatch")(test))
 
-
-@pytest.fixture
-def kernel_dispatch(monkeypatch):
-    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", True)
 
 
 LOW = [torch.bfloat16, torch.float16]

@@ -140,10 +140,8 @@ def test_weight_standardization_cache_follows_weight_changes():
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])
-def test_fused_unet_under_cpu_autocast_bfloat16(wide, monkeypatch):
-    # wide: the C++ attention kernels on the bfloat16 qkv convolutions' output.
-    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
+def test_fused_unet_under_cpu_autocast_bfloat16(cpu_dispatch):
+    # avx512-dispatch: the C++ attention kernels on the bfloat16 qkv convolutions' output.
     ref, fused = (m.eval() for m in _pair(dim=16, out_dim=8, channels=5, dim_mults=(1, 2)))
     x, t = torch.randn(2, 5, 8, 8), torch.tensor([0, 3])
     with torch.no_grad():
@@ -164,11 +162,9 @@ def test_fused_unet_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
-@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])
-def test_fused_attention_modules_on_nchw_under_cpu_autocast_bfloat16(cls, wide, monkeypatch):
+def test_fused_attention_modules_on_nchw_under_cpu_autocast_bfloat16(cls, cpu_dispatch):
     # NCHW input: matmuls for the 1x1 convolutions (composites) or one conversion to channels-last
     # (kernels); either way bfloat16 out, within the flash-attention rule of the reference's error.
-    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
     torch.manual_seed(0)
     ref = cls(32).eval()
     fused = cls(32, backend="fused").eval()
@@ -184,10 +180,9 @@ def test_fused_attention_modules_on_nchw_under_cpu_autocast_bfloat16(cls, wide, 
 
 
 @pytest.mark.parametrize("cls", [ddps.nn.Attention, ddps.nn.LinearAttention], ids=["attention", "linear_attention"])
-def test_fused_attention_modules_train_under_compile_fullgraph(cls, monkeypatch):
+def test_fused_attention_modules_train_under_compile_fullgraph(cls, kernel_dispatch):
     # The C++ kernels' path (channels-last float32, d = 32; d(qkv) one tensor), which CPUs without
     # AVX-512 take only when told to (they are correct there, only slower).
-    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", True)
     module = cls(16, backend="fused").to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     results = []
@@ -206,12 +201,9 @@ def test_fused_attention_modules_train_under_compile_fullgraph(cls, monkeypatch)
         assert _relative_error(got, expected) <= 1e-4
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["composites", "avx512-kernels"])
 @pytest.mark.parametrize("block", ["LinearAttention", "Attention", "ResnetBlock", "Block"])
-def test_fused_blocks_take_any_layout_and_return_the_callers(block, wide, monkeypatch):
-    # wide=True takes the AVX-512 dispatch (C++ attention kernels on channels-last input, x
-    # converted once) whatever this CPU is; the kernels are correct without AVX-512, only slower.
-    monkeypatch.setattr(ddps._backend, "WIDE_CPU_VECTORS", wide)
+def test_fused_blocks_take_any_layout_and_return_the_callers(block, cpu_dispatch):
+    # avx512-dispatch: C++ attention kernels on channels-last input, x converted once.
     cls = getattr(ddps.nn.unet, block)
     args, extra = {"LinearAttention": ((32,), ()), "Attention": ((32,), ()), "Block": ((32, 48), ()),
                    "ResnetBlock": ((32, 48), ())}[block]

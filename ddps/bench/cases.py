@@ -309,14 +309,14 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
             film = [0.1 * torch.randn(batch, DIM, 1, 1, generator=g).to(device) for _ in range(2)]
             return [t.requires_grad_(grad) for t in (x, *params, *film)]
 
-        def norm_build(op, extra, mode=mode):
-            """The providers of a norm op called as op(*inputs, *extra): x channels-last for the ddps
-            backends (the fused UNet's layout), contiguous for the reference."""
+        def norm_build(op, extra, fmt, mode=mode):
+            """The providers of a norm op called as op(*inputs, *extra): x in the case's layout (fmt)
+            for the ddps backends, contiguous for the reference."""
             def build(device):
                 calls = {}
                 for name in (*REFERENCE, *ddps_backends(op, device)):
                     on_reference = name in REFERENCE
-                    inputs = norm_inputs(device, not on_reference)
+                    inputs = norm_inputs(device, not on_reference and fmt == torch.channels_last)
                     if op == "channel_layer_norm":  # x and the gain, stored [1, C, 1, 1] by the module
                         inputs = [inputs[0], inputs[1].reshape(1, -1, 1, 1)]
                     fn = getattr(reference, op) if on_reference else getattr(ops, op)
@@ -328,8 +328,13 @@ def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
         elems = batch * DIM * side * side * 4
         shape = f"x [{batch},{DIM},{side},{side}]"
         nbytes = 2 * elems if mode == "fwd" else None
-        for op, extra in (("channel_layer_norm", ()), ("group_norm_film_silu", (8,))):  # GroupNorm(8)
-            cases.append(Case(op, "denoiser op", shape, mode, norm_build(op, extra), REFERENCE, op, nbytes=nbytes))
+        # Channels-last is the fused UNet's layout; channel_layer_norm also runs on NCHW, as in the
+        # attention modules called from a user's own model (group_norm_film_silu's Block converts).
+        for op, extra, layouts in (("channel_layer_norm", (), LAYOUTS),
+                                   ("group_norm_film_silu", (8,), {"channels-last": torch.channels_last})):
+            for layout, fmt in layouts.items():
+                cases.append(Case(op, "denoiser op", f"{shape} {layout}", mode, norm_build(op, extra, fmt), REFERENCE,
+                                  op, nbytes=nbytes))
         cases.append(Case("conv3x3", "denoiser op", f"x [{batch},{DIM},{size},{size}], 3x3 {DIM}->{DIM}", mode,
                           _conv3x3_build(batch, size, mode), PLAIN, "conv3x3", flops=True))
     return cases

@@ -2,11 +2,16 @@
 original's LayerNorm, used twice per attention block).
 
 Backends: ``triton`` (kernels/channel_layer_norm.py: one pass forward, one backward, contiguous or
-channels-last as given), ``cpu`` (channels-last input: torch's layer_norm kernel on the
-channel-minor view, one statistics pass instead of the reference's separate mean and variance,
-about 1.9x on this package's reference CPU; NCHW: mean and variance over dim 1 in place,
-``_strided_channels``) and ``reference`` (``ddps.reference.channel_layer_norm``). Differentiable
-on all three.
+channels-last as given), ``cpu`` and ``reference`` (``ddps.reference.channel_layer_norm``).
+Differentiable on all three.
+
+``cpu``: channels-last input goes to torch's layer_norm kernel on the channel-minor view (one
+statistics pass instead of the reference's separate mean and variance, about 1.9x on this
+package's reference CPU). Channel-major input (NCHW: a user's own model's) of float32, bfloat16
+or float16 goes to the C++ kernel (csrc/channel_layer_norm/: per tile of pixels, one pass over
+the channels' rows for the statistics and one for y; backward likewise): layer_norm would need
+the channels-last view copied in and its output copied back, and the same math in torch ops over
+dim 1 makes five passes. float64 and empty inputs take layer_norm.
 """
 from __future__ import annotations
 
@@ -40,21 +45,41 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     # Half-precision inputs are normalised in float32 (as autocast does with layer_norm): torch's
     # half-precision layer_norm backward loses more in the gain's gradient than the reference.
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.stride(1) != 1:
-        return _strided_channels(x.to(compute), g.to(compute), eps).to(x.dtype)
+    if _kernel_takes(x):
+        # The gain in float32 whatever x's dtype, as the kernel computes.
+        return torch.ops.ddps.channel_layer_norm(x.contiguous(), g.reshape(-1).float().contiguous(), eps)[0]
     last = x.movedim(1, -1).to(compute)
     out = F.layer_norm(last, (x.shape[1],), g.reshape(-1).to(compute), None, eps)
     return out.movedim(-1, 1).to(x.dtype)
 
 
-def _strided_channels(x, g, eps):
-    """The cpu backend where channels are not contiguous (NCHW): reductions over dim 1 in x's own
-    layout. layer_norm would need the channels-last view copied in and its output copied back,
-    which made it 4.8x slower than this at [1, 256, 128, 128] (AVX2 EPYC; torch's var_mean over
-    dim 1 was 2.8x slower)."""
-    centred = x - x.mean(dim=1, keepdim=True)
-    var = centred.square().mean(dim=1, keepdim=True)
-    return centred * (var + eps).rsqrt() * g.reshape(-1, *(1,) * (x.dim() - 2))
+def _kernel_takes(x) -> bool:
+    """The C++ kernel's case: channels not the minor dim (a strided view is made contiguous
+    first), float32, bfloat16 or float16, not empty."""
+    return x.dim() >= 3 and x.stride(1) != 1 and x.dtype in _common.LOGIT_DTYPES and x.numel() > 0
+
+
+@_backend.register_fake("channel_layer_norm")
+def _cpu_fake(x, g, eps):
+    stat = x.new_empty((x.shape[0], x.numel() // max(x.shape[0] * x.shape[1], 1)), dtype=torch.float32)
+    return torch.empty_like(x), stat, stat.clone()
+
+
+@_backend.register_fake("channel_layer_norm_backward")
+def _cpu_backward_fake(grad, x, g, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(g)
+
+
+def _setup_context(ctx, inputs, output):
+    x, g, _ = inputs
+    ctx.save_for_backward(x, g, output[1], output[2])
+
+
+_backend.register_autograd(
+    "channel_layer_norm",
+    lambda ctx, grad, _mean, _rstd: (*torch.ops.ddps.channel_layer_norm_backward(grad.contiguous(),
+                                                                                 *ctx.saved_tensors), None),
+    _setup_context)
 
 
 def _fwd_fake(x, g, eps):

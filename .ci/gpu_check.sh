@@ -37,7 +37,7 @@ step backends 30 $PY -c "import ddps, json; s = ddps.backends(); print(json.dump
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests 180 $PY -m pytest tests -q -p no:cacheprovider $xdist
 # The caching allocator hides out-of-bounds accesses inside its pools: memcheck runs without it.
-SANITIZED="tests/test_sampling_backends.py tests/test_denoiser_triton.py"
+SANITIZED="tests/kernels"
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY -m pytest $SANITIZED -q -p no:cacheprovider -k "not opcheck"
 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \

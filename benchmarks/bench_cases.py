@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddps.bench import cases as registry
 from ddps.bench import relative_difference, shapes
 from ddps.bench.measure import machine
+from ddps.bench.profiles import all_cases
 
 
 def pytest_generate_tests(metafunc):
@@ -21,9 +21,10 @@ def pytest_generate_tests(metafunc):
         return
     config = metafunc.config
     device = torch.device(config.getoption("--ddps-device"))
-    params = []
-    for index, case in enumerate(registry.all_cases(config.getoption("--ddps-full"), config.getoption("--ddps-size"))):
-        for provider in case.provider_names(device):
+    params, full = [], config.getoption("--ddps-full")
+    for index, case in enumerate(all_cases(full, config.getoption("--ddps-size"))):
+        # as ddps bench: torch.compile of the reference in the full profile only
+        for provider in (p for p in case.provider_names(device) if full or not p.startswith("compile")):
             params.append(pytest.param((index, provider), id=f"{case.name}-{case.mode}-{case.shape}-{provider}"))
     metafunc.parametrize("case_provider", params)
 
@@ -37,14 +38,13 @@ def setup(request):
     device = torch.device(config.getoption("--ddps-device"))
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.fail("--ddps-device cuda needs a visible CUDA device")
-    all_cases = registry.all_cases(config.getoption("--ddps-full"), config.getoption("--ddps-size"))
-    return all_cases, device
+    return all_cases(config.getoption("--ddps-full"), config.getoption("--ddps-size")), device
 
 
 def test_case(benchmark, setup, case_provider):
-    all_cases, device = setup
+    cases, device = setup
     index, provider = case_provider
-    case = all_cases[index]
+    case = cases[index]
     if _current.get("index") != index:
         _current.clear()
         providers = case.build(device)

@@ -1,5 +1,7 @@
+"""`python -m ddps CMD`: the ``ddps`` command (``ddps.app.cli``); under torchrun, `torchrun
+--nproc_per_node N -m ddps train ...`."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

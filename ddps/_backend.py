@@ -15,8 +15,33 @@ import warnings
 
 import torch
 
+from . import _checks
+
+# One vocabulary from the heads down to the ops: "auto" (the resolver's choice; None does the same for
+# an op), "reference" (the original's eager ops) or a kernel family. An op asked for a family it
+# lacks raises; a module or head passes its backend to every op it runs, each op that lacks the
+# family taking its own default, as under DDPS_BACKEND (see preferred).
 BACKENDS = ("cpu", "cuda", "triton", "reference")
+MODULE_BACKENDS = ("reference", "auto", "cpu", "cuda", "triton")
 FAKES: dict[str, object] = {}
+IMPLEMENTED: dict[str, tuple[str, ...]] = {}
+
+
+def implements(op_name: str, backends: tuple[str, ...]) -> tuple[str, ...]:
+    """Record which backends ``op_name`` has (for ``preferred``) and return them."""
+    IMPLEMENTED[op_name] = backends
+    return backends
+
+
+def check_module_backend(backend: str) -> str:
+    """A module's or head's ``backend=``, checked."""
+    return _checks.choice(backend, "backend", MODULE_BACKENDS, "a backend")
+
+
+def preferred(op_name: str, backend: str) -> str | None:
+    """The ``backend=`` a module whose backend is ``backend`` passes to ``op_name``: None (the
+    resolver's choice) for "auto" and for a kernel family the op lacks, else the backend."""
+    return None if backend == "auto" or backend not in IMPLEMENTED[op_name] else backend
 
 
 def register_fake(op_name: str):
@@ -133,18 +158,20 @@ WIDE_CPU_VECTORS = torch.backends.cpu.get_cpu_capability() == "AVX512"
 # torch.compile runs the resolver once at trace time and keeps its answer: the choice depends on
 # the environment and the installed build, not on tensor data.
 @torch.compiler.assume_constant_result
-def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...],
-            env_optional: bool = False) -> str:
-    """The backend that runs ``op`` on ``device``. ``implemented``: the backends the op has.
+def resolve(op: str, backend: str | None, device: torch.device, env_optional: bool = False) -> str:
+    """The backend that runs ``op`` on ``device``, among those it implements (``implements``).
     ``env_optional``: a ``DDPS_BACKEND`` naming a backend the op lacks leaves it on its default
     instead of raising (for an op the fused modules call whatever that process-wide choice is)."""
+    implemented = IMPLEMENTED[op]
+    if backend == "auto":
+        backend = None
     requested = backend if backend is not None else os.environ.get("DDPS_BACKEND") or None
     if backend is None and env_optional and requested in BACKENDS and requested not in implemented:
         requested = None
     if requested is not None:
         source = "backend=" if backend is not None else "DDPS_BACKEND="
         if requested not in BACKENDS:
-            raise ValueError(f"{op}: unknown backend {source}{requested!r}; choose one of {BACKENDS}")
+            raise ValueError(f"{op}: unknown backend {source}{requested!r}; choose one of {BACKENDS} or 'auto'")
         if requested not in implemented:
             raise ValueError(f"{op}: backend {source}{requested!r} does not implement this op "
                              f"(it has {implemented})")

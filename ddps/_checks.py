@@ -5,6 +5,21 @@ from __future__ import annotations
 import torch
 
 
+class ArgumentError(ValueError):
+    """A bad argument of a module's constructor; ``argument`` names it, so that a caller that knows
+    it under another name (a run config's key) can say which of its own was wrong."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+def choice(value, argument: str, choices: tuple, what: str):
+    if value not in choices:
+        raise ArgumentError(argument, f"{argument}={value!r} is not {what}; choose one of {choices}")
+    return value
+
+
 def _check_values() -> bool:
     # Value checks read data; a traced program (torch.compile) has none to read, so there only the
     # shapes, dtypes and devices are checked.

@@ -1,5 +1,4 @@
 """Triton renoise: q_sample(argmax(logits)) in one pass over the logits (see csrc/renoise/renoise.h)."""
-from typing import Optional
 
 import torch
 import triton

@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import torch
 
@@ -10,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from helpers import FIXTURES  # noqa: E402
 
 
 @pytest.fixture(scope="session")

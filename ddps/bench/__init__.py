@@ -17,30 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .. import _backend
 from . import cases as cases_mod
+from .profiles import FULL, QUICK, select
 from .measure import copy_gbps, machine, measure, profiled_call, summary
-
-QUICK, FULL = "quick", "full"
-
-
-def select(profile: str, size: int, names=None) -> list[cases_mod.Case]:
-    """The profile's cases, restricted to ``names`` (case names such as ``attention`` or
-    ``head.sample``) when given; unknown names are an error naming them."""
-    cases = cases_mod.all_cases(profile == FULL, size)
-    if names:
-        known = {c.name for c in cases}
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise ValueError(f"unknown case(s) {unknown}; the {profile} profile has {sorted(known)}")
-        cases = [c for c in cases if c.name in names]
-    return cases
-
-
-def _skip(case: cases_mod.Case, provider: str, profile: str) -> str | None:
-    """Why a provider is left out of this profile (None: it runs)."""
-    if provider.startswith("compile") and profile == QUICK and (case.heavy or case.mode != "fwd"):
-        return "torch.compile of this case only in --full (compile time)"
-    return None
-
 
 def relative_difference(out, expected) -> float:
     """Max |out - expected| / max |expected| over the tensors of an output."""
@@ -90,7 +68,8 @@ def _counted(fn, counter: FlopCounterMode):
 def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None = None, log=None,
         dtype: str = "fp32") -> dict:
     """Measure every case; ``log(row)`` is called as each row is ready (for live printing).
-    ``dtype``: see ``cases.with_dtype``."""
+    ``dtype``: see ``cases.with_dtype``. The quick profile leaves torch.compile out (its compile
+    time), and its end-to-end cases warm up in their profiled call (one call less each)."""
     from . import floor  # not at import: `python -m ddps.bench.floor` would find it imported twice
     _count_winograd_flops()
     # Every case compiles its own shapes of the same module code: past dynamo's default of 8
@@ -98,11 +77,11 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     rows = []
     for case in cases:
-        reps = repeats or ((2 if profile == QUICK else 5) if case.heavy else 5)
-        min_time = 0.0 if case.heavy else 0.3
         providers = case.build(device)
         if list(providers) != case.provider_names(device):
             raise RuntimeError(f"case {case.name}: built {list(providers)}, declared {case.provider_names(device)}")
+        if profile == QUICK:
+            providers = {name: fn for name, fn in providers.items() if not name.startswith("compile")}
         providers = cases_mod.with_dtype(case, providers, dtype, device)
         copy = copy_gbps(case.nbytes, device, 5) if case.nbytes else None
         # On a GPU: the case's floor on paper (ddps.bench.floor), of which each row reaches a fraction.
@@ -113,41 +92,41 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
         expected = base = None
         for name, fn in providers.items():
             row = dict(case=case.name, group=case.group, shape=case.shape, mode=case.mode, provider=name)
-            reason = _skip(case, name, profile)
-            if reason:
-                rows.append(dict(row, skipped=reason))
-                log and log(rows[-1])
-                continue
             try:
-                compiled = name.startswith("compile")
-                fn()  # warm-up (caches, compilation) outside the profiler: the peak is a steady call's
-                counter = FlopCounterMode(display=False)
-                out, peak = profiled_call(_counted(fn, counter) if case.flops and not compiled else fn, device)
-                row["check"] = _check(case, out, expected)
-                if expected is None:
-                    expected = out
-                del out
-                row["peak_mb"] = peak / 2**20
-                times = measure(fn, reps, device, min_time)
+                out = _measure(row, case, name, fn, device, profile, repeats)
             except Exception as exc:  # reported in the table; the run goes on and exits non-zero
-                rows.append(dict(row, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
-                log and log(rows[-1])
-                continue
-            row.update(summary(times))
-            base = base or row["median_ms"]
-            row["speedup"] = base / row["median_ms"]
-            if case.nbytes:
-                row["gbps"] = case.nbytes / row["median_ms"] / 1e6
-                row["copy_gbps"] = copy
-            if case.flops and not compiled:
-                row["gflops"] = counter.get_total_flops() / row["median_ms"] / 1e6
-            if gpu_floor is not None:
-                row["gpu_floor_ms"], row["floor_pct"] = gpu_floor, 100 * gpu_floor / row["median_ms"]
+                row = dict(row, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            else:
+                row["check"] = _check(case, out, expected)
+                expected = out if expected is None else expected
+                del out
+                base = base or row["median_ms"]
+                row["speedup"] = base / row["median_ms"]
+                if case.nbytes:
+                    row["gbps"], row["copy_gbps"] = case.nbytes / row["median_ms"] / 1e6, copy
+                if gpu_floor is not None:
+                    row["gpu_floor_ms"], row["floor_pct"] = gpu_floor, 100 * gpu_floor / row["median_ms"]
             rows.append(row)
             log and log(row)
         del providers, expected
         gc.collect()
     return dict(machine=machine(device), profile=profile, dtype=dtype, rows=rows)
+
+
+def _measure(row: dict, case, name: str, fn, device, profile: str, repeats: int | None):
+    """One provider of a case into ``row`` (peak memory, GFLOP/s, timings); returns its output."""
+    compiled = name.startswith("compile")
+    heavy_quick = case.heavy and profile == QUICK
+    if not heavy_quick:
+        fn()  # warm-up (caches, compilation) outside the profiler: the peak is a steady call's
+    counter = FlopCounterMode(display=False)
+    out, peak = profiled_call(_counted(fn, counter) if case.flops and not compiled else fn, device)
+    row["peak_mb"] = peak / 2**20
+    reps = repeats or (1 if heavy_quick else 5)
+    row.update(summary(measure(fn, reps, device, 0.0 if case.heavy else 0.3)))
+    if case.flops and not compiled:
+        row["gflops"] = counter.get_total_flops() / row["median_ms"] / 1e6
+    return out
 
 
 def peak_conv_gflops(device: torch.device) -> float:
@@ -178,7 +157,7 @@ def add_floor(result: dict, device: torch.device) -> None:
 
 
 def main(args) -> int:
-    """``ddps bench`` with parsed arguments (see ``ddps.cli``)."""
+    """``ddps bench`` with parsed arguments (see ``ddps.app.cli.bench``)."""
     from . import report
 
     device = torch.device(args.device)
@@ -204,11 +183,13 @@ def main(args) -> int:
     result = run(cases, device, profile, args.repeats, printer, args.dtype)
     add_floor(result, device)
     result.update(size=args.size, seconds=time.perf_counter() - start, command=" ".join(["ddps bench", *args.argv]))
-    print(report.summary_lines(result))
+    written = []
     for path, writer in ((args.json, report.write_json), (args.csv, report.write_csv), (args.plot, report.write_plot),
                          (args.markdown, report.write_markdown)):
         if path:
             writer(result, path)
-            print(f"wrote {path}")
+            written.append(path)
+    headline = {(c.name, c.mode, c.shape) for c in select(QUICK, args.size)}
+    print(report.summary_lines(result, headline, written))
     failed = [r for r in result["rows"] if "error" in r]
     return 1 if failed else 0

@@ -15,7 +15,6 @@ Every case builds its tensors only when it runs.
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, maskige, ops, reference
-from ..nn import DDPSHead
-from ..nn.unet import Attention, LinearAttention, UNet
+from ..nn.head import ADE20K_HEAD
 from ..ops import _tables
 from ..ops._common import DTYPES
 from ..ops.attention import split_heads
@@ -32,14 +30,12 @@ from ..ops.conv3x3 import winograd_weight
 from ..ops.maskige_decode import composite as maskige_decode_composite
 from ..schedule import DiffusionSchedule
 
-K, T, DIM = 151, 20, 256
+K, T, DIM = ADE20K_HEAD["num_classes"], ADE20K_HEAD["num_timesteps"], ADE20K_HEAD["dim"]
 REFERENCE = ("reference", "compile(reference)")
 PLAIN = (*REFERENCE, "plain-torch")
 MODULE = (*REFERENCE, "fused")
 HEAD = ("reference", "ddps")
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
-ADE20K_HEAD = dict(num_classes=K, cond_channels=DIM, dim=DIM, out_dim=DIM, dim_mults=(1, 1, 1), embed_dim=16,
-                   num_timesteps=T, inference_steps=2, collect_timesteps=(0, 10, 19), guidance_scale=0.4)
 
 
 @dataclass
@@ -94,13 +90,12 @@ def _autocast(fn, device, dtype):
 def ddps_backends(op: str, device: torch.device) -> list[str]:
     """The ddps backends of ``op`` that run on ``device``. Triton on CPU tensors is its interpreter,
     a test tool, so it is not benchmarked."""
-    implemented = importlib.import_module(f"ddps.ops.{op}").IMPLEMENTED
     usable = []
-    for name in implemented:
+    for name in _backend.IMPLEMENTED[op]:
         if name == "reference" or (name == "triton" and device.type == "cpu"):
             continue
         try:
-            _backend.resolve(op, name, device, implemented)
+            _backend.resolve(op, name, device)
         except ValueError:
             continue
         usable.append(name)
@@ -144,6 +139,8 @@ def _sampling_inputs(batch, size, device):
 
 
 def sampling_cases(batch: int, size: int) -> list[Case]:
+    # Long: one builder per op (its providers, the ddps backends among them) and the table of
+    # cases that names them; split up, the table would be read apart from what it builds.
     shape = f"B={batch} K={K} {size}x{size}"
     labels = batch * size * size * 8
     logit_bytes = batch * K * size * size * 4
@@ -221,11 +218,11 @@ def _differentiated(fn, leaves):
 
     def call():
         out = fn()
-        return torch.autograd.grad(out, leaves, _output_grad(out, grad))
+        return torch.autograd.grad(out, leaves, output_grad(out, grad))
     return call
 
 
-def _output_grad(out, cache: dict):
+def output_grad(out, cache: dict):
     """A fixed random gradient for ``out``, made on the first call and laid out as ``out`` is (as
     the next layer's backward gives it: channels-last in the fused UNet)."""
     if "grad" not in cache:
@@ -261,6 +258,7 @@ def _sdpa_attention(qkv, scale):
 
 
 def denoiser_op_cases(batch: int, size: int, modes) -> list[Case]:
+    # Long for the reason sampling_cases is: each op's builder beside its case.
     scale = 32 ** -0.5
     cases = []
     for mode in modes:
@@ -363,129 +361,3 @@ def _conv3x3_build(batch, size, mode):
                                                                                            backend=name))
         return _providers(mode, calls)
     return build
-
-
-# --- modules and the whole head -------------------------------------------------------------------
-def _module_pair(cls, *args):
-    torch.manual_seed(0)
-    ref = cls(*args)
-    fused = cls(*args, backend="fused")
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused
-
-
-def module_cases(batch: int, size: int, modes) -> list[Case]:
-    cases = []
-    for mode in modes:
-        for layout, fmt in LAYOUTS.items():
-            def build_for(cls, shape, extra=(), mode=mode, fmt=fmt):
-                def build(device):
-                    ref, fused = (m.to(device) for m in _module_pair(cls, *shape[1:2], *extra))
-                    # Every provider gets x in the case's layout: NCHW as a user's own model gives it, or
-                    # channels-last as inside UNet(backend="fused").
-                    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
-                    x = x.contiguous(memory_format=fmt)
-                    inputs = {"reference": ref, "compile(reference)": torch.compile(ref, dynamic=False), "fused": fused}
-                    return {name: _module_call(m, x, mode) for name, m in inputs.items()}
-                return build
-
-            side = size // 4
-            cases.append(Case("Attention", "module", f"x [{batch},{DIM},{side},{side}] {layout}", mode,
-                              build_for(Attention, (batch, DIM, side, side)), MODULE, flops=True))
-            for side in (size, size // 2, size // 4):
-                cases.append(Case("LinearAttention", "module", f"x [{batch},{DIM},{side},{side}] {layout}", mode,
-                                  build_for(LinearAttention, (batch, DIM, side, side)), MODULE, flops=True))
-
-    def unet(device):
-        ref, fused = (m.to(device).eval() for m in _module_pair(UNet, DIM, DIM, DIM + 16, (1, 1, 1)))
-        x = torch.randn(1, DIM + 16, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        t = torch.tensor([5], device=device)
-        compiled = torch.compile(ref, dynamic=False)
-        return {name: (lambda m=m: _no_grad(m, x, t))
-                for name, m in (("reference", ref), ("compile(reference)", compiled), ("fused", fused))}
-    cases.append(Case("UNet", "module", f"x [1,{DIM + 16},{size},{size}]", "fwd", unet, MODULE, flops=True,
-                      heavy=True))
-    return cases
-
-
-def _no_grad(module, *args):
-    with torch.no_grad():
-        return module(*args)
-
-
-def _module_call(module, x, mode):
-    if mode == "fwd":
-        module.eval()
-        return lambda: _no_grad(module, x)
-    module.train()
-    leaf = x.detach().clone().requires_grad_()
-    grad = {}
-
-    def call():
-        module.zero_grad(set_to_none=True)
-        leaf.grad = None
-        out = module(leaf)
-        out.backward(_output_grad(out, grad))
-        return leaf.grad
-    return call
-
-
-def head_cases(size: int) -> list[Case]:
-    def heads(device):
-        torch.manual_seed(0)
-        ref = DDPSHead(**ADE20K_HEAD).to(device)
-        fused = DDPSHead(**ADE20K_HEAD, backend="auto").to(device)
-        fused.load_state_dict(ref.state_dict(), strict=True)
-        g = torch.Generator().manual_seed(0)
-        return {"reference": ref, "ddps": fused}, g
-
-    def step(device):
-        models, g = heads(device)
-        cond = torch.randn(1, DIM, size, size, generator=g).to(device)
-        mask = torch.randint(0, K, (1, size, size), generator=g).to(device)
-        t = torch.tensor([10], device=device)
-        return {name: (lambda h=h: _no_grad(lambda: h.eval()._step(cond)(mask, t))) for name, h in models.items()}
-
-    def sample(device):
-        models, g = heads(device)
-        cond = torch.randn(1, DIM, size, size, generator=g).to(device)
-        return {name: (lambda h=h: h.eval().sample(cond)[0]) for name, h in models.items()}
-
-    def train(device):
-        models, g = heads(device)
-        cond = torch.randn(2, DIM, size, size, generator=g).to(device)
-        gt = torch.randint(0, K, (2, 4 * size, 4 * size), generator=g).to(device)
-
-        def call(head):
-            head.train()
-            torch.manual_seed(1)  # the same noise levels t on both heads
-            logits, _ = head.forward_train(cond, gt)
-            loss = F.cross_entropy(F.interpolate(logits, gt.shape[-2:], mode="bilinear"), gt)
-            loss.backward()
-            head.zero_grad(set_to_none=True)
-            return logits.detach()
-        return {name: (lambda h=h: call(h)) for name, h in models.items()}
-
-    group = "end-to-end"
-    shape = f"ADE20K head, mask {size}x{size}"
-    return [
-        Case("head.step", group, f"{shape}, B=1, guidance 0.4", "fwd", step, HEAD, flops=True, heavy=True),
-        # The noise is drawn differently on the two heads (dense Gumbel vs Philox): shapes are compared.
-        Case("head.sample", group, f"{shape}, B=1, T={T}, 3 steps", "fwd", sample, HEAD, compare="shape", flops=True,
-             heavy=True),
-        Case("head.train_step", group, f"{shape}, B=2", "fwd+bwd", train, HEAD, compare="shape", heavy=True),
-    ]
-
-
-def all_cases(full: bool, size: int) -> list[Case]:
-    """The quick profile: B = 1, forward and forward + backward. --full adds B = 4."""
-    batches = (1, 4) if full else (1,)
-    modes = ("fwd", "fwd+bwd")
-    cases = []
-    for b in batches:
-        cases += sampling_cases(max(b, 1), size)
-    for b in batches:
-        cases += denoiser_op_cases(b, size, modes)
-    for b in batches:
-        cases += [c for c in module_cases(b, size, modes) if c.name != "UNet" or b == batches[0]]
-    return cases + head_cases(size)

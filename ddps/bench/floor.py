@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from .profiles import select
+
 # Published (vendors' datasheets): HBM bandwidth in bytes/s and dense (no sparsity) peaks in FLOP/s.
 GPUS = {
     "A100": dict(name="A100 SXM4 80 GB", bandwidth=2.039e12, fp32=19.5e12, tf32=156e12, bf16=312e12),
@@ -82,7 +84,6 @@ def case_work(case, reference) -> tuple[int, int]:
 
 
 def rows(size: int = 128, full: bool = True, names=None) -> list[dict]:
-    from . import select
     out = []
     for case in select("full" if full else "quick", size, names):
         nbytes, flops = case_work(case, case.build(torch.device("cpu"))["reference"])
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         table = rows(args.size, True, args.cases)
-    except ValueError as exc:  # an unknown case, named by ddps.bench.select
+    except ValueError as exc:  # an unknown case, named by ddps.bench.profiles.select
         parser.error(str(exc))
     text = markdown(table, args.size)
     if args.markdown:

@@ -26,6 +26,20 @@ def _cpu_name() -> str:
 
 
 @functools.cache
+def cpu_features() -> str:
+    """The vector instructions of this CPU that ddps's kernels and torch's choose by, from
+    /proc/cpuinfo: what every CPU figure must be read with."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "flags unknown"
+    named = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+             ("amx_bf16", "AMX-BF16"))
+    return ", ".join(name for flag, name in named if flag in flags) or "no AVX2"
+
+
+@functools.cache
 def _commit() -> str:
     """The source checkout's commit (with "+dirty" for local changes), or "unknown" for an install
     outside a git checkout."""
@@ -52,7 +66,7 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_name()}, {os.cpu_count()} cores"
+        name = f"{_cpu_name()}, {os.cpu_count()} cores ({cpu_features()})"
     return dict(device=name, threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version,
                 python=platform.python_version(), ddps=__version__, commit=_commit())
 

@@ -11,14 +11,15 @@ from .measure import machine_line
 
 COLUMNS = ("median ms", "q20", "q80", "speedup", "GB/s", "copy GB/s", "GFLOP/s", "peak MB")
 CSV_FIELDS = ("case", "group", "mode", "shape", "provider", "median_ms", "q20_ms", "q80_ms", "speedup", "gbps",
-              "copy_gbps", "gflops", "peak_mb", "floor_ms", "gpu_floor_ms", "floor_pct", "check", "skipped", "error", "device", "threads",
+              "copy_gbps", "gflops", "peak_mb", "floor_ms", "gpu_floor_ms", "floor_pct", "check", "error", "device", "threads",
               "torch", "triton", "python", "ddps", "commit")
 
 
 def header(machine: dict, profile: str, size: int, dtype: str = "fp32") -> str:
     lowp = f"; rows 'provider[{dtype}]' run under torch.autocast({dtype})" if dtype != "fp32" else ""
+    quick = "; torch.compile of the reference and the other cases run with --full" if profile == "quick" else ""
     return (f"{machine_line(machine)}\nprofile: {profile}, mask size {size}{lowp}; speedup = reference (float32) "
-            "median / provider median, both measured in this run")
+            f"median / provider median, both measured in this run{quick}")
 
 
 def _num(value, fmt: str) -> str:
@@ -26,9 +27,9 @@ def _num(value, fmt: str) -> str:
 
 
 def cells(row: dict) -> list[str]:
-    """The table cells of a row, in COLUMNS order, then the note (check, skip reason or error)."""
+    """The table cells of a row, in COLUMNS order, then the note (check or error)."""
     if "median_ms" not in row:
-        return [""] * len(COLUMNS) + [row.get("skipped") or f"ERROR {row.get('error')}"]
+        return [""] * len(COLUMNS) + [f"ERROR {row.get('error')}"]
     note = row.get("check", "")
     if "floor_ms" in row:
         note += f"; FLOP floor {row['floor_ms']:.0f} ms"
@@ -55,8 +56,22 @@ class LivePrinter:
         print(f"  {row['provider']:20s}" + "".join(f"{v:>11s}" for v in values[:-1]) + f"  {values[-1]}", flush=True)
 
 
-def summary_lines(result: dict) -> str:
-    lines = [f"\n{len(result['rows'])} rows in {result['seconds']:.0f} s"]
+def summary_lines(result: dict, headline, written=()) -> str:
+    """What a run comes to: for each of the ``headline`` cases ((case, mode, shape) keys) that ran,
+    the fastest ddps provider's speedup over the reference; the FLOP floors, failures, the machine
+    and the files written."""
+    lines = [f"\nSummary: {result['profile']} profile, {len(result['rows'])} rows in {result['seconds']:.0f} s; "
+             "speedup of ddps's fastest provider over the original's eager ops (reference), both measured here"]
+    best = {}
+    for r in result["rows"]:
+        key = (r["case"], r["mode"], r["shape"])
+        ddps = r["provider"] not in ("reference", "plain-torch") and not r["provider"].startswith("compile")
+        if key in headline and ddps and "speedup" in r and r["speedup"] > best.get(key, {}).get("speedup", 0):
+            best[key] = r
+    for (case, mode, shape), r in best.items():
+        ms = r["median_ms"]
+        lines.append(f"  {case:20s} {mode:8s} {r['provider']:6s} {r['speedup']:7.2f}x  "
+                     f"{ms:{'.0f' if ms >= 100 else '.3g'}} ms   {shape}")
     if "peak_conv_gflops" in result:
         lines.append(f"peak convolution throughput (3x3, 256->256, 128x128): {result['peak_conv_gflops']:.0f} GFLOP/s")
     for r in result["rows"]:
@@ -66,6 +81,9 @@ def summary_lines(result: dict) -> str:
     errors = [r for r in result["rows"] if "error" in r]
     if errors:
         lines.append(f"{len(errors)} provider(s) failed: " + ", ".join(f"{r['case']}/{r['provider']}" for r in errors))
+    lines.append(machine_line(result["machine"]))
+    lines.append("results: " + (", ".join(written) if written else "printed above only (--json, --csv, --plot, "
+                                "--markdown write them to files)"))
     return "\n".join(lines)
 
 
@@ -118,7 +136,11 @@ def write_plot(result: dict, path: str) -> None:
     rows = [r for r in result["rows"] if "speedup" in r and r["provider"] != "reference"]
     labels = [f"{r['case']} {r['mode']} [{r['shape']}] {r['provider']}" for r in rows]
     fig, ax = plt.subplots(figsize=(11, 0.25 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), [r["speedup"] for r in rows], color="tab:blue")
+    # ddps's providers in blue, the stock-torch ones (plain torch, torch.compile) in grey
+    stock = [r["provider"] == "plain-torch" or r["provider"].startswith("compile") for r in rows]
+    bars = ax.barh(range(len(rows)), [r["speedup"] for r in rows],
+                   color=["tab:gray" if s else "tab:blue" for s in stock])
+    ax.bar_label(bars, [f"{r['speedup']:.3g}x" for r in rows], fontsize=7, padding=2)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -128,7 +150,7 @@ def write_plot(result: dict, path: str) -> None:
     ax.set_title(f"ddps bench ({result['profile']}): {m['device']}, torch {m['torch']}", fontsize=9)
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
 

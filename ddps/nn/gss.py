@@ -15,27 +15,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import maskige, ops
+from .. import _backend, maskige, ops
+from .mask_head import MaskHead
 from .vq import DOWNSAMPLING, MaskigeVQ, conv_block
 
 UNTAUGHT = -100  # the token target of a block without a labelled pixel
 
 
-class GSSHead(nn.Module):
-    """The head protocol of ``DDPSHead``: ``loss(cond, labels, base=None, ignore_index=255)``: cond
+class GSSHead(MaskHead):
+    """On the protocol of ``MaskHead``: ``loss(cond, labels, base=None, ignore_index=255)``: cond
     [B, C, h, w] features, labels [B, 4h, 4w] -> token_weight * token cross-entropy + aux_weight *
     the auxiliary pixel cross-entropy. ``sample(cond, base=None)`` -> (class scores [B, K, 4h, 4w]:
     one-hot from the nearest colour, or the learned decoder's logits; {}: no steps).
     ``trainable_parameters()``: the conditioning network and the auxiliary classifier.
     ``prior_parameters()``, ``prior_loss(labels, ignore_index)``: the VQ autoencoder (reconstruction
     and commitment) and the learned decoder (cross-entropy on the reconstructions), trained on the
-    labels alone before the head, then frozen."""
+    labels alone before the head, then frozen. ``backend``: that of ``maskige_decode`` (see
+    ``ddps.backends()``)."""
 
     size_multiple = 2  # the features' stride-2 step to the token grid
+    metrics_name = "gss"
 
     def __init__(self, num_classes: int, cond_channels: int, vq: MaskigeVQ, colours: torch.Tensor, dim: int = 64,
-                 decoder: maskige.LearnedDecoder | None = None, token_weight: float = 0.8, aux_weight: float = 0.2):
+                 decoder: maskige.LearnedDecoder | None = None, token_weight: float = 0.8, aux_weight: float = 0.2,
+                 backend: str = "auto"):
         super().__init__()
+        self.backend = _backend.check_module_backend(backend)
         maskige.check_palette(colours)
         if len(colours) != num_classes + 1:
             raise ValueError(f"the palette has {len(colours)} colours; {num_classes} classes need {num_classes + 1} "
@@ -84,7 +89,8 @@ class GSSHead(nn.Module):
 
     def _nearest_class(self, reconstruction: torch.Tensor) -> torch.Tensor:
         # the class colours only: a prediction never says "ignore"
-        return ops.maskige_decode(reconstruction, self.colours[:self.num_classes])
+        return ops.maskige_decode(reconstruction, self.colours[:self.num_classes],
+                                  backend=_backend.preferred("maskige_decode", self.backend))
 
     @torch.no_grad()
     def token_targets(self, labels: torch.Tensor, filled: torch.Tensor,

@@ -9,19 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _checks, ops, reference
+from .. import _backend, _checks, ops, reference
 from ..schedule import DiffusionSchedule
+from .mask_head import MaskHead
 from .unet import UNet
 
 MODES = ("renoise", "posterior")
 # What training noises: the model's own first prediction (the original's "diffusion on first
 # prediction") or the ground truth (the naive integration the paper compares against).
 NOISE_SOURCES = ("first_prediction", "ground_truth")
-# "reference": the original's dense sampling ops, UNet and loop, bitwise. Otherwise the fused
-# ddps.ops on the backend named ("auto": the resolver's choice, see ddps.backends()), the fused
-# UNet, and init_conv computed in two shares (see DDPSHead._step).
-HEAD_BACKENDS = ("reference", "auto", "cpu", "cuda", "triton")
 SCHEDULE_BUFFERS = ("log_cumprod_at", "log_cumprod_bt", "log_at", "log_bt")
+# The released ADE20K head at inference (T = 20, 2 steps collecting 0, 10 and 19, guidance 0.4),
+# which the benchmarks and the demo run.
+ADE20K_HEAD = dict(num_classes=151, cond_channels=256, dim=256, out_dim=256, dim_mults=(1, 1, 1), embed_dim=16,
+                   num_timesteps=20, inference_steps=2, collect_timesteps=(0, 10, 19), guidance_scale=0.4)
 
 
 def inference_timesteps(num_timesteps: int, inference_steps: int | None) -> list[int]:
@@ -39,27 +40,56 @@ def unvisited(collect_timesteps, num_timesteps: int, inference_steps: int | None
     return [c for c in collect_timesteps if c not in visited]
 
 
-class DDPSHead(nn.Module):
-    """Denoising-diffusion mask head.
+def check_arguments(num_timesteps: int, inference_steps: int | None = None, collect_timesteps=(),
+                    guidance_scale: float = 1.0, mode: str = "renoise", dropout_ratio: float = 0.1,
+                    cond_dropout: float = 0.0, backend: str = "reference",
+                    noise_source: str = "first_prediction") -> None:
+    """DDPSHead's rules for its arguments, without building it; a broken one is an
+    ``ArgumentError`` naming it."""
+    _backend.check_module_backend(backend)
+    _checks.choice(mode, "mode", MODES, "a sampling mode")
+    _checks.choice(noise_source, "noise_source", NOISE_SOURCES, "a noise source")
+    if mode == "posterior" and guidance_scale != 1:
+        raise _checks.ArgumentError("guidance_scale", f"guidance_scale={guidance_scale} needs mode='renoise': the "
+                                    "original posterior loop applies no guidance (use guidance_scale=1.0)")
+    if inference_steps is not None and inference_steps < 1:
+        raise _checks.ArgumentError("inference_steps", f"inference_steps={inference_steps} must be >= 1 (or None "
+                                    "for all steps)")
+    if not 0 <= dropout_ratio < 1:
+        raise _checks.ArgumentError("dropout_ratio", f"dropout_ratio={dropout_ratio} must lie in [0, 1)")
+    if not 0 <= cond_dropout <= 1:
+        raise _checks.ArgumentError("cond_dropout", f"cond_dropout={cond_dropout} must lie in [0, 1]")
+    bad = [c for c in collect_timesteps if not 0 <= c < num_timesteps]
+    if bad:
+        raise _checks.ArgumentError("collect_timesteps", f"collect_timesteps {bad} are outside [0, "
+                                    f"num_timesteps={num_timesteps})")
+    never = unvisited(collect_timesteps, num_timesteps, inference_steps)
+    if never:
+        raise _checks.ArgumentError("collect_timesteps", f"collect_timesteps {never} are never visited: with "
+                                    f"num_timesteps={num_timesteps} and inference_steps={inference_steps} the steps "
+                                    f"that run are {inference_timesteps(num_timesteps, inference_steps)}")
 
-    The head protocol, shared by every mask head: ``sample(cond, base=None)``: cond [B,
-    cond_channels, H, W] (and the segmentor's own logits ``base`` [B, K', H, W], which this head
-    does not read) -> (final logits [B, K, H, W], {step: logits} for each of
-    ``collect_timesteps``, keyed by the step they come from; a collect step that the inference
-    schedule never visits is refused at construction). ``loss(cond, labels, base=None,
-    ignore_index=255)``: the training loss for labels at the image's resolution.
-    ``trainable_parameters()``: what training updates (the rest stays frozen);
-    ``prior_parameters()``, ``prior_loss(labels, ignore_index)``: a mask prior trained on labels
-    alone before the head (none here). ``size_multiple``: what cond's height and width must divide by.
-    Also ``forward_train(cond, gt, base=None)``: one training forward; gt [B, 1, H', W'] or
-    [B, H', W'] labels -> (logits [B, K, H, W], t [B]).
+
+class DDPSHead(MaskHead):
+    """Denoising-diffusion mask head, on the protocol of ``MaskHead``: ``sample(cond, base=None)``
+    -> (final logits [B, K, H, W], {step: logits} for each of ``collect_timesteps``, keyed by the
+    step they come from; a collect step that the inference schedule never visits is refused at
+    construction); ``base``, the segmentor's logits, is not read. Also ``forward_train(cond, gt,
+    base=None)``: one training forward; gt [B, 1, H', W'] or [B, H', W'] labels -> (logits
+    [B, K, H, W], t [B]).
 
     mode "renoise" re-noises each step's argmax with q(x_t | x_0) ("free re-noising"); "posterior"
     samples q(x_{t-1} | x_t, x_0) (the original applies no guidance there, so guidance_scale must
     be 1 in that mode). ``noise_source``: what training noises (NOISE_SOURCES). ``transition``:
     the categorical noise (``DiffusionSchedule``'s; the original's is "uniform"; the mask kinds
     add a [MASK] state, index K, to the embedding and start inference from the noisiest level).
+    ``backend``: "reference" runs the original's dense sampling ops, UNet and loop, bitwise; any
+    other (see ``ddps.backends()``) the fused ``ddps.ops`` on it, the fused UNet, and init_conv
+    computed in two shares (see ``_step``).
     """
+
+    metrics_name = "ddps"
+    derived_buffers = SCHEDULE_BUFFERS
 
     def __init__(self, num_classes: int, cond_channels: int, dim: int, out_dim: int, dim_mults,
                  embed_dim: int, num_timesteps: int, inference_steps: int | None = None,
@@ -67,30 +97,9 @@ class DDPSHead(nn.Module):
                  mode: str = "renoise", dropout_ratio: float = 0.1, cond_dropout: float = 0.0,
                  backend: str = "reference", noise_source: str = "first_prediction", transition: str = "uniform"):
         super().__init__()
-        if backend not in HEAD_BACKENDS:
-            raise ValueError(f"backend={backend!r} is not a head backend; choose one of {HEAD_BACKENDS}")
+        check_arguments(num_timesteps, inference_steps, collect_timesteps, guidance_scale, mode, dropout_ratio,
+                        cond_dropout, backend, noise_source)
         self.backend = backend
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not a sampling mode; choose one of {MODES}")
-        if noise_source not in NOISE_SOURCES:
-            raise ValueError(f"noise_source={noise_source!r} is not a noise source; choose one of {NOISE_SOURCES}")
-        if mode == "posterior" and guidance_scale != 1:
-            raise ValueError(f"guidance_scale={guidance_scale} needs mode='renoise': the original "
-                             "posterior loop applies no guidance (use guidance_scale=1.0)")
-        if inference_steps is not None and inference_steps < 1:
-            raise ValueError(f"inference_steps={inference_steps} must be >= 1 (or None for all steps)")
-        if not 0 <= dropout_ratio < 1:
-            raise ValueError(f"dropout_ratio={dropout_ratio} must lie in [0, 1)")
-        if not 0 <= cond_dropout <= 1:
-            raise ValueError(f"cond_dropout={cond_dropout} must lie in [0, 1]")
-        bad = [c for c in collect_timesteps if not 0 <= c < num_timesteps]
-        if bad:
-            raise ValueError(f"collect_timesteps {bad} are outside [0, num_timesteps={num_timesteps})")
-        never = unvisited(collect_timesteps, num_timesteps, inference_steps)
-        if never:
-            raise ValueError(f"collect_timesteps {never} are never visited: with num_timesteps={num_timesteps} and "
-                             f"inference_steps={inference_steps} the steps that run are "
-                             f"{inference_timesteps(num_timesteps, inference_steps)}")
         self.num_classes = num_classes
         self.cond_channels = cond_channels
         self.num_timesteps = num_timesteps
@@ -104,8 +113,7 @@ class DDPSHead(nn.Module):
         # doubled batch. Off by default: on the reference CPU two B = 1 calls are faster (its
         # convolutions run slower per sample at B = 2); not measured on a GPU.
         self.batch_guidance = False
-        self.unet = UNet(dim, out_dim, cond_channels + embed_dim, dim_mults,
-                         backend="reference" if backend == "reference" else "fused")
+        self.unet = UNet(dim, out_dim, cond_channels + embed_dim, dim_mults, backend=backend)
         self.conv_seg_new = nn.Conv2d(out_dim, num_classes, kernel_size=1)
         self.schedule = DiffusionSchedule(num_timesteps, num_classes, schedule, transition)
         self.embed = nn.Embedding(self.schedule.num_states, embed_dim)
@@ -130,22 +138,15 @@ class DDPSHead(nn.Module):
                     raise ValueError(f"checkpoint buffer {key!r} does not match schedule="
                                      f"{self.schedule.kind!r} with T={self.num_timesteps}, K={self.num_classes}")
 
-    @property
-    def _ops_backend(self):
-        return None if self.backend == "auto" else self.backend
-
     def _noise(self, x0: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x0) for labels x0."""
         if self.backend == "reference":
             return reference.q_pred(x0, noise_level, self.schedule)
-        return ops.q_sample(x0, noise_level, self.schedule, backend=self._ops_backend)
+        return ops.q_sample(x0, noise_level, self.schedule, backend=_backend.preferred("q_sample", self.backend))
 
     def trainable_parameters(self) -> list:
         # the UNet and the classifier, as the original; the class embedding stays at its initial value
         return list(self.unet.parameters()) + list(self.conv_seg_new.parameters())
-
-    def prior_parameters(self) -> list:
-        return []  # no mask prior trained apart from the head: the recipe skips the prior stage
 
     @property
     def size_multiple(self) -> int:
@@ -155,7 +156,7 @@ class DDPSHead(nn.Module):
              ignore_index: int = 255) -> torch.Tensor:
         """The training loss for labels [B, H, W] at the image's resolution: forward_train's logits,
         upsampled, against the labels (ignore_index left out). Where ignore_index is no class of the
-        head, the diffusion takes ignored pixels as its last class, K (see ddps.data.head_classes)."""
+        head, the diffusion takes ignored pixels as its last class, K (see ddps.app.heads.ddps.head_classes)."""
         diffusion = labels if 0 <= ignore_index < self.num_classes else \
             torch.where(labels == ignore_index, self.num_classes - 1, labels)
         logits, _ = self.forward_train(cond, diffusion, base)
@@ -263,9 +264,9 @@ class DDPSHead(nn.Module):
                 return reference.q_pred(prev, noise_level, self.schedule)
             return reference.q_posterior(prev, mask, noise_level, self.schedule)
         if self.mode == "renoise":  # argmax and re-noising in one pass over the logits
-            return ops.renoise(logits, noise_level, self.schedule, backend=self._ops_backend)
+            return ops.renoise(logits, noise_level, self.schedule, backend=_backend.preferred("renoise", self.backend))
         return ops.q_posterior_sample(logits.argmax(dim=1), mask, noise_level, self.schedule,
-                                      backend=self._ops_backend)
+                                      backend=_backend.preferred("q_posterior_sample", self.backend))
 
     def _check_train_input(self, cond: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """gt as [B, 1, H', W'] labels, after the checks of both inputs."""
@@ -314,6 +315,8 @@ class RefinementHead(DDPSHead):
     segmentor's own logits (``base``), at the fixed timestep 0, with no noise drawn; inference is
     one denoiser call (guided as DDPSHead's), so ``sample`` collects no steps. DDPS minus this head
     is the effect of the diffusion rather than of the extra network."""
+
+    metrics_name = "refine"
 
     def _base_labels(self, cond: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         if base is None:

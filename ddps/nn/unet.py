@@ -3,11 +3,12 @@ attention in the middle (SPEC §4). Module and attribute names follow the origin
 state dicts load with ``strict=True``.
 
 ``backend=`` selects the kernels of the module's ops: ``"reference"`` (``ddps.reference``, the
-original's op sequence, bitwise) or ``"fused"`` (``ddps.ops``: attention, linear_attention,
-channel_layer_norm, group_norm_film_silu and conv3x3 on the backend the resolver picks, and weight
-standardisation and conv3x3's weight transform computed once per weight version wherever no
-gradient flows into the weight).
-``UNet(backend="fused")`` also keeps its convolution weights and activations channels-last
+original's op sequence, bitwise), or the fused ``ddps.ops`` (attention, linear_attention,
+channel_layer_norm, group_norm_film_silu and conv3x3, with weight standardisation and conv3x3's
+weight transform computed once per weight version wherever no gradient flows into the weight) on
+``"auto"`` (the backend the resolver picks for each op) or on one kernel family (``"cpu"``,
+``"cuda"``, ``"triton"``) for every op that has it, the others on their default.
+A fused UNet (any backend but ``"reference"``) also keeps its convolution weights and activations channels-last
 (``torch.channels_last``): its state dict has the same keys and values, in that memory format.
 The fused Attention, LinearAttention, ResnetBlock and Block take input in any layout and return
 their output in the caller's (NCHW-contiguous input gives NCHW-contiguous output): where their C++
@@ -27,20 +28,6 @@ from torch import nn
 from .. import _backend, ops, reference
 from ..ops._common import compute_dtype
 from ..ops.conv3x3 import winograd_weight
-
-MODULE_BACKENDS = ("reference", "fused")
-
-
-def check_backend(backend: str) -> str:
-    if backend not in MODULE_BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a module backend; choose one of {MODULE_BACKENDS}")
-    return backend
-
-
-def op_backend(backend: str) -> str | None:
-    """The ``backend=`` a module passes to ``ddps.ops``: the reference ops, or the resolver's choice."""
-    return "reference" if backend == "reference" else None
-
 
 def _any_layout(forward):
     """A fused block's ``forward(x, ...)`` on x in any layout: where its kernels run channels-last
@@ -79,7 +66,7 @@ class Conv3x3(nn.Conv2d):
 
     def __init__(self, dim: int, dim_out: int, backend: str = "reference"):
         super().__init__(dim, dim_out, 3, padding=1)
-        self.backend = check_backend(backend)
+        self.backend = _backend.check_module_backend(backend)
         self._cached = None  # (key, convolution weight, its Winograd transform)
 
     def conv_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +79,18 @@ class Conv3x3(nn.Conv2d):
         weight = self.weight
         cacheable = not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
         if not cacheable:
-            return ops.conv3x3(x, self.conv_weight(weight, x), self.bias)
+            return ops.conv3x3(x, self.conv_weight(weight, x), self.bias, backend=self._op_backend)
         # Under autocast the kernel computes with the weight rounded to autocast's dtype.
         dtype = compute_dtype(x)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, reference._norm_eps(x), dtype)
         if self._cached is None or self._cached[0] != key:
             applied = self.conv_weight(weight.detach(), x).to(dtype)
             self._cached = (key, applied, winograd_weight(applied))
-        return ops.conv3x3(x, self._cached[1], self.bias, winograd=self._cached[2])
+        return ops.conv3x3(x, self._cached[1], self.bias, winograd=self._cached[2], backend=self._op_backend)
+
+    @property
+    def _op_backend(self) -> str | None:
+        return _backend.preferred("conv3x3", self.backend)
 
 
 class WeightStandardizedConv2d(Conv3x3):
@@ -116,11 +107,11 @@ class LayerNorm(nn.Module):
 
     def __init__(self, dim: int, backend: str = "reference"):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.backend = _backend.check_module_backend(backend)
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.channel_layer_norm(x, self.g, backend=op_backend(self.backend))
+        return ops.channel_layer_norm(x, self.g, backend=_backend.preferred("channel_layer_norm", self.backend))
 
 
 class PreNorm(nn.Module):
@@ -146,12 +137,12 @@ class _QkvAttention(nn.Module):
     """What the attention blocks share: a 1x1 qkv convolution, an op on its heads (``core``: one of
     the ops' ``_qkv`` entries), then ``to_out`` (the subclass's); [B, dim, H, W] -> same."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, backend: str, core):
+    def __init__(self, dim: int, heads: int, dim_head: int, backend: str, core, op: str):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.backend = _backend.check_module_backend(backend)
         self.scale = dim_head ** -0.5
         self.heads = heads
-        self.core = core
+        self.core, self.op = core, op
         self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
 
     @staticmethod
@@ -162,7 +153,8 @@ class _QkvAttention(nn.Module):
 
     @_any_layout
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.core(self.pointwise(self.to_qkv, x), self.heads, self.scale, backend=op_backend(self.backend))
+        out = self.core(self.pointwise(self.to_qkv, x), self.heads, self.scale,
+                        backend=_backend.preferred(self.op, self.backend))
         conv, *rest = self.to_out if isinstance(self.to_out, nn.Sequential) else (self.to_out,)
         out = self.pointwise(conv, out)
         for module in rest:
@@ -192,7 +184,7 @@ class LinearAttention(_QkvAttention):
     """Linear attention: softmax over d for q, over tokens for k; [B, dim, H, W] -> same."""
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
-        super().__init__(dim, heads, dim_head, backend, ops.linear_attention_qkv)
+        super().__init__(dim, heads, dim_head, backend, ops.linear_attention_qkv, "linear_attention")
         self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1), LayerNorm(dim, backend=backend))
         _fused_layout(self)
 
@@ -201,7 +193,7 @@ class Attention(_QkvAttention):
     """Full softmax attention over the H * W tokens; [B, dim, H, W] -> same."""
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, backend: str = "reference"):
-        super().__init__(dim, heads, dim_head, backend, ops.attention_qkv)
+        super().__init__(dim, heads, dim_head, backend, ops.attention_qkv, "attention")
         self.to_out = nn.Conv2d(dim_head * heads, dim, 1)
         _fused_layout(self)
 
@@ -218,7 +210,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.backend = _backend.check_module_backend(backend)
         self.proj = WeightStandardizedConv2d(dim, dim_out, backend=backend)
         self.norm = nn.GroupNorm(groups, dim_out)
         _fused_layout(self)
@@ -227,7 +219,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         return ops.group_norm_film_silu(self.proj(x), self.norm.weight, self.norm.bias, scale, shift,
-                                        self.norm.num_groups, self.norm.eps, backend=op_backend(self.backend))
+                                        self.norm.num_groups, self.norm.eps,
+                                        backend=_backend.preferred("group_norm_film_silu", self.backend))
 
 
 class ResnetBlock(nn.Module):
@@ -235,7 +228,7 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.backend = _backend.check_module_backend(backend)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2))
         self.block1 = Block(dim, dim_out, groups=groups, backend=backend)
         self.block2 = Block(dim_out, dim_out, groups=groups, backend=backend)
@@ -254,7 +247,7 @@ def _fused_layout(module: nn.Module) -> None:
     """A fused module's convolution weights channels-last, as its activations run: oneDNN's
     channels-last convolutions are 1.2-1.4x the NCHW ones on this package's reference CPU, and
     with the weights stored so no convolution reorders them."""
-    if module.backend == "fused":
+    if module.backend != "reference":
         module.to(memory_format=torch.channels_last)
 
 
@@ -271,7 +264,7 @@ class UNet(nn.Module):
     def __init__(self, dim: int, out_dim: int, channels: int, dim_mults=(1, 2, 4),
                  resnet_block_groups: int = 8, backend: str = "reference"):
         super().__init__()
-        self.backend = check_backend(backend)
+        self.backend = _backend.check_module_backend(backend)
         if dim % resnet_block_groups or any(dim * m % resnet_block_groups for m in dim_mults):
             raise ValueError(f"dim={dim} and dim * dim_mults={[dim * m for m in dim_mults]} must be "
                              f"multiples of resnet_block_groups={resnet_block_groups}")
@@ -319,7 +312,7 @@ class UNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be [B, channels={self.channels}, H, W], got shape {tuple(x.shape)}")
         self._check_trunk_input(x, time)
-        if self.backend == "fused":
+        if self.backend != "reference":
             x = x.contiguous(memory_format=torch.channels_last)
         return self.trunk(self.init_conv(x), time)
 
@@ -342,7 +335,7 @@ class UNet(nn.Module):
             raise ValueError(f"x must be [B, dim={self.init_conv.out_channels}, H, W], got shape {tuple(x.shape)}")
         self._check_trunk_input(x, time)
         # Nothing below writes into x in place, so the fused path needs no copy of it.
-        r = x if self.backend == "fused" else x.clone()
+        r = x if self.backend != "reference" else x.clone()
         t = self.time_mlp(time)
         skips = []
         for block1, block2, attn, downsample in self.downs:

@@ -13,7 +13,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
+
 DOWNSAMPLING = 8
+
+
+def check_codebook(codes: int, dim: int) -> None:
+    """A codebook's size and width, checked (an ``ArgumentError`` naming the one that is wrong)."""
+    if codes < 2:
+        raise _checks.ArgumentError("codes", f"a codebook needs at least 2 codes, got {codes}")
+    if dim < 1:
+        raise _checks.ArgumentError("dim", f"a code needs a width of at least 1, got {dim}")
 
 
 class VectorQuantizer(nn.Module):
@@ -23,8 +33,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, codes: int, dim: int, decay: float = 0.99, eps: float = 1e-5, dead_below: float = 0.03):
         super().__init__()
-        if codes < 2 or dim < 1:
-            raise ValueError(f"a codebook needs codes >= 2 and dim >= 1, got codes={codes}, dim={dim}")
+        check_codebook(codes, dim)
         self.decay, self.eps, self.dead_below = decay, eps, dead_below
         self.register_buffer("codebook", torch.randn(codes, dim) * 0.1)
         self.register_buffer("usage", torch.ones(codes))  # EMA of the encodings per code

@@ -22,7 +22,7 @@ from .. import _backend, _checks, reference
 from ..kernels._layout import MAX_D, accumulator, as_heads_like, heads_like, token_major
 from . import _common
 
-IMPLEMENTED = ("cpu", "triton", "reference")
+IMPLEMENTED = _backend.implements("attention", ("cpu", "triton", "reference"))
 
 
 def split_heads(qkv: torch.Tensor, heads: int):
@@ -64,7 +64,7 @@ def dispatch(op, q, k, v, scale, backend, triton, composite):
     ``composite`` (torch ops, on any device). Under autocast they compute in its dtype, as SDPA and
     matmul do."""
     _checks.heads(q, k, v)
-    chosen = _backend.resolve(op, backend, q.device, IMPLEMENTED)
+    chosen = _backend.resolve(op, backend, q.device)
     if chosen != "reference":  # the reference's own einsums and matmuls are cast by autocast itself
         q, k, v = (x.to(_common.compute_dtype(x)) for x in (q, k, v))
     if q.numel() == 0:  # no samples or no tokens: an empty output (which the original's reshapes fail on)

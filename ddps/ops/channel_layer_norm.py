@@ -22,7 +22,7 @@ from .. import _backend, _checks, reference
 from ..kernels._layout import bcp
 from . import _common
 
-IMPLEMENTED = ("cpu", "triton", "reference")
+IMPLEMENTED = _backend.implements("channel_layer_norm", ("cpu", "triton", "reference"))
 
 
 def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = None,
@@ -36,7 +36,7 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     if g.numel() != x.shape[1]:
         raise ValueError(f"g must have C={x.shape[1]} elements for x of shape {tuple(x.shape)}, got shape "
                          f"{tuple(g.shape)}")
-    chosen = _backend.resolve("channel_layer_norm", backend, x.device, IMPLEMENTED)
+    chosen = _backend.resolve("channel_layer_norm", backend, x.device)
     if chosen == "reference":
         return reference.channel_layer_norm(x, g, eps)
     eps = reference._norm_eps(x) if eps is None else eps

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _backend, _checks
 from ._common import LOGIT_DTYPES, compute_dtype
 
-IMPLEMENTED = ("cpu", "reference")
+IMPLEMENTED = _backend.implements("conv3x3", ("cpu", "reference"))
 
 # G of F(2x2, 3x3): the weight transform U = G w G^T.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -63,7 +63,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"conv3x3: bias must be [Cout={weight.shape[0]}], got shape {tuple(bias.shape)}")
     # No Triton or CUDA kernel (on GPUs cuDNN's convolution is the fast path): DDPS_BACKEND=triton
     # or cuda, meant for the other ops, leaves conv3x3 on its default.
-    chosen = _backend.resolve("conv3x3", backend, x.device, IMPLEMENTED, env_optional=True)
+    chosen = _backend.resolve("conv3x3", backend, x.device, env_optional=True)
     dtype = compute_dtype(x)
     if chosen == "reference" or not _kernel_takes(x, weight, bias, dtype):
         return F.conv2d(x, weight, bias, padding=1)

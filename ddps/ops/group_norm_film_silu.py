@@ -18,7 +18,7 @@ from .. import _backend, _checks, reference
 from ..kernels._layout import bcp
 from . import _common
 
-IMPLEMENTED = ("cpu", "triton", "reference")
+IMPLEMENTED = _backend.implements("group_norm_film_silu", ("cpu", "triton", "reference"))
 
 
 def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
@@ -41,7 +41,7 @@ def group_norm_film_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                               or scale.numel() != x.shape[0] * x.shape[1]):
         raise ValueError(f"scale and shift must be [B, C, 1, ...] for x of shape {tuple(x.shape)}, got "
                          f"{tuple(scale.shape)} and {tuple(shift.shape)}")
-    chosen = _backend.resolve("group_norm_film_silu", backend, x.device, IMPLEMENTED)
+    chosen = _backend.resolve("group_norm_film_silu", backend, x.device)
     if chosen == "reference":
         return reference.group_norm_film_silu(x, weight, bias, scale, shift, groups, eps)
     b, c = x.shape[:2]

@@ -20,7 +20,9 @@ import torch
 from .. import _backend
 from ..kernels._layout import as_heads_like, block_d, heads_like, token_major
 from . import _common
-from .attention import IMPLEMENTED, dispatch, heads_output, packed_grads_fake
+from .attention import IMPLEMENTED as ATTENTION_BACKENDS, dispatch, heads_output, packed_grads_fake
+
+IMPLEMENTED = _backend.implements("linear_attention", ATTENTION_BACKENDS)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

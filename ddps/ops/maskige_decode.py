@@ -12,7 +12,7 @@ import torch
 from .. import _backend, _checks
 from . import _common
 
-IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
+IMPLEMENTED = _backend.implements("maskige_decode", ("cpu", "cuda", "triton", "reference"))
 
 
 @_backend.register_fake("maskige_decode")
@@ -43,7 +43,7 @@ def maskige_decode(maskige: torch.Tensor, palette: torch.Tensor, backend: str | 
         raise ValueError(f"palette must be floating point [rows >= 1, 3], got {palette.dtype} {tuple(palette.shape)}")
     _checks.same_device(palette, "palette", maskige.device, "maskige")
     palette = palette.float().contiguous()
-    chosen = _backend.resolve("maskige_decode", backend, maskige.device, IMPLEMENTED)
+    chosen = _backend.resolve("maskige_decode", backend, maskige.device)
     if chosen == "reference":
         return composite(maskige, palette)
     return _common.launch("maskige_decode", chosen, maskige.contiguous(), palette)

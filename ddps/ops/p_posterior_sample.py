@@ -11,7 +11,7 @@ import torch
 from .. import _backend, _checks, reference
 from . import _common, _tables
 
-IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
+IMPLEMENTED = _backend.implements("p_posterior_sample", ("cpu", "cuda", "triton", "reference"))
 
 
 @_backend.register_fake("p_posterior_sample")
@@ -36,7 +36,7 @@ def p_posterior_sample(logits: torch.Tensor, x_t: torch.Tensor, t, schedule,
         raise ValueError(f"x_t has shape {tuple(x_t.shape)} but logits of shape {tuple(logits.shape)} "
                          f"need x_t of shape {tuple(logits.shape[:1] + logits.shape[2:])}")
     t = _checks.timesteps(t, "t", x_t.shape[0], schedule.num_timesteps, x_t.device)
-    chosen = _backend.resolve("p_posterior_sample", backend, x_t.device, IMPLEMENTED)
+    chosen = _backend.resolve("p_posterior_sample", backend, x_t.device)
     if chosen == "reference":
         return _common.keep_ignored(lambda l, x: reference.p_posterior(l, x, t, schedule, generator),
                                     x_t, ignore_index, logits, x_t)

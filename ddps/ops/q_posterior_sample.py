@@ -11,7 +11,7 @@ import torch
 from .. import _backend, _checks, reference
 from . import _common, _tables
 
-IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
+IMPLEMENTED = _backend.implements("q_posterior_sample", ("cpu", "cuda", "triton", "reference"))
 
 
 @_backend.register_fake("q_posterior_sample")
@@ -36,7 +36,7 @@ def q_posterior_sample(x0: torch.Tensor, x_t: torch.Tensor, t, schedule, generat
     if x0.dtype != x_t.dtype:
         raise TypeError(f"x0 has dtype {x0.dtype} but x_t has dtype {x_t.dtype}; pass one label dtype")
     t = _checks.timesteps(t, "t", x0.shape[0], schedule.num_timesteps, x0.device)
-    chosen = _backend.resolve("q_posterior_sample", backend, x0.device, IMPLEMENTED)
+    chosen = _backend.resolve("q_posterior_sample", backend, x0.device)
     if chosen == "reference":
         return _common.keep_ignored(lambda a, b: reference.q_posterior(a, b, t, schedule, generator),
                                     x_t, ignore_index, x0, x_t)

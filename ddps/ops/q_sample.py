@@ -11,7 +11,7 @@ import torch
 from .. import _backend, _checks, reference
 from . import _common, _tables
 
-IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
+IMPLEMENTED = _backend.implements("q_sample", ("cpu", "cuda", "triton", "reference"))
 
 
 @_backend.register_fake("q_sample")
@@ -32,7 +32,7 @@ def q_sample(x0: torch.Tensor, t, schedule, generator: torch.Generator | None = 
     ignore_index = _common.check_ignore_index(ignore_index, schedule)
     _common.check_labels(x0, "x0", schedule, ignore_index, allow_mask=False)
     t = _checks.timesteps(t, "t", x0.shape[0], schedule.num_timesteps, x0.device)
-    chosen = _backend.resolve("q_sample", backend, x0.device, IMPLEMENTED)
+    chosen = _backend.resolve("q_sample", backend, x0.device)
     if chosen == "reference":
         return _common.keep_ignored(lambda x: reference.q_pred(x, t, schedule, generator), x0, ignore_index, x0)
     table = schedule.table("q_sample", _tables.q_sample_table)

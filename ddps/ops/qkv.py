@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ._common import compute_dtype
-from .attention import IMPLEMENTED, attention, kernel_backward as attention_backward, kernel_takes, merge_heads, \
+from .attention import attention, kernel_backward as attention_backward, kernel_takes, merge_heads, \
     split_heads
 from .linear_attention import kernel_backward as linear_attention_backward, linear_attention
 
@@ -38,7 +38,7 @@ def _on_qkv(op, qkv, heads, scale, backend):
     if kernel_takes(q, k, v) and compute_dtype(qkv) == qkv.dtype:
         # Views of one tensor: nothing for the op's input checks to catch. (Where autocast would
         # cast them, the op does that first.)
-        backend = _backend.resolve(op, backend, qkv.device, IMPLEMENTED)
+        backend = _backend.resolve(op, backend, qkv.device)
         if backend == "cpu":
             return merge_heads(_Packed.apply(qkv, heads, scale, op), h, w)
     return merge_heads(_OPS[op][0](q, k, v, scale, backend=backend), h, w)

@@ -11,7 +11,7 @@ import torch
 from .. import _backend, _checks, reference
 from . import _common, _tables
 
-IMPLEMENTED = ("cpu", "cuda", "triton", "reference")
+IMPLEMENTED = _backend.implements("renoise", ("cpu", "cuda", "triton", "reference"))
 
 
 @_backend.register_fake("renoise")
@@ -27,7 +27,7 @@ def renoise(logits: torch.Tensor, t, schedule, generator: torch.Generator | None
     schedule = _common.check_schedule(schedule, _checks.tensor(logits, "logits").device, "logits")
     _common.check_logits(logits, schedule)
     t = _checks.timesteps(t, "t", logits.shape[0], schedule.num_timesteps, logits.device)
-    chosen = _backend.resolve("renoise", backend, logits.device, IMPLEMENTED)
+    chosen = _backend.resolve("renoise", backend, logits.device)
     if chosen == "reference":
         return reference.q_pred(logits.argmax(dim=1), t, schedule, generator)
     table = schedule.table("q_sample", _tables.q_sample_table)

@@ -1,0 +1,219 @@
+"""``ddps ablate``: the paper's three findings as one controlled comparison. The segmentor is
+trained once (to convergence where ``segmentor.eval_interval`` is set), then every head variant
+is trained from that same frozen segmentor with the same budget, for each seed, and all are
+evaluated on the same held-out split. Finished variants are not trained again.
+
+Layout of OUT: ``segmentor/`` (its run, ``segmentor.safetensors``), ``<variant>/seed-<s>/`` (a
+run directory each; the inference variants hold an ``eval.json`` of a ``ddps`` run evaluated
+with other sampling), ``ablation.json`` and ``ablation.md``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..bench.measure import machine, machine_line
+from . import checkpoint, config as config_mod, evaluation, trainer
+from .data import build_dataset
+from .model import load_run
+
+# name -> (what it changes, training overrides); every one is a config a user can rerun
+TRAINED = {
+    "ddps": ("the original recipe: first-prediction noise, uniform transition, free re-noising", []),
+    "gt-noise": ("training noises the ground truth: the naive integration", ["head.noise_source=ground_truth"]),
+    "absorbing": ("absorbing [MASK] noise instead of uniform", ["head.transition=absorbing"]),
+    "mask-and-replace": ("VQ-Diffusion mask-and-replace noise", ["head.transition=mask_and_replace"]),
+    "refine": ("control: the same network as a plain refinement head, no diffusion", ["head.kind=refine"]),
+    "gss": ("GSS's mask prior instead: maskige VQ autoencoder (prior stage), token classifier, nearest-colour "
+            "decoding", ["head.kind=gss"]),
+}
+# name -> (what it changes, evaluation overrides): the ddps runs, sampled otherwise
+INFERRED = {
+    "renoise-g1": ("ddps heads, free re-noising without guidance", ["eval.guidance_scale=1.0"]),
+    "posterior-g1": ("ddps heads, posterior sampling without guidance, as the original's posterior loop",
+                     ["eval.sampling=posterior", "eval.guidance_scale=1.0"]),
+}
+DESCRIPTIONS = {name: what for name, (what, _) in {**TRAINED, **INFERRED}.items()}
+VARIANTS = tuple(DESCRIPTIONS)
+
+
+def _same_config(cfg, out: Path) -> None:
+    """OUT keeps the config it was started with; a rerun with another would mix variants trained
+    under different settings."""
+    path = out / "config.yaml"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        return
+    changed = config_mod.changes(config_mod.load(None, (), base=yaml.safe_load(path.read_text())), cfg)
+    if changed:
+        raise config_mod.ConfigError(f"{out} holds an ablation with other settings ({'; '.join(changed.values())}): "
+                                     "rerun it with its own config and overrides, or choose another --out")
+
+
+def _segmentor(cfg, out: Path) -> Path:
+    """The shared segmentor's weights: segmentor.checkpoint, or trained (or resumed) once."""
+    if cfg.segmentor.checkpoint:
+        return Path(cfg.segmentor.checkpoint)
+    if cfg.segmentor.iters == 0:
+        raise config_mod.ConfigError("segmentor.iters: 0 leaves the segmentor untrained; ddps ablate trains it once "
+                                     "(segmentor.iters > 0) or takes segmentor.checkpoint")
+    weights = out / "segmentor" / "segmentor.safetensors"
+    if weights.exists():
+        return weights
+    run = out / "segmentor"
+    resume = bool(checkpoint.checkpoints(run / "checkpoints"))
+    trainer.train(cfg, run, resume=resume, until="head")
+    tensors, _ = checkpoint.load_checkpoint(checkpoint.checkpoints(run / "checkpoints")[-1])
+    checkpoint.save_weights(weights, {k: v for k, v in tensors.items() if k.startswith("segmentor.")})
+    return weights
+
+
+def _train(cfg, overrides, run: Path) -> dict:
+    if (run / "eval.json").exists():  # finished: never trained again
+        return json.loads((run / "eval.json").read_text())
+    resume = bool(checkpoint.checkpoints(run / "checkpoints"))
+    variant = config_mod.load(None, overrides, base=cfg.to_dict())
+    trainer.train(variant, run, resume=resume)
+    return json.loads((run / "eval.json").read_text())
+
+
+def _infer(source: Path, overrides, out: Path) -> dict:
+    if out.exists():
+        return json.loads(out.read_text())
+    cfg, segmentor, head = load_run(source, overrides)
+    report = evaluation.evaluate(cfg, segmentor, head, build_dataset(cfg, "val"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(out, json.dumps(report, indent=1).encode())
+    return report
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _summary(reports: dict) -> dict:
+    """Mean, min and max over seeds of the segmentor's and the head's mIoU and mBIoU, and of each
+    collected step's mIoU."""
+    def stats(values):
+        return {"mean": round(statistics.fmean(values), 2), "min": min(values), "max": max(values)}
+
+    runs = list(reports.values())
+    heads = [evaluation.head_report(r)[1] for r in runs]
+    out = {"segmentor_mIoU": stats([r["base"]["mIoU"] for r in runs]),
+           "mIoU": stats([h["final"]["mIoU"] for h in heads]),
+           "mBIoU": stats([h["final"]["mBIoU"] for h in heads])}
+    out["steps"] = {s: stats([h["steps"][s]["mIoU"] for h in heads]) for s in heads[0]["steps"]}
+    return out
+
+
+def findings(summary: dict) -> list[tuple[str, str]]:
+    """The paper's three findings, and the mask prior against its control, each judged on the
+    means, with the spread over seeds given beside them: (claim, verdict)."""
+    def m(name, key="mIoU"):
+        return summary[name][key]["mean"]
+
+    def spread(*names):
+        return max(summary[n]["mIoU"]["max"] - summary[n]["mIoU"]["min"] for n in names)
+
+    out = []
+    if "gt-noise" in summary:
+        base, naive = m("gt-noise", "segmentor_mIoU"), m("gt-noise")
+        out.append(("1. A naive integration (noising the ground truth) degrades the segmentor",
+                    f"{'reproduced' if naive < base else 'not reproduced'}: {naive:.2f} mIoU with the head vs "
+                    f"{base:.2f} for the segmentor alone (seed spread {spread('gt-noise'):.2f})"))
+    kinds = [k for k in ("absorbing", "mask-and-replace") if k in summary]
+    if "ddps" in summary and "gt-noise" in summary and kinds:
+        source = abs(m("ddps") - m("gt-noise"))
+        kind = max(abs(m("ddps") - m(k)) for k in kinds)
+        out.append(("2. What the noise is added to matters more than the kind of noise",
+                    f"{'reproduced' if source > kind else 'not reproduced'}: changing the source moves mIoU by "
+                    f"{source:.2f}, changing the transition by at most {kind:.2f} (seed spread "
+                    f"{spread('ddps', 'gt-noise', *kinds):.2f})"))
+    if "renoise-g1" in summary and "posterior-g1" in summary:
+        free, post = m("renoise-g1"), m("posterior-g1")
+        out.append(("3. Free re-noising works as well as or better than posterior sampling",
+                    f"{'reproduced' if free >= post - spread('renoise-g1', 'posterior-g1') else 'not reproduced'}: "
+                    f"{free:.2f} vs {post:.2f} mIoU (both without guidance; seed spread "
+                    f"{spread('renoise-g1', 'posterior-g1'):.2f})"))
+    if "ddps" in summary and "gss" in summary:
+        out.append(("GSS's latent mask prior against DDPS's diffusion, on the same segmentor",
+                    f"{m('gss') - m('ddps'):+.2f} mIoU (gss {m('gss'):.2f}, ddps {m('ddps'):.2f}; seed spread "
+                    f"{spread('ddps', 'gss'):.2f})"))
+    if "ddps" in summary and "refine" in summary:
+        gain = m("ddps") - m("refine")
+        out.append(("The mask prior beyond its capacity (DDPS minus the refinement control)",
+                    f"{gain:+.2f} mIoU (ddps {m('ddps'):.2f}, refine {m('refine'):.2f}; seed spread "
+                    f"{spread('ddps', 'refine'):.2f})"))
+    return out
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    fmt = lambda x: f"{x['mean']:.2f} ({x['min']:.2f}-{x['max']:.2f})"  # noqa: E731
+    steps = sorted({st for v in s.values() for st in v["steps"]}, key=int)
+    done = result["runs_done_before"]
+    lines = ["# Ablations", "",
+             f"`{result['command']}` on {result['machine']}.", "",
+             f"{len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))}) per variant, one segmentor "
+             f"for all (validation mIoU {result['segmentor_val'][-1] if result['segmentor_val'] else '-'} after "
+             f"{result['segmentor_steps']} steps); wall time {result['wall_s'] / 60:.1f} min"
+             + (f" ({done} of the runs were finished before this invocation)" if done else "")
+             + ". Mean (min-max) over seeds; mIoU and boundary IoU in %, on the held-out split.", "",
+             "| variant | what it changes | segmentor mIoU | head mIoU | head mBIoU | "
+             + " | ".join(f"step {st} mIoU" for st in steps) + " |",
+             "|---" * (5 + len(steps)) + "|"]
+    for name, v in s.items():
+        cells = [fmt(v["steps"][st]) if st in v["steps"] else "-" for st in steps]
+        lines.append(f"| {name} | {result['variants'][name]} | {fmt(v['segmentor_mIoU'])} | {fmt(v['mIoU'])} | "
+                     f"{fmt(v['mBIoU'])} | " + " | ".join(cells) + " |")
+    lines += ["", "## The findings", ""]
+    lines += [f"- **{claim}**: {verdict}." for claim, verdict in result["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", markdown_out: Path | None = None):
+    unknown = [v for v in only or () if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
+    chosen = [v for v in VARIANTS if not only or v in only]
+    start = time.perf_counter()
+    _same_config(cfg, out)
+    done = sum((out / n / f"seed-{s}" / "eval.json").exists() for n in chosen for s in seeds)
+    weights = _segmentor(cfg, out)
+    # every variant and seed: the same segmentor, and the same images (the seed varies the rest)
+    images = cfg.seed if cfg.data.synthetic.seed is None else cfg.data.synthetic.seed
+    shared = [f"segmentor.checkpoint={weights}", f"data.synthetic.seed={images}"]
+    reports = {}
+    for name in chosen:
+        for seed in seeds:
+            if name in TRAINED:
+                report = _train(cfg, [*shared, *TRAINED[name][1], f"seed={seed}"], out / name / f"seed-{seed}")
+            else:  # the ddps run of this seed, trained first if needed, sampled otherwise
+                source = out / "ddps" / f"seed-{seed}"
+                _train(cfg, [*shared, f"seed={seed}"], source)
+                report = _infer(source, INFERRED[name][1], out / name / f"seed-{seed}" / "eval.json")
+            reports.setdefault(name, {})[seed] = report
+    summary = {name: _summary(r) for name, r in reports.items()}
+    # a resumed segmentor run logs the steps after its checkpoint again: the last record of a step counts
+    records = _records(out / "segmentor")
+    val = {r["step"]: r["val_mIoU"] for r in records if "val_mIoU" in r}
+    steps = max((r["step"] for r in records if r.get("stage") == "segmentor"), default=0)
+    result = {"command": command, "machine": machine_line(machine(torch.device(cfg.device))),
+              "seeds": list(seeds), "wall_s": time.perf_counter() - start, "runs_done_before": done,
+              "segmentor_val": [val[step] for step in sorted(val)], "segmentor_steps": steps,
+              "variants": {n: DESCRIPTIONS[n] for n in chosen}, "summary": summary,
+              "findings": findings(summary), "runs": {n: {str(s): r for s, r in v.items()} for n, v in reports.items()}}
+    checkpoint.atomic_write(out / "ablation.json", json.dumps(result, indent=1).encode())
+    text = markdown(result)
+    checkpoint.atomic_write(out / "ablation.md", text.encode())
+    if markdown_out is not None:
+        markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        markdown_out.write_text(text)
+    return result

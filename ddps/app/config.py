@@ -1,0 +1,287 @@
+"""Run configuration: YAML files with ``key=value`` command-line overrides, validated against the
+dataclasses below. An unknown key or a value of the wrong type is a ``ConfigError`` naming the
+key (``train.lr``), never a silent default. The sections of the plug-in kinds (data, segmentor,
+head) gain each plug-in's own keys from its registry entry (``ddps.app.schema``).
+
+Not OmegaConf's structured configs, which do the same merge of typed overrides over YAML: in
+omegaconf 2.4.0 (tried on these sections) a value of another type is converted silently ('5' to
+an int, 1 or 'yes' to True, 5 to the string '5') where it must be an error naming the key, and
+"${...}" in any string (a path, a class prompt) is read as an interpolation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .._backend import MODULE_BACKENDS
+from ..nn.head import MODES
+from ..ops._common import DTYPES
+from .data import DATASETS  # each package registers its plug-ins as it is imported
+from .heads import HEADS
+from .schema import ConfigError, check_constraints, option
+from .segmentors import SEGMENTORS
+
+__all__ = ["Config", "ConfigError", "changes", "find", "flatten", "load"]
+
+
+@dataclass
+class DataBase:
+    dataset: str = option("synthetic-shapes", choices=DATASETS.names())
+    root: str | None = None
+    train_split: str = "training"
+    val_split: str = "validation"
+    scale: list[int] = option([128, 128], length=2)  # (long, short) side bounds of the resize
+    ratio_range: list[float] = option([0.5, 2.0], length=2)
+    crop_size: list[int] = option([128, 128], length=2)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    workers: int = 0
+
+
+@dataclass
+class StageConfig:
+    """What a training stage reads: its length, its batch (over ``accumulate`` micro-steps),
+    AdamW's settings, and its LR schedule: a linear warm-up from lr * warmup_ratio over
+    warmup_iters steps (null: min(50, iters // 10)), then x lr_gamma at each of lr_steps."""
+    iters: int = option(1000, minimum=1)
+    batch_size: int = option(8, minimum=1)
+    accumulate: int = option(1, minimum=1)
+    lr: float = 1e-3
+    betas: list[float] = option([0.9, 0.999], length=2)
+    weight_decay: float = 0.01
+    warmup_iters: int | None = option(None, minimum=0)
+    warmup_ratio: float = 0.1
+    lr_steps: list[int] = option([])
+    lr_gamma: float = 0.1
+
+
+@dataclass
+class SegmentorBase(StageConfig):
+    iters: int = option(300, minimum=0)  # 0: keep the initial / pretrained weights
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    type: str = option("compact", choices=SEGMENTORS.names())
+    channels: int = option(32, minimum=1)  # the features' width (compact, segformer-mmseg, diffusion-features)
+    pretrained: str | None = None  # segformer: local directory or hub id; diffusion-features: a diffusers
+                                   # Stable-Diffusion folder or hub id (null: a tiny random one, for tests)
+    checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
+    eval_interval: int = 0         # > 0: validation mIoU every N steps; the stage ends once it is flat
+    plateau: float = 0.5           # flat: the last `patience` validation mIoUs (after the last of
+                                   # lr_steps) within this many points
+    patience: int = option(3, minimum=1)
+
+
+@dataclass
+class HeadBase:
+    kind: str = option("ddps", choices=HEADS.names())
+    backend: str = option("auto", choices=MODULE_BACKENDS)  # the kernels of the head's ops (ddps.backends())
+
+
+@dataclass
+class PriorConfig(StageConfig):
+    # the stage between the segmentor and the head that trains a head's mask prior on the labels
+    # alone (gss: its VQ autoencoder, and the learned decoder); heads without one skip it
+    iters: int = option(800, minimum=0)
+    lr: float = 2e-3
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    # the head stage's (the original's schedule), and the checkpoints and logs of every stage
+    lr: float = 1.5e-4
+    betas: list[float] = option([0.9, 0.96], length=2)
+    weight_decay: float = 0.045
+    warmup_iters: int | None = option(100, minimum=0)
+    warmup_ratio: float = 1e-6
+    ema_momentum: float = 0.01
+    ema_interval: int = option(25, minimum=1)
+    amp: str = option("none", choices=("none", "bf16"))  # bf16: the head's forward and backward under autocast
+    cache_features: bool = False   # keep the frozen segmentor's outputs per training image (needs images that
+                                   # repeat: no augmentation)
+    checkpoint_interval: int = option(200, minimum=1)
+    keep_last: int = option(2, minimum=1)
+    log_interval: int = option(20, minimum=1)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_timesteps: int = option(20, minimum=1)
+    inference_steps: int = option(2, minimum=1)
+    guidance_scale: float = 0.4
+    collect_timesteps: list[int] = option([0, 10, 19])
+    # renoise (free re-noising, the original's) | posterior (guidance_scale 1)
+    sampling: str = option("renoise", choices=MODES)
+    mode: str = option("single", choices=("single", "ms-flip", "slide"))
+    dtype: str = option("fp32", choices=tuple(DTYPES))  # the head samples under torch.autocast at this dtype
+    scales: list[float] = option([0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    crop_size: list[int] = option([128, 128], length=2)   # slide
+    stride: list[int] = option([96, 96], length=2)        # slide
+    boundary_dilation: float = 0.02  # boundary band width as a fraction of the image diagonal
+    use_ema: bool = True
+    panels: int = 4                # PNG panels written by `ddps train`'s final evaluation
+
+
+DataConfig = DATASETS.section(DataBase)
+SegmentorConfig = SEGMENTORS.section(SegmentorBase)
+HeadConfig = HEADS.section(HeadBase)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    segmentor: SegmentorConfig = field(default_factory=SegmentorConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys of {prefix.rstrip('.') or 'the config'}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, reads_data: bool = True) -> None:
+    check_constraints(cfg)
+    dataset = DATASETS[cfg.data.dataset]
+    if reads_data and dataset.needs_root and cfg.data.root is None:
+        raise ConfigError(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
+    d = cfg.data
+    if cfg.train.cache_features and (d.ratio_range != [1.0, 1.0] or d.flip_prob > 0 or d.photometric):
+        raise ConfigError("train.cache_features: the cache keeps one output per training image, so the images must "
+                          "repeat: set data.ratio_range=[1.0,1.0], data.flip_prob=0 and data.photometric=false (got "
+                          f"{d.ratio_range}, {d.flip_prob}, {d.photometric})")
+    for entry in (dataset, SEGMENTORS[cfg.segmentor.type], HEADS[cfg.head.kind]):
+        if entry.check is not None:
+            entry.check(cfg)
+
+
+def changes(old: Config, new: Config) -> dict:
+    """{key: "key: old -> new"} for every key whose value differs between two configs."""
+    before, after = flatten(old.to_dict()), flatten(new.to_dict())
+    return {key: f"{key}: {before[key]!r} -> {value!r}" for key, value in after.items() if value != before[key]}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def apply_override(values: dict, override: str) -> None:
+    """``a.b=value`` into the nested dict ``values``; the value is read as YAML (``lr=1e-4``,
+    ``dim_mults=[1,2]``, ``root=null``)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value")
+    node = values
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({e})") from None
+
+
+def find(name: str) -> Path:
+    """A config file, or the name of a shipped one (``synthetic``, ``ade20k``, ...)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    shipped = resources.files("ddps.configs") / f"{name.removesuffix('.yaml')}.yaml"
+    return Path(str(shipped)) if shipped.is_file() else path
+
+
+def shipped() -> list[str]:
+    """The names of the shipped configs."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("ddps.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load(path: str | Path | None = None, overrides=(), base: dict | None = None, reads_data: bool = True) -> Config:
+    """The config of ``path`` (YAML) over ``base`` (a saved run's), with overrides applied.
+    ``reads_data=False``: for a command that reads no dataset (``ddps convert``), whose location
+    need not be given."""
+    values = dict(base or {})
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        values = _merge(values, loaded) if isinstance(loaded, dict) else loaded
+    for override in overrides:
+        apply_override(values, override)
+    cfg = _build(Config, values, "")
+    _validate(cfg, reads_data)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

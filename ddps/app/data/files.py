@@ -1,0 +1,159 @@
+"""Datasets read from image/mask files: ADE20K (ADEChallengeData2016), Cityscapes and a generic
+folder layout. Every read error names the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..schema import DATASETS, ConfigError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W]."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Raw label values [H, W] (a single-channel or palette PNG)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"{path}: a mask must be a single-channel or palette image, got mode {im.mode}")
+            return np.asarray(im).astype(np.int64)
+    except (OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read mask ({e})") from None
+
+
+def _files(directory: Path, what: str) -> list[Path]:
+    if not directory.is_dir():
+        raise DataError(f"{what} directory {directory} does not exist")
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Pairs (image, mask) of files. ``label_map`` turns raw mask values into training labels;
+    raw values outside ``valid`` are an error naming the mask file."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], num_classes: int, ignore_index: int, valid, label_map,
+                 class_names=None):
+        if not pairs:
+            raise DataError("the dataset has no image/mask pairs")
+        self.pairs = pairs
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.valid, self.label_map = valid, label_map
+        self.class_names = class_names or tuple(str(i) for i in range(num_classes))
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def name(self, index: int) -> str:
+        return self.pairs[index][0].stem
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        raw = read_mask(mask_path)
+        if raw.shape != tuple(image.shape[1:]):
+            raise DataError(f"{mask_path}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image {image_path} "
+                            f"size {image.shape[2]}x{image.shape[1]}")
+        bad = ~self.valid(raw)
+        if bad.any():
+            values = np.unique(raw[bad])[:5].tolist()
+            raise DataError(f"{mask_path}: label values {values} are not valid for this dataset "
+                            f"({self.num_classes} classes, ignore value {self.ignore_index})")
+        return image, torch.from_numpy(self.label_map(raw))
+
+
+def _pair_by_stem(images: list[Path], masks: list[Path], mask_suffix: str, image_suffix: str = "") -> list:
+    by_stem = {m.name[: -len(mask_suffix)] if mask_suffix else m.stem: m for m in masks}
+    pairs = []
+    for image in images:
+        stem = image.name[: -len(image_suffix)] if image_suffix else image.stem
+        mask = by_stem.get(stem)
+        if mask is None:
+            raise DataError(f"{image}: no mask {stem}{mask_suffix or '.png'} for this image")
+        pairs.append((image, mask))
+    return pairs
+
+
+def ade20k(root: str, split: str, reduce_zero_label: bool) -> FileDataset:
+    """ADEChallengeData2016: images/<split>/*.jpg, annotations/<split>/*.png (0 = other, 1..150).
+    The original's variant keeps 0 as class "other" (K = 151, ignored by the loss); the standard
+    one reduces it (K = 150, 0 -> ignore 255)."""
+    base = Path(root)
+    images = _files(base / "images" / split, "ADE20K image")
+    masks = _files(base / "annotations" / split, "ADE20K annotation")
+    pairs = _pair_by_stem(images, masks, "")
+    valid = lambda raw: raw <= 150  # noqa: E731
+    if reduce_zero_label:
+        return FileDataset(pairs, 150, 255, valid, lambda raw: np.where(raw == 0, 255, raw - 1))
+    return FileDataset(pairs, 151, 0, valid, lambda raw: raw)
+
+
+def cityscapes(root: str, split: str) -> FileDataset:
+    """leftImg8bit/<split>/<city>/*_leftImg8bit.png with gtFine/<split>/<city>/*_gtFine_labelTrainIds.png;
+    the original's labels: trainId + 1, 255 -> 0 (K = 20, 0 ignored by the loss)."""
+    base = Path(root)
+    images = [p for p in _files(base / "leftImg8bit" / split, "Cityscapes image") if p.name.endswith("_leftImg8bit.png")]
+    masks = [p for p in _files(base / "gtFine" / split, "Cityscapes annotation")
+             if p.name.endswith("_gtFine_labelTrainIds.png")]
+    pairs = _pair_by_stem(images, masks, "_gtFine_labelTrainIds.png", "_leftImg8bit.png")
+    valid = lambda raw: (raw <= 18) | (raw == 255)  # noqa: E731
+    return FileDataset(pairs, 20, 0, valid, lambda raw: np.where(raw == 255, 0, raw + 1))
+
+
+def folder(root: str, split: str, num_classes: int, ignore_index: int | None) -> FileDataset:
+    """images/<split>/<name>.<ext> with masks/<split>/<name>.png holding labels 0..K-1 (and the
+    ignore value, if any)."""
+    base = Path(root)
+    images = _files(base / "images" / split, "image")
+    masks = _files(base / "masks" / split, "mask")
+    pairs = _pair_by_stem(images, masks, "")
+    ignore = 255 if ignore_index is None else ignore_index
+    valid = lambda raw: (raw >= 0) & (raw < num_classes) | (raw == ignore)  # noqa: E731
+    return FileDataset(pairs, num_classes, ignore, valid, lambda raw: raw)
+
+
+def _split(cfg, split: str) -> str:
+    return cfg.data.train_split if split == "train" else cfg.data.val_split
+
+
+@dataclass
+class FolderOptions:
+    num_classes: int | None = None     # its number of classes (required)
+    ignore_index: int | None = None    # the mask value of unlabelled pixels, if any (null: 255)
+
+
+def _folder_classes(cfg) -> tuple[int, int]:
+    return cfg.data.num_classes, 255 if cfg.data.ignore_index is None else cfg.data.ignore_index
+
+
+def _check_folder(cfg) -> None:
+    if cfg.data.num_classes is None:
+        raise ConfigError("data.num_classes: the folder dataset needs its number of classes")
+
+
+DATASETS.register("ade20k", lambda cfg, split: ade20k(cfg.data.root, _split(cfg, split), reduce_zero_label=False),
+                  classes=lambda cfg: (151, 0), needs_root=True)
+DATASETS.register("ade20k-150", lambda cfg, split: ade20k(cfg.data.root, _split(cfg, split), reduce_zero_label=True),
+                  classes=lambda cfg: (150, 255), needs_root=True)
+DATASETS.register("cityscapes", lambda cfg, split: cityscapes(cfg.data.root, _split(cfg, split)),
+                  classes=lambda cfg: (20, 0), needs_root=True)
+DATASETS.register("folder", lambda cfg, split: folder(cfg.data.root, _split(cfg, split), *_folder_classes(cfg)),
+                  FolderOptions, _check_folder, classes=_folder_classes, needs_root=True)

@@ -1,0 +1,231 @@
+"""The stages of the training recipe, each an object built once from the config: what it trains,
+its optimiser (AdamW), its batch, accumulation and LR schedule (warm-up included) from its config
+section (``segmentor``, ``prior``, ``train``), its loss on a batch, and what it does after a step.
+The trainer (``ddps.app.trainer``) drives them without knowing which it drives.
+
+1. ``segmentor``: trains the segmentor (skipped with segmentor.checkpoint or iters 0); with
+   segmentor.eval_interval it ends once its validation mIoU is flat.
+2. ``prior``: a head with a mask prior of its own (GSS) trains it on the labels alone; other heads
+   skip it.
+3. ``head``: the segmentor frozen, the head trains on its features (and its own logits), under
+   train.amp, with an exponential moving average of the head's state.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from . import evaluation
+
+# The checkpoints' names order the stages by these positions ("done": the recipe is over).
+STAGES = ("segmentor", "prior", "head", "done")
+
+
+def lr_at(step: int, section) -> float:
+    """The LR of ``step`` of a stage: linear warm-up from lr * warmup_ratio over warmup_iters
+    (null: min(50, iters // 10)), then x lr_gamma at each of lr_steps (mmcv's 'step' policy)."""
+    warmup = section.warmup_iters if section.warmup_iters is not None else min(50, section.iters // 10)
+    lr = section.lr * section.lr_gamma ** sum(step >= s for s in section.lr_steps)
+    if step < warmup:
+        lr *= 1 - (1 - step / warmup) * (1 - section.warmup_ratio)
+    return lr
+
+
+class Stage:
+    """One stage of the recipe on the trainer's model (``trainer.segmentor``, ``trainer.head``).
+    ``stream``: the id of its data order and noise draws, fixed so that a stage added to the
+    recipe changes no other stage's draws."""
+
+    name: str
+    stream: int
+    amp = False  # the loss under train.amp's autocast
+
+    def __init__(self, trainer, section):
+        self.trainer, self.section = trainer, section
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=section.lr, betas=tuple(section.betas),
+                                           weight_decay=section.weight_decay) if self.active else None
+
+    @property
+    def active(self) -> bool:
+        """Whether the recipe runs this stage at all."""
+        return self.section.iters > 0
+
+    def parameters(self) -> list:
+        raise NotImplementedError
+
+    def start(self) -> nn.Module:
+        """Set the model up for the stage; the module whose forward is the loss (DDP wraps it)."""
+        raise NotImplementedError
+
+    def inputs(self, host_images, images, labels) -> tuple:
+        """The loss module's arguments for a batch (outside autocast)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> bool:
+        """After optimiser step ``step``; True ends the stage there."""
+        return False
+
+    def finished(self) -> bool:
+        """The stage ended early before (a resume after it converged)."""
+        return False
+
+    def log(self) -> dict:
+        return {}
+
+
+class _Loss(nn.Module):
+    """A loss as a module's forward, for DistributedDataParallel."""
+
+    def __init__(self, owner: nn.Module, loss):
+        super().__init__()
+        self.owner, self.loss = owner, loss
+
+    def forward(self, *inputs):
+        return self.loss(*inputs)
+
+
+class SegmentorStage(Stage):
+    name, stream = "segmentor", 0
+
+    def __init__(self, trainer):
+        super().__init__(trainer, trainer.cfg.segmentor)
+
+    @property
+    def active(self) -> bool:
+        return super().active and not self.section.checkpoint
+
+    def parameters(self) -> list:
+        # a frozen backbone (diffusion-features) never trains
+        return [p for p in self.trainer.segmentor.parameters() if p.requires_grad]
+
+    def start(self) -> nn.Module:
+        segmentor, ignore = self.trainer.segmentor, self.trainer.ignore
+        segmentor.train()
+        return _Loss(segmentor, lambda images, labels: segmentor.loss(images, labels, ignore))
+
+    def inputs(self, host_images, images, labels) -> tuple:
+        return images, labels
+
+    def after_step(self, step: int) -> bool:
+        """Every segmentor.eval_interval steps: the validation mIoU, logged; True once the last
+        segmentor.patience of them after the last of segmentor.lr_steps lie within segmentor.plateau
+        points (every rank decides alike, from the same evaluation)."""
+        s, t = self.section, self.trainer
+        if not s.eval_interval or step % s.eval_interval:
+            return False
+        report = evaluation.evaluate(t.cfg, t.segmentor.eval(), None, t.val_set)
+        t.segmentor.train()
+        t.val_history.append(report["base"]["mIoU"])
+        t.log({"stage": self.name, "step": step, "val_mIoU": t.val_history[-1]})
+        return self.finished()
+
+    def finished(self) -> bool:
+        s = self.section
+        if not s.eval_interval:
+            return False
+        # A flat stretch before the last learning-rate drop is a pause, not convergence (the
+        # drop still gains points): only the evaluations after it count.
+        last = self.trainer.val_history[max(s.lr_steps, default=0) // s.eval_interval:][-s.patience:]
+        return len(last) == s.patience and max(last) - min(last) <= s.plateau
+
+
+class _HeadStages(Stage):
+    """The stages that train the head (or its prior) on a frozen segmentor."""
+
+    def start(self) -> nn.Module:
+        t = self.trainer
+        t.segmentor.eval().requires_grad_(False)
+        t.head.train()
+        trainable = {id(p) for p in self.parameters()}
+        for p in t.head.parameters():
+            p.requires_grad_(id(p) in trainable)
+        return _Loss(t.head, self.loss)
+
+
+class PriorStage(_HeadStages):
+    name, stream = "prior", 2
+
+    def __init__(self, trainer):
+        super().__init__(trainer, trainer.cfg.prior)
+
+    @property
+    def active(self) -> bool:
+        return super().active and bool(self.parameters())
+
+    def parameters(self) -> list:
+        return self.trainer.head.prior_parameters()
+
+    def loss(self, labels):
+        return self.trainer.head.prior_loss(labels, self.trainer.ignore)
+
+    def inputs(self, host_images, images, labels) -> tuple:
+        return (labels,)
+
+
+class HeadStage(_HeadStages):
+    name, stream = "head", 1
+
+    def __init__(self, trainer):
+        super().__init__(trainer, trainer.cfg.train)
+        self.amp = self.section.amp == "bf16"
+        self.cache = None
+
+    def parameters(self) -> list:
+        return self.trainer.head.trainable_parameters()
+
+    def start(self) -> nn.Module:
+        if self.section.cache_features:
+            self.cache = FeatureCache(self.trainer.segmentor, self.trainer.device)
+        return super().start()
+
+    def loss(self, features, labels, base):
+        return self.trainer.head.loss(features, labels, base, self.trainer.ignore)
+
+    def inputs(self, host_images, images, labels) -> tuple:
+        with torch.no_grad():
+            features, base = self.cache(host_images) if self.cache is not None else self.trainer.segmentor(images)
+        return features, labels, base
+
+    def after_step(self, step: int) -> bool:
+        if step % self.section.ema_interval == 0:
+            m, ema = self.section.ema_momentum, self.trainer.ema
+            with torch.no_grad():
+                for key, value in self.trainer.head.averaged_state().items():
+                    ema[key].mul_(1 - m).add_(value.detach(), alpha=m)
+        return False
+
+    def log(self) -> dict:
+        # the share of images served from the cache since this process began the stage
+        return {} if self.cache is None else {"cache_hit_rate": self.cache.hits / self.cache.served}
+
+
+class FeatureCache:
+    """The frozen segmentor's outputs per training image (train.cache_features), keyed by the
+    image's bytes, so that an expensive segmentor (diffusion-features) runs once per image in the
+    head stage. Each image's outputs are computed alone (a batch of one), so they are a function of
+    the image, not of the batch it first came in: a resumed run, which starts with an empty cache,
+    trains bitwise as the uninterrupted one. Takes the loader's images, on the CPU, so that keying
+    them copies nothing back from the device; kept on the CPU."""
+
+    def __init__(self, segmentor, device: torch.device):
+        self.segmentor, self.device, self.store, self.hits, self.served = segmentor, device, {}, 0, 0
+
+    def __call__(self, images: torch.Tensor):
+        keys = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in images]
+        self.served += len(keys)
+        for image, key in zip(images, keys):
+            if key in self.store:
+                self.hits += 1
+            else:
+                features, base = self.segmentor(image[None].to(self.device))
+                self.store[key] = (features[0].cpu(), None if base is None else base[0].cpu())
+        features, base = zip(*(self.store[k] for k in keys))
+        base = None if base[0] is None else torch.stack(base).to(self.device)
+        return torch.stack(features).to(self.device), base
+
+
+def build(trainer) -> list[Stage]:
+    """The stages the recipe runs for the trainer's config and model, in order."""
+    return [s for s in (SegmentorStage(trainer), PriorStage(trainer), HeadStage(trainer)) if s.active]

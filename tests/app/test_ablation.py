@@ -1,0 +1,80 @@
+"""ddps ablate end to end on the smoke config: one segmentor (stopped at its validation plateau),
+every variant and seed from it, the summary and findings, and resuming that trains nothing
+finished."""
+import json
+
+import pytest
+import yaml
+
+from ddps.app import ablation, checkpoint, trainer
+from ddps.app.cli import main
+
+SMOKE = ["--config", "synthetic-smoke"]
+# a plateau of 100 points is reached at the second evaluation: the segmentor stops at step 4 of 10
+FAST = ["segmentor.eval_interval=2", "segmentor.patience=2", "segmentor.plateau=100", "train.iters=2", "prior.iters=2",
+        "data.synthetic.num_val=2", "eval.panels=0"]
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate") / "out"
+    assert main(["ablate", *SMOKE, "--out", str(out), "--markdown", str(out.parent / "ABLATIONS.md"), *FAST]) == 0
+    return out
+
+
+def test_every_variant_from_one_segmentor(ablated):
+    result = json.loads((ablated / "ablation.json").read_text())
+    assert list(result["summary"]) == list(ablation.VARIANTS) and result["seeds"] == [0, 1]
+    # the segmentor stopped where its validation mIoU was flat
+    assert result["segmentor_steps"] == 4 and len(result["segmentor_val"]) == 2
+    segmentor = checkpoint.load_weights(ablated / "segmentor" / "segmentor.safetensors")
+    for name, overrides in ablation.TRAINED.items():
+        for seed in (0, 1):
+            run = ablated / name / f"seed-{seed}"
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            assert cfg["seed"] == seed and cfg["train"]["iters"] == 2
+            for override in overrides[1]:  # the variant's own setting, and nothing else differs
+                key, value = override.split("=")
+                section, leaf = key.split(".")
+                assert str(cfg[section][leaf]) == value
+            weights = checkpoint.load_weights(run / "model.safetensors")
+            assert all((weights[k] == v).all() for k, v in segmentor.items())  # the same frozen segmentor
+    for name in ablation.INFERRED:
+        for seed in (0, 1):
+            report = json.loads((ablated / name / f"seed-{seed}" / "eval.json").read_text())
+            assert {"base", "ddps"} <= set(report)
+    refine = result["runs"]["refine"]["0"]
+    assert refine["refine"]["steps"] == {} and "ddps" not in refine  # one refinement step, no diffusion steps
+    gss = result["runs"]["gss"]["0"]
+    assert gss["gss"]["steps"] == {} and 0 <= gss["prior"]["reconstruction"]["mIoU"] <= 100
+    claims = [claim for claim, _ in result["findings"]]
+    assert len(claims) == 5 and all(v.startswith(("reproduced", "not reproduced", "+", "-"))
+                                    for _, v in result["findings"])
+    table = (ablated.parent / "ABLATIONS.md").read_text()
+    assert table == (ablated / "ablation.md").read_text()
+    assert all(f"| {name} |" in table for name in ablation.VARIANTS) and "## The findings" in table
+
+
+def test_rerun_trains_nothing_finished(ablated, monkeypatch, capsys):
+    calls = []
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda cfg, out, **kw: calls.append(out) or real(cfg, out, **kw))
+    assert main(["ablate", *SMOKE, "--out", str(ablated), *FAST]) == 0
+    assert calls == []
+    (ablated / "absorbing" / "seed-1" / "eval.json").unlink()
+    assert main(["ablate", *SMOKE, "--out", str(ablated), "--only", "absorbing", *FAST]) == 0
+    assert calls == [ablated / "absorbing" / "seed-1"]
+    result = json.loads((ablated / "ablation.json").read_text())
+    assert list(result["summary"]) == ["absorbing"] and result["runs_done_before"] == 1
+    assert "1 of the runs were finished before" in capsys.readouterr().out
+
+
+def test_bad_input_is_named(ablated, tmp_path, capsys):
+    assert main(["ablate", *SMOKE, "--out", str(tmp_path / "a"), "--only", "ddps", "nope", *FAST]) == 2
+    assert "--only nope: not a variant" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["ablate", *SMOKE, "--out", str(tmp_path / "a"), "--seeds", "0"])
+    assert exit.value.code == 2 and "argument --seeds: must be >= 1, got 0" in capsys.readouterr().err
+    # a rerun with other settings would mix variants trained differently
+    assert main(["ablate", *SMOKE, "--out", str(ablated), *FAST, "train.iters=3"]) == 2
+    assert "train.iters: 2 -> 3" in capsys.readouterr().err

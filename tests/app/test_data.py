@@ -1,0 +1,189 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddps.app import config
+from ddps.app.data import DataError, build_dataset, train_batches
+from ddps.app.data.files import ade20k, cityscapes, folder
+from ddps.app.data.synthetic import SyntheticShapes, generate
+from ddps.app.data.transforms import hsv_to_rgb, photometric, random_crop, rescale_size, rgb_to_hsv
+
+
+def smoke(*overrides):
+    return config.load(None, ["data.synthetic.num_train=12", "data.synthetic.size=32", "data.scale=[32,32]",
+                              "data.crop_size=[24,24]", "data.ratio_range=[0.75,1.5]", *overrides])
+
+
+def test_synthetic_is_deterministic_by_seed():
+    a = SyntheticShapes("training", 0, 4, 64, 4, 0.35)
+    b = SyntheticShapes("training", 0, 4, 64, 4, 0.35)
+    c = SyntheticShapes("training", 1, 4, 64, 4, 0.35)
+    v = SyntheticShapes("validation", 0, 4, 64, 4, 0.35)
+    for i in range(4):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+        assert not torch.equal(a[i][0], c[i][0]) and not torch.equal(a[i][0], v[i][0])
+    image, mask = a[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64) and mask.shape == (64, 64)
+    labels = torch.cat([a[i][1].flatten() for i in range(4)]).unique()
+    assert labels.min() == 0 and labels.max() < SyntheticShapes.num_classes and len(labels) > 2
+
+
+def test_synthetic_samples_are_cached_as_generated(monkeypatch):
+    from ddps.app.data import synthetic
+    ds = SyntheticShapes("training", 0, 3, 32, 4, 0.35)
+    first = ds[1]
+    first[0].zero_()
+    first[1].fill_(5)  # a caller editing its sample in place
+    calls = []
+    monkeypatch.setattr(synthetic, "generate", lambda *a: calls.append(a))
+    again = ds[1]
+    assert not calls  # served from the cache
+    image, mask = generate(0, "training", 1, 32, 4, 0.35)
+    assert torch.equal(again[0], torch.from_numpy(image).permute(2, 0, 1))
+    assert torch.equal(again[1], torch.from_numpy(mask).long())
+    monkeypatch.setattr(synthetic, "CACHE_BYTES", 3 * 32 * 32 * 4 - 1)
+    assert SyntheticShapes("training", 0, 3, 32, 4, 0.35)._cache is None  # too big to keep
+
+
+def _concat(batches):
+    images, labels = zip(*batches)
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_batches_are_a_function_of_the_step():
+    cfg = smoke()
+    ds = build_dataset(cfg, "train")
+    whole = list(train_batches(ds, cfg.data, 7, 4, 0, 6))  # two epochs of 12 samples
+    resumed = list(train_batches(ds, cfg.data, 7, 4, 0, 2)) + list(train_batches(ds, cfg.data, 7, 4, 2, 6))
+    for (i1, l1), (i2, l2) in zip(whole, resumed):
+        assert torch.equal(i1, i2) and torch.equal(l1, l2)
+    assert whole[0][0].shape == (4, 3, 24, 24) and whole[0][1].shape == (4, 24, 24)
+    assert not torch.equal(whole[0][0], whole[3][0])  # epoch 2 reshuffles and re-augments
+
+
+def test_ranks_split_the_global_batch():
+    cfg = smoke()
+    ds = build_dataset(cfg, "train")
+    single = list(train_batches(ds, cfg.data, 3, 4, 0, 3))
+    ranks = [list(train_batches(ds, cfg.data, 3, 4, 0, 3, rank=r, world=2)) for r in range(2)]
+    for step, (images, labels) in enumerate(single):
+        for r in range(2):
+            assert torch.equal(ranks[r][step][0], images[r::2]) and torch.equal(ranks[r][step][1], labels[r::2])
+    with pytest.raises(ValueError, match="not divisible"):
+        train_batches(ds, cfg.data, 3, 3, 0, 1, rank=0, world=2)
+
+
+def test_rescale_size_keeps_ratio():
+    assert rescale_size(512, 683, (2048, 512)) == (512, 683)
+    assert rescale_size(1024, 2048, (2048, 512)) == (512, 1024)
+    assert rescale_size(100, 100, (256, 128)) == (128, 128)
+
+
+def test_hsv_round_trip_and_photometric():
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(3, 17, 9, generator=g)
+    assert torch.allclose(hsv_to_rgb(rgb_to_hsv(rgb)), rgb, atol=1e-5)
+    grey = torch.full((3, 4, 4), 0.5)
+    assert torch.allclose(rgb_to_hsv(grey)[1], torch.zeros(4, 4))
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g)
+    changed = [not torch.equal(photometric(image, torch.Generator().manual_seed(s)), image) for s in range(8)]
+    assert any(changed)
+    out = photometric(image, torch.Generator().manual_seed(1))
+    assert out.dtype == torch.uint8 and out.shape == image.shape
+
+
+def test_random_crop_respects_cat_max_ratio():
+    mask = torch.zeros(40, 40, dtype=torch.long)
+    mask[:, 30:] = 1  # only crops that reach x >= 30 hold two classes
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    for seed in range(20):
+        _, crop = random_crop(image, mask, (10, 10), 255, 0.75, torch.Generator().manual_seed(seed))
+        counts = torch.bincount(crop.flatten(), minlength=2)
+        if counts.min() > 0:
+            assert counts.max() / counts.sum() < 0.75
+    # with the ratio check off, single-class crops come up
+    singles = sum(int(random_crop(image, mask, (10, 10), 255, 1.0, torch.Generator().manual_seed(s))[1].unique().numel() == 1)
+                  for s in range(20))
+    assert singles > 0
+
+
+def _png(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode).save(path)
+
+
+def _folder(tmp_path, mask_values=(0, 1, 2), size=(8, 6), mask_size=None, split="train"):
+    rng = np.random.default_rng(0)
+    _png(tmp_path / "images" / split / "a.png", rng.integers(0, 255, (*size, 3)))
+    h, w = mask_size or size
+    _png(tmp_path / "masks" / split / "a.png", np.resize(np.array(mask_values), (h, w)))
+    return tmp_path
+
+
+def test_folder_dataset(tmp_path):
+    ds = folder(str(_folder(tmp_path, (0, 1, 2, 255))), "train", 3, 255)
+    image, labels = ds[0]
+    assert image.shape == (3, 8, 6) and set(labels.unique().tolist()) == {0, 1, 2, 255}
+
+
+def test_mask_label_out_of_range_names_the_file(tmp_path):
+    ds = folder(str(_folder(tmp_path, (0, 1, 7))), "train", 3, 255)
+    with pytest.raises(DataError, match=r"masks/train/a.png: label values \[7\]"):
+        ds[0]
+
+
+def test_size_mismatch_names_the_files(tmp_path):
+    ds = folder(str(_folder(tmp_path, mask_size=(4, 6))), "train", 3, 255)
+    with pytest.raises(DataError, match="a.png: mask size 6x4 differs from image .*a.png size 6x8"):
+        ds[0]
+
+
+def test_corrupt_image_and_mask_name_the_file(tmp_path):
+    root = _folder(tmp_path)
+    (root / "images" / "train" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="images/train/a.png: cannot read image"):
+        folder(str(root), "train", 3, 255)[0]
+    root = _folder(tmp_path / "2")
+    (root / "masks" / "train" / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match="masks/train/a.png: cannot read mask"):
+        folder(str(root), "train", 3, 255)[0]
+    root = _folder(tmp_path / "3")
+    _png(root / "masks" / "train" / "a.png", np.zeros((8, 6, 3)))
+    with pytest.raises(DataError, match="a.png: a mask must be a single-channel"):
+        folder(str(root), "train", 3, 255)[0]
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(DataError, match=f"image directory {tmp_path}/images/train does not exist"):
+        folder(str(tmp_path), "train", 3, 255)
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    _png(tmp_path / "images" / "train" / "b.png", np.zeros((4, 4, 3)))
+    (tmp_path / "masks" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="b.png: no mask b.png"):
+        folder(str(tmp_path), "train", 3, 255)
+    cfg = config.load(None, ["data.dataset=ade20k", f"data.root={tmp_path}/nowhere"])
+    with pytest.raises(DataError, match="nowhere/images/training does not exist"):
+        build_dataset(cfg, "train")
+
+
+def test_ade20k_variants(tmp_path):
+    _png(tmp_path / "images" / "training" / "ADE_1.jpg", np.zeros((4, 4, 3)))
+    _png(tmp_path / "annotations" / "training" / "ADE_1.png", np.resize(np.array([0, 1, 150]), (4, 4)))
+    original = ade20k(str(tmp_path), "training", reduce_zero_label=False)
+    reduced = ade20k(str(tmp_path), "training", reduce_zero_label=True)
+    assert (original.num_classes, original.ignore_index, reduced.num_classes, reduced.ignore_index) == (151, 0, 150, 255)
+    assert set(original[0][1].unique().tolist()) == {0, 1, 150}
+    assert set(reduced[0][1].unique().tolist()) == {255, 0, 149}
+    _png(tmp_path / "annotations" / "training" / "ADE_1.png", np.full((4, 4), 151))
+    with pytest.raises(DataError, match=r"ADE_1.png: label values \[151\]"):
+        original[0]
+
+
+def test_cityscapes_labels(tmp_path):
+    _png(tmp_path / "leftImg8bit" / "train" / "aachen" / "aachen_0_0_leftImg8bit.png", np.zeros((4, 4, 3)))
+    _png(tmp_path / "gtFine" / "train" / "aachen" / "aachen_0_0_gtFine_labelTrainIds.png",
+         np.resize(np.array([0, 18, 255]), (4, 4)))
+    ds = cityscapes(str(tmp_path), "train")
+    assert (ds.num_classes, ds.ignore_index) == (20, 0)
+    assert set(ds[0][1].unique().tolist()) == {1, 19, 0}

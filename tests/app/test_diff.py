@@ -1,0 +1,278 @@
+"""The diffusion-feature segmentor (DIFF, ddps.nn.diff) with the tiny random Stable-Diffusion-shaped
+model: shapes per stride, the hooked features against a recomputation by hand, determinism, which
+parts train, IPKL's branch, the frozen model's loading and checkpointing, config errors, and the
+recipe end to end (both stages, eval.json, the head stage on cached features = on live ones)."""
+import json
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ddps.app import config
+from ddps.app.checkpoint import load_weights
+from ddps.app.segmentors import build_segmentor
+from ddps.app.stages import FeatureCache
+from helpers.app import pretrained_folder, run_cli
+
+TINY = ["segmentor.type=diffusion-features", "segmentor.diff.timesteps=[50,25,10]", "segmentor.diff.save_steps=[1,2]",
+        "segmentor.diff.projection=[16,16,32]", "segmentor.diff.projection_x4=16", "segmentor.channels=16"]
+PROMPTS = "segmentor.diff.class_prompts=['', 'a disc', 'a square', 'a triangle', 'a ring', 'a cross']"
+
+
+def build(*overrides, seed=0):
+    cfg = config.load(None, [*TINY, *overrides])
+    torch.manual_seed(seed)
+    return build_segmentor(cfg, 6)
+
+
+def images(b=2, h=64, w=64, seed=0):
+    return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_and_channels_per_stride():
+    seg = build().eval()
+    with torch.no_grad():
+        levels = seg.backbone.features(seg.backbone.encode(images()))
+    # latent 8 x 8; up blocks 3, 2, 1 at 8, 4, 2 (image strides 8, 16, 32)
+    assert [tuple(x.shape[-2:]) for x in levels] == [(8, 8), (4, 4), (2, 2)]
+    # per block 2 resnets + 2 transformer blocks, each kept at 2 steps: 16-wide blocks 3, 2, 32-wide block 1
+    assert [x.shape[1] for x in levels] == seg.backbone.channels() == [4 * 16 * 2, 4 * 16 * 2, 4 * 32 * 2]
+    with torch.no_grad():
+        features, logits = seg(images())
+        assert features.shape == (2, 16, 16, 16) and logits.shape == (2, 6, 16, 16)
+        features, logits = seg(images(h=50, w=70))  # padded to 64 x 128, cropped back to ceil(H/4)
+        assert features.shape == (2, 16, 13, 18) and logits.shape == (2, 6, 13, 18)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        seg(torch.zeros(2, 1, 64, 64))
+
+
+def test_hooked_features_equal_a_recomputation_by_hand():
+    """One DDIM inversion step by its formula, then at step 1 (t = 10) the residual branch of up
+    block 3's first ResNet (conv2's output, before the skip) and the output of its second
+    transformer block, recomputed from their inputs, against the backbone's kept maps."""
+    seg = build("segmentor.diff.save_steps=[1]").eval()
+    bb = seg.backbone
+    unet, a = bb.unet, bb.alphas
+    x = images()
+    with torch.no_grad():
+        latents = bb.encode(x)
+        kept = bb.features(latents)[0]
+        emb = bb.prompts[:1].repeat(2, 1, 1)
+        e = unet(latents, 0, encoder_hidden_states=emb).sample
+        x1 = a[10].sqrt() * (latents - (1 - a[0]).sqrt() * e) / a[0].sqrt() + (1 - a[10]).sqrt() * e
+        inputs = {}
+        resnet = unet.up_blocks[3].resnets[0]
+        attention = unet.up_blocks[3].attentions[1]
+        hooks = [resnet.register_forward_pre_hook(lambda m, args: inputs.setdefault("resnet", args)),
+                 attention.register_forward_pre_hook(lambda m, args, kw: inputs.setdefault("attention", (args, kw)),
+                                                     with_kwargs=True)]
+        unet(x1, 10, encoder_hidden_states=emb)
+        for h in hooks:
+            h.remove()
+        h, temb = inputs["resnet"]
+        r = resnet
+        y = r.conv1(r.nonlinearity(r.norm1(h))) + r.time_emb_proj(r.nonlinearity(temb))[:, :, None, None]
+        branch = r.conv2(r.nonlinearity(r.norm2(y)))
+        args, kw = inputs["attention"]
+        hidden = args[0] if args else kw["hidden_states"]
+        b, c, hh, ww = hidden.shape
+        tokens = attention.proj_in(attention.norm(hidden).permute(0, 2, 3, 1).reshape(b, hh * ww, c))
+        block = attention.transformer_blocks[0](tokens, encoder_hidden_states=emb)
+        block = block.reshape(b, hh, ww, -1).permute(0, 3, 1, 2)
+    width = r.conv2.out_channels
+    # the finest level: resnets (3, 0), (3, 1), then transformer blocks (3, 0), (3, 1), one step each
+    torch.testing.assert_close(kept[:, :width], branch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept[:, 3 * width:4 * width], block, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(kept[:, :width], kept[:, width:2 * width])
+
+
+def test_same_seed_same_model_and_output():
+    a, b, c = build(seed=0).eval(), build(seed=0).eval(), build(seed=1).eval()
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        fa, la = a(images())
+        fb, lb = b(images())
+        fa2, _ = a(images())
+        fc, _ = c(images())
+    assert torch.equal(fa, fb) and torch.equal(la, lb) and torch.equal(fa, fa2)
+    assert not torch.allclose(fa, fc)
+
+
+def test_stochastic_inversion_draws_from_the_global_rng():
+    """eta > 0: DIFF's noise term inside eta_range, from the global RNG (seeded per step by the
+    trainer), so the same seed gives the same features and eta = 0 none of that noise."""
+    plain = build().eval()
+    noisy = build("segmentor.diff.eta=1.0", "segmentor.diff.eta_range=[-1,1000]").eval()
+    with torch.no_grad():
+        latents = plain.backbone.encode(images())
+        deterministic = plain.backbone.features(latents)
+        runs = []
+        for seed in (3, 3, 4):
+            torch.manual_seed(seed)
+            runs.append(noisy.backbone.features(latents))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.allclose(runs[0][0], runs[2][0]) and not torch.allclose(runs[0][0], deterministic[0])
+
+
+def test_gradients_reach_only_the_trainable_parts():
+    seg = build("segmentor.diff.ipkl=true", PROMPTS)
+    seg.train()
+    assert not seg.backbone.training and not seg.backbone.unet.training  # no dropout in the frozen model
+    labels = torch.randint(0, 6, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    loss = seg.loss(images(), labels, 255)
+    loss.backward()
+    for name, p in seg.named_parameters():
+        if name.startswith("backbone."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ipkl_branch():
+    """The conditional branch: no prompt for classes without one (class 0, ignored pixels), so a
+    ground truth of those alone gives the unconditional features; a prompted class changes them.
+    The loss is both branches' cross-entropy plus the weighted MSE of their logits."""
+    seg = build("segmentor.diff.ipkl=true", "segmentor.diff.ipkl_weight=0.5", PROMPTS).eval()
+    bb = seg.backbone
+    with torch.no_grad():
+        latents = bb.encode(images())
+        plain = bb.features(latents)
+        unprompted = torch.zeros(2, 8, 8, dtype=torch.long)
+        unprompted[0, :4] = 255
+        same = bb.features(latents, unprompted)
+        prompted = unprompted.clone()
+        prompted[1, 2:6, 2:6] = 3
+        guided = bb.features(latents, prompted)
+    assert all(torch.equal(p, s) for p, s in zip(plain, same))
+    assert not torch.allclose(plain[0], guided[0])
+    labels = F.interpolate(prompted[:, None].float(), scale_factor=8, mode="nearest")[:, 0].long()
+    with torch.no_grad():
+        _, lu = seg._decode(plain, (64, 64))
+        _, lc = seg._decode(guided, (64, 64))
+        expected = (F.cross_entropy(F.interpolate(lu, size=(64, 64), mode="bilinear"), labels, ignore_index=255)
+                    + F.cross_entropy(F.interpolate(lc, size=(64, 64), mode="bilinear"), labels, ignore_index=255)
+                    + 0.5 * F.mse_loss(lc, lu))
+        torch.testing.assert_close(seg.loss(images(), labels, 255), expected)
+
+
+def test_pretrained_model_loads_through_diffusers_and_stays_out_of_checkpoints(tmp_path):
+    unet = pretrained_folder(tmp_path)
+    seg = build(f"segmentor.pretrained={tmp_path}").eval()
+    assert torch.equal(seg.backbone.unet.conv_in.weight, unet.conv_in.weight)
+    state = seg.state_dict()
+    assert state and not any(k.startswith("backbone.") for k in state)
+    other = build(f"segmentor.pretrained={tmp_path}", seed=1).eval()
+    other.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(seg(images())[1], other(images())[1])
+    # the tiny random model (no weights to reload) is saved with the segmentor
+    assert any(k.startswith("backbone.unet.") for k in build().state_dict())
+    with pytest.raises(ValueError, match="segmentor.pretrained"):
+        build(f"segmentor.pretrained={tmp_path / 'missing'}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["segmentor.diff.ipkl=true"], "class_prompts"),
+    (["segmentor.diff.projection=[16,0,32]"], "projection"),
+    (["segmentor.diff.resnets=[[3]]"], "pairs"),
+    (["segmentor.diff.dtype=half"], "dtype"),
+    (["train.cache_features=true", "data.flip_prob=0.5"], "cache_features"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, [*TINY, *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["segmentor.diff.save_steps=[3]"], r"save_steps: \[3\]"),
+    (["segmentor.diff.timesteps=[10,10]"], "timesteps"),
+    (["segmentor.diff.timesteps=[10,1000]"], "timesteps"),
+    (["segmentor.diff.resnets=[[3,5]]"], r"resnets: \[3, 5\] is not a layer"),
+    (["segmentor.diff.resnets=[[2,0]]", "segmentor.diff.attentions=[]"], "include the finest"),
+    (["segmentor.diff.resnets=[[3,0],[1,0]]", "segmentor.diff.attentions=[]"], "consecutive"),
+    (["segmentor.diff.projection=[16,16]"], "projection"),
+])
+def test_layer_selection_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(*overrides)
+
+
+def test_missing_diffusers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    with pytest.raises(ImportError, match=r"ddps\[diff\]"):
+        build()
+
+
+def test_feature_cache_serves_what_the_segmentor_computed():
+    """Each image's outputs computed alone (a function of the image, whatever batch it came in),
+    then served; they agree with a batched pass to float rounding."""
+    seg = build().eval()
+    cache = FeatureCache(seg, torch.device("cpu"))
+    x = images(b=4)
+    with torch.no_grad():
+        alone = [seg(x[i:i + 1]) for i in range(4)]
+        batched = seg(x)
+        first = cache(x)
+        again = cache(x[[2, 0]])
+        mixed = cache(torch.cat([x[:1], images(b=1, seed=9)]))
+    assert all(torch.equal(first[0][i], alone[i][0][0]) and torch.equal(first[1][i], alone[i][1][0]) for i in range(4))
+    assert torch.equal(again[0], first[0][[2, 0]]) and torch.equal(again[1], first[1][[2, 0]])
+    torch.testing.assert_close(first[0], batched[0], rtol=1e-4, atol=1e-4)
+    assert cache.hits == 3 and cache.served == 8 and len(cache.store) == 5 and mixed[0].shape[0] == 2
+
+
+def test_recipe_trains_both_stages_and_caches_the_head_stage(tmp_path, capsys):
+    """synthetic-diff.yaml cut down: the segmentor stage (IPKL) lowers its loss, the head stage
+    trains on cached segmentor outputs, eval.json is written and `ddps eval` reproduces it from the
+    saved run. A head stage on live features from the same segmentor trains the same head."""
+    small = ["--config", "synthetic-diff", "data.scale=[64,64]", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+             "segmentor.iters=30", "segmentor.lr_steps=[]", "train.iters=12", "train.warmup_iters=2",
+             "train.lr_steps=[]", "train.log_interval=3", "segmentor.eval_interval=0", "eval.panels=0",
+             "train.progress=false"]
+    cached = tmp_path / "cached"
+    result = run_cli(capsys, "train", "--out", str(cached), *small)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (cached / "metrics.jsonl").read_text().splitlines()]
+    seg_losses = [r["loss"] for r in records if r["stage"] == "segmentor" and "loss" in r]
+    assert seg_losses[-1] < 0.8 * seg_losses[0], seg_losses
+    head = [r for r in records if r["stage"] == "head"]
+    # 16 images, 8 per step: from the third step on every image is served from the cache
+    assert head[-1]["cache_hit_rate"] == pytest.approx((12 - 2) / 12)
+    report = json.loads((cached / "eval.json").read_text())
+    assert {"base", "ddps"} <= set(report)
+    again = run_cli(capsys, "eval", "--run", str(cached), "--json", str(tmp_path / "again.json"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "again.json").read_text())["ddps"]["final"] == report["ddps"]["final"]
+
+    live = tmp_path / "live"
+    result = run_cli(capsys, "train", "--out", str(live), *small, "train.cache_features=false",
+                 f"segmentor.checkpoint={cached / 'model.safetensors'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_weights(cached / "model.safetensors"), load_weights(live / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("segmentor."))
+    for key in (k for k in a if k.startswith("head.") and a[k].is_floating_point()):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("device, dtype, tolerance", [
+    ("cpu", "bfloat16", 0.06),
+    pytest.param("cuda", "float16", 0.01, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_frozen_model_in_half_precision(device, dtype, tolerance):
+    """The frozen model in bf16 / fp16 (segmentor.diff.dtype; auto = fp16 on CUDA), the trainable
+    parts in fp32: with the same weights, the kept maps are the fp32 model's to within the half
+    type's rounding (bf16 keeps 8 significant bits, fp16 11; measured on the CPU: 3.7-4.6 % and
+    0.4-0.5 % relative error after two UNet steps)."""
+    full = build(f"device={device}").to(device).eval()
+    half = build(f"device={device}", f"segmentor.diff.dtype={dtype}").to(device).eval()
+    assert half.backbone.unet.dtype == getattr(torch, dtype) and half.classifier.weight.dtype == torch.float32
+    half.load_state_dict(full.state_dict())  # the tiny model's weights too, rounded to the half type
+    with torch.no_grad():
+        latents = full.backbone.encode(images().to(device))
+        exact, rounded = full.backbone.features(latents), half.backbone.features(latents)
+        features, _ = half(images().to(device))
+    for a, b in zip(rounded, exact):
+        assert a.dtype == torch.float32 and (a - b).norm() / b.norm() < tolerance
+    assert features.dtype == torch.float32 and torch.isfinite(features).all()

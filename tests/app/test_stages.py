@@ -1,0 +1,68 @@
+"""The recipe's stage objects (ddps.app.stages): the LR schedule each reads from its section, which
+stages a config runs, each stage's optimiser settings, and what the heads give the trainer."""
+import types
+
+import pytest
+import torch
+
+from ddps.app import config, stages, trainer
+
+
+def _section(**values):
+    defaults = dict(iters=300, lr=1.0, warmup_iters=None, warmup_ratio=0.1, lr_steps=[], lr_gamma=0.1)
+    return types.SimpleNamespace(**{**defaults, **values})
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.1), (5, 0.55), (10, 1.0), (19, 1.0), (20, 0.5), (31, 0.25)])
+def test_lr_warms_up_linearly_then_steps(step, expected):
+    # lr * (1 - (1 - step / warmup) * (1 - ratio)) during the warm-up, x gamma at each of lr_steps
+    section = _section(warmup_iters=10, lr_steps=[20, 30], lr_gamma=0.5)
+    assert stages.lr_at(step, section) == pytest.approx(expected)
+
+
+def test_a_null_warm_up_is_a_tenth_of_the_stage_up_to_50_steps():
+    assert stages.lr_at(15, _section(iters=300)) == pytest.approx(1 - 0.5 * 0.9)  # 30 warm-up steps
+    assert stages.lr_at(49, _section(iters=4500)) < 1 and stages.lr_at(50, _section(iters=4500)) == 1
+
+
+def _trainer(tmp_path, *overrides):
+    cfg = config.load(config.find("synthetic-smoke"), ["data.synthetic.num_train=4", "data.synthetic.num_val=1",
+                                                       *overrides])
+    return trainer.Trainer(cfg, tmp_path / "run", resume=False)
+
+
+@pytest.mark.parametrize("overrides,names", [
+    ([], ["segmentor", "head"]),
+    (["head.kind=gss"], ["segmentor", "prior", "head"]),
+    (["head.kind=gss", "prior.iters=0"], ["segmentor", "head"]),
+    (["segmentor.iters=0"], ["head"]),
+])
+def test_the_stages_a_config_runs(tmp_path, overrides, names):
+    t = _trainer(tmp_path, *overrides)
+    assert [s.name for s in t.stages] == names and t.stage_name == names[0]
+
+
+def test_each_stage_takes_its_section(tmp_path):
+    t = _trainer(tmp_path, "head.kind=gss", "segmentor.betas=[0.8,0.9]", "prior.weight_decay=0.5",
+                 "train.lr=0.25", "train.warmup_iters=7")
+    seg, prior, head = t.stages
+    assert seg.optimizer.defaults["betas"] == (0.8, 0.9) and seg.section is t.cfg.segmentor
+    assert prior.optimizer.defaults["weight_decay"] == 0.5
+    assert head.optimizer.defaults["lr"] == 0.25 and stages.lr_at(0, head.section) == pytest.approx(0.25 * 1e-6)
+    # each optimiser holds exactly what its stage trains
+    for stage, params in ((seg, list(t.segmentor.parameters())), (prior, t.head.prior_parameters()),
+                          (head, t.head.trainable_parameters())):
+        assert [id(p) for p in stage.optimizer.param_groups[0]["params"]] == [id(p) for p in params]
+
+
+def test_the_head_gives_the_trainer_its_average_and_weights(tmp_path):
+    from ddps.nn.head import SCHEDULE_BUFFERS
+
+    t = _trainer(tmp_path)
+    assert set(t.ema) == set(t.head.state_dict()) - set(SCHEDULE_BUFFERS)
+    from ddps.app.model import build_head
+    sampling = build_head(t.cfg, t.segmentor.feature_channels, for_training=False)  # T = 10, not 20
+    assert sampling.num_timesteps != t.head.num_timesteps
+    sampling.load_trained(t.ema)
+    assert all(torch.equal(sampling.state_dict()[k], v) for k, v in t.ema.items())
+    assert sampling.reconstruct(torch.zeros(1, 8, 8, dtype=torch.long)) is None  # DDPS has no prior to report

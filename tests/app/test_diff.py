@@ -91,6 +91,7 @@ def test_same_seed_same_model_and_output():
     a, b, c = build(seed=0).eval(), build(seed=0).eval(), build(seed=1).eval()
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())  # another seed, other weights
     with torch.no_grad():
         fa, la = a(images())
         fb, lb = b(images())

@@ -18,7 +18,7 @@ from ddps.app import checkpoint, config, trainer
 from ddps.app.checkpoint import load_weights
 from ddps.app.cli import main
 from ddps.app.stages import STAGES
-from helpers.app import cli, run_cli, start
+from helpers.app import run_cli, start
 
 SMOKE = ["--config", "synthetic-smoke"]
 # enough steps to interrupt the head stage part-way
@@ -79,7 +79,7 @@ def _same_weights(a: Path, b: Path):
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
-def test_interrupt_then_resume_is_exact(straight, tmp_path, how):
+def test_interrupt_then_resume_is_exact(straight, tmp_path, capsys, how):
     """Ctrl-C writes a checkpoint at the step it stops at; after SIGKILL the last checkpoint is at
     most one interval (4 steps) old. Either way --resume ends with the uninterrupted run's weights."""
     out = tmp_path / "run"
@@ -99,7 +99,7 @@ def test_interrupt_then_resume_is_exact(straight, tmp_path, how):
     assert state["stage"] == "head" and 6 <= stopped_at < 24
     lost = stopped_at - state["stage_step"]
     assert lost == 0 if how == "ctrl-c" else 0 <= lost <= 4
-    result = cli("train", "--out", str(out), "--resume")  # as the hint says: the run's own config, overrides too
+    result = run_cli(capsys, "train", "--out", str(out), "--resume")  # as the hint says: the run's own config
     assert result.returncode == 0, result.stderr
     assert f"stage head, step {state['stage_step']}" in result.stdout
     _same_weights(out, straight)

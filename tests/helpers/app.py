@@ -1,22 +1,17 @@
-"""Shared pieces of the application's tests: the command line in a subprocess, an original mmseg
-DDPS checkpoint's segmentor at MiT-B0 size, a tiny diffusers Stable-Diffusion folder."""
+"""Shared pieces of the application's tests: the command line in this process or in another, an
+original mmseg DDPS checkpoint's segmentor at MiT-B0 size, a tiny diffusers Stable-Diffusion
+folder."""
 import subprocess
-import types
 import sys
+import types
 
 import torch
 
 from ddps.app.segmentors.diffusion_backbone import _diffusers, tiny_models
 
 
-def cli(*args, timeout=300, env=None):
-    """``python -m ddps ARGS`` to its end."""
-    return subprocess.run([sys.executable, "-m", "ddps", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
-
-
 def start(*args):
-    """``python -m ddps ARGS`` started in the background."""
+    """``python -m ddps ARGS`` started in a process of its own (for signals)."""
     return subprocess.Popen([sys.executable, "-m", "ddps", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -87,8 +82,8 @@ def pretrained_folder(path):
 
 
 def run_cli(capsys, *args):
-    """``ddps ARGS`` in this process, as its console script runs it: an object with returncode,
-    stdout and stderr, as ``cli`` gives them (without a second process's start-up)."""
+    """``ddps ARGS`` in this process, as its console script runs it (without a second process's
+    start-up): an object with returncode, stdout and stderr."""
     from ddps.app.cli import main
 
     code = main([str(a) for a in args])

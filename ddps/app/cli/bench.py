@@ -8,13 +8,13 @@ from .common import positive
 
 NAME = "bench"
 HELP = "measure ddps against the original implementation on this machine (the main job)"
-DESCRIPTION = ("Measure ddps against the original's eager ops (reference), torch.compile of them and plain-torch "
-               "formulations, side by side in one process, and end with a summary of the headline speedups. The "
-               "quick profile (default) runs what a user decides by: the sampling ops, the denoiser modules (on "
-               "NCHW and channels-last input), the UNet and the whole ADE20K head (one denoiser step, full "
-               "inference with T=20 / 3 steps / guidance 0.4, one training step at B=2), at B=1, with "
-               "torch.compile for the forward op and module cases only; --full adds every denoiser op, GSS's "
-               "maskige_decode, B=4 and every provider.")
+DESCRIPTION = ("Measure ddps against the original's eager ops (reference), and against torch.compile of them and "
+               "plain-torch formulations, side by side in one process, and end with a summary: each headline "
+               "case's speedup, the machine and the files written. The quick profile (default) runs what a user "
+               "decides by, at B=1: the sampling ops, the attention modules where the UNet first runs them (on "
+               "NCHW and channels-last input), the UNet and the whole ADE20K head (inference with T=20 / 3 steps / "
+               "guidance 0.4, one training step at B=2), without torch.compile; --full adds every denoiser op, "
+               "GSS's maskige_decode, the other module sizes, one head step, torch.compile and B=4.")
 
 
 def mask_size(text: str) -> int:

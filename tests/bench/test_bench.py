@@ -17,6 +17,7 @@ from ddps.bench import cases as registry
 from ddps.bench.measure import measure, profiled_call, summary
 
 from helpers import ROOT  # noqa: E402
+from helpers.app import run_cli  # noqa: E402
 SIZE = 8
 
 
@@ -65,17 +66,12 @@ def test_profiled_call_sees_the_peak_and_measure_repeats():
     assert s["median_ms"] == 3000.0 and s["q20_ms"] < s["median_ms"] < s["q80_ms"]
 
 
-def _run_cli(capsys, *argv):
-    rc = cli.main(["bench", *argv])
-    return rc, capsys.readouterr()
-
-
 def test_bench_end_to_end_outputs(tmp_path, capsys):
     out = {k: tmp_path / f"r.{k}" for k in ("json", "csv", "png", "md")}
-    rc, printed = _run_cli(capsys, "--size", str(SIZE), "--repeats", "2", "--cases", "q_sample", "Attention",
-                           "head.sample", "--json", str(out["json"]), "--csv", str(out["csv"]), "--plot",
-                           str(out["png"]), "--markdown", str(out["md"]))
-    assert rc == 0, printed.err
+    printed = run_cli(capsys, "bench", "--size", SIZE, "--repeats", 2, "--cases", "q_sample", "Attention",
+                      "head.sample", "--json", out["json"], "--csv", out["csv"], "--plot", out["png"],
+                      "--markdown", out["md"])
+    assert printed.returncode == 0, printed.stderr
     result = json.loads(out["json"].read_text())
     rows = result["rows"]
     assert {r["case"] for r in rows} == {"q_sample", "Attention", "head.sample"} and result["profile"] == "quick"
@@ -101,7 +97,7 @@ def test_bench_end_to_end_outputs(tmp_path, capsys):
     assert result["machine"]["torch"] == torch.__version__
 
     # the run ends with the summary: each case's best ddps speedup, the machine, the files
-    summary = printed.out[printed.out.index("Summary: quick profile"):]
+    summary = printed.stdout[printed.stdout.index("Summary: quick profile"):]
     assert len(groups) == 6  # q_sample, Attention fwd / fwd+bwd on two layouts, head.sample
     for (case, mode, shape), group in groups.items():
         best = max(r["speedup"] for r in group if r["provider"] in ("cpu", "fused", "ddps"))
@@ -127,7 +123,8 @@ def test_compile_of_the_reference_runs_in_the_full_profile_only():
                 for name in ("reference", "compile(reference)", "cpu")}
 
     case = registry.Case("demo", "test", "[3]", "fwd", build, ("reference", "compile(reference)", "cpu"))
-    for profile, providers in ((bench.QUICK, ["reference", "cpu"]), (bench.FULL, ["reference", "compile(reference)", "cpu"])):
+    for profile, providers in ((bench.QUICK, ["reference", "cpu"]),
+                               (bench.FULL, ["reference", "compile(reference)", "cpu"])):
         calls.clear()
         rows = bench.run([case], torch.device("cpu"), profile=profile, repeats=1)["rows"]
         assert [r["provider"] for r in rows] == providers and set(calls) == set(providers)
@@ -138,30 +135,30 @@ def test_compile_of_the_reference_runs_in_the_full_profile_only():
 
 
 def test_bench_list_and_bad_arguments(capsys):
-    rc, printed = _run_cli(capsys, "--list")
-    assert rc == 0 and "head.train_step" in printed.out and "linear_attention" not in printed.out
-    rc, printed = _run_cli(capsys, "--list", "--full")
-    assert rc == 0 and "linear_attention" in printed.out and "head.step" in printed.out
-    rc, printed = _run_cli(capsys, "--cases", "Attention", "bogus")
-    assert rc == 2 and "bogus" in printed.err
+    printed = run_cli(capsys, "bench", "--list")
+    assert printed.returncode == 0 and "head.train_step" in printed.stdout and "linear_attention" not in printed.stdout
+    printed = run_cli(capsys, "bench", "--list", "--full")
+    assert printed.returncode == 0 and "linear_attention" in printed.stdout and "head.step" in printed.stdout
+    printed = run_cli(capsys, "bench", "--cases", "Attention", "bogus")
+    assert printed.returncode == 2 and "bogus" in printed.stderr
     for bad, message in ((["--size", "30"], "argument --size: must be a multiple of 4 (the UNet halves it twice)"),
                          (["--repeats", "0"], "argument --repeats: must be >= 1, got 0")):
         with pytest.raises(SystemExit) as exc:
             cli.main(["bench", *bad])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     if not torch.cuda.is_available():
-        rc, printed = _run_cli(capsys, "--device", "cuda", "--cases", "Attention")
-        assert rc == 2 and "CUDA" in printed.err
+        printed = run_cli(capsys, "bench", "--device", "cuda", "--cases", "Attention")
+        assert printed.returncode == 2 and "CUDA" in printed.stderr
 
 
 def test_modules_run_on_both_layouts_and_dtype_adds_autocast_rows(tmp_path, capsys):
     shapes = {c.shape for c in bench.select("quick", 128) if c.name == "LinearAttention" and c.mode == "fwd"}
     assert {s.split("] ")[1] for s in shapes} == {"NCHW", "channels-last"}
     out = tmp_path / "r.json"
-    rc, printed = _run_cli(capsys, "--size", str(SIZE), "--repeats", "1", "--dtype", "bf16", "--cases", "Attention",
-                           "q_sample", "--json", str(out))
-    assert rc == 0, printed.err
-    assert "torch.autocast(bf16)" in printed.out
+    printed = run_cli(capsys, "bench", "--size", SIZE, "--repeats", 1, "--dtype", "bf16", "--cases", "Attention",
+                      "q_sample", "--json", out)
+    assert printed.returncode == 0, printed.stderr
+    assert "torch.autocast(bf16)" in printed.stdout
     rows = json.loads(out.read_text())["rows"]
     attention = [r for r in rows if r["case"] == "Attention" and r["mode"] == "fwd" and "NCHW" in r["shape"]]
     assert [r["provider"] for r in attention] == ["reference", "fused", "fused[bf16]"]

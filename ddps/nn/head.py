@@ -179,7 +179,7 @@ class DDPSHead(MaskHead):
     def denoise(self, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits [B, K, H, W] of the clean mask from cond, the noisy mask and timesteps [B]."""
         mask_embedding = self.embed(mask).permute(0, 3, 1, 2)
-        return self.cls_seg(self.unet(torch.cat([cond, mask_embedding], dim=1), t))
+        return self.cls_seg(self.unet.forward_native_layout(torch.cat([cond, mask_embedding], dim=1), t))
 
     def _check_cond(self, cond) -> None:
         _checks.tensor(cond, "cond")

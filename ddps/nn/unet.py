@@ -10,11 +10,12 @@ weight transform computed once per weight version wherever no gradient flows int
 ``"cuda"``, ``"triton"``) for every op that has it, the others on their default.
 A fused UNet (any backend but ``"reference"``) also keeps its convolution weights and activations channels-last
 (``torch.channels_last``): its state dict has the same keys and values, in that memory format.
-The fused Attention, LinearAttention, ResnetBlock and Block take input in any layout and return
-their output in the caller's (NCHW-contiguous input gives NCHW-contiguous output): where their C++
-kernels want channels-last (conv3x3 on the CPU; the attention kernels on AVX-512 CPUs) the input
-is converted once on the way in and once on the way out, not per op, so that a user's own NCHW
-model can call them as they are.
+Every fused module returns what its reference returns, for any input the reference takes (B = 0,
+half precision, either layout): the same shape, dtype and memory format. The fused Attention,
+LinearAttention, ResnetBlock and Block take input in any layout: where their C++ kernels want
+channels-last (conv3x3 on the CPU; the attention kernels on AVX-512 CPUs) the input is converted
+once on the way in and once on the way out, not per op, so that a user's own NCHW model can call
+them as they are; the UNet returns NCHW, as the reference's, and keeps channels-last inside.
 """
 from __future__ import annotations
 
@@ -30,14 +31,19 @@ from ..ops._common import compute_dtype
 from ..ops.conv3x3 import winograd_weight
 
 def _any_layout(forward):
-    """A fused block's ``forward(x, ...)`` on x in any layout: where its kernels run channels-last
-    (``self.kernels_channels_last(x)``) x is converted to channels-last once, and the output is
-    returned NCHW-contiguous where x was not channels-last (the caller's layout; a copy only where
-    the block's output is not already so)."""
+    """A fused block's ``forward(x, ...)`` on x in any layout, returning the reference's layout:
+    where its kernels run channels-last (``self.kernels_channels_last(x)``) x is converted to
+    channels-last once, and the output is NCHW-contiguous where x was not channels-last (a copy
+    only where the block's output is not already so). For channels-last x, the output is
+    channels-last where ``self.channels_last_out`` (the reference's convolutions keep the layout;
+    the attention blocks' reshapes do not, but inside a fused UNet they may), else NCHW."""
     @functools.wraps(forward)
     def wrapped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.backend == "reference" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        if self.backend == "reference" or x.dim() != 4:
             return forward(self, x, *args, **kwargs)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = forward(self, x, *args, **kwargs)
+            return out if self.channels_last_out else out.contiguous()
         if self.kernels_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)
         return forward(self, x, *args, **kwargs).contiguous()
@@ -145,6 +151,8 @@ class _QkvAttention(nn.Module):
         self.core, self.op = core, op
         self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
 
+    channels_last_out = False  # a fused UNet sets it on its own blocks
+
     @staticmethod
     def kernels_channels_last(x: torch.Tensor) -> bool:
         # The C++ attention kernels (AVX-512 CPUs) take channels-last qkv only; elsewhere the
@@ -177,7 +185,7 @@ class _QkvAttention(nn.Module):
             # In place: bmm's backward does not read its output, and a new [B, C, H * W] tensor
             # costs its page faults. The bias in out's dtype, as autocast casts a convolution's.
             out.add_(conv.bias.to(out.dtype)[:, None])
-        return out.reshape(b, -1, h, w)
+        return out.reshape(b, conv.out_channels, h, w)
 
 
 class LinearAttention(_QkvAttention):
@@ -207,6 +215,7 @@ class Block(nn.Module):
     """WS-conv 3x3 -> GroupNorm -> optional FiLM (x * (scale + 1) + shift) -> SiLU."""
 
     kernels_channels_last = staticmethod(_cpu_tensor)
+    channels_last_out = True
 
     def __init__(self, dim: int, dim_out: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
@@ -225,6 +234,7 @@ class Block(nn.Module):
 
 class ResnetBlock(nn.Module):
     kernels_channels_last = staticmethod(_cpu_tensor)
+    channels_last_out = True
 
     def __init__(self, dim: int, dim_out: int, *, time_emb_dim: int, groups: int = 8, backend: str = "reference"):
         super().__init__()
@@ -307,8 +317,18 @@ class UNet(nn.Module):
         self.final_res_block = resnet(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, out_dim, 1)
         _fused_layout(self)
+        for module in self.modules():  # its activations stay channels-last from block to block
+            if isinstance(module, _QkvAttention):
+                module.channels_last_out = True
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        out = self.forward_native_layout(x, time)
+        # NCHW, as the reference's (its attention blocks' reshapes) for either layout of x
+        return out if self.backend == "reference" else out.contiguous()
+
+    def forward_native_layout(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the output in the layout its last kernel leaves (channels-last for a
+        fused UNet), for a caller whose next layer takes either (DDPSHead's classifier)."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be [B, channels={self.channels}, H, W], got shape {tuple(x.shape)}")
         self._check_trunk_input(x, time)

@@ -40,6 +40,9 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     if chosen == "reference":
         return reference.channel_layer_norm(x, g, eps)
     eps = reference._norm_eps(x) if eps is None else eps
+    # The reference's result type (a half-precision x with a float32 gain, under autocast:
+    # float32), normalised from x in that type rather than rounded to x's first.
+    x = x.to(torch.promote_types(x.dtype, g.dtype))
     if chosen == "triton":
         return _triton()(x, g.reshape(-1), eps)[0]
     if _kernel_takes(x):

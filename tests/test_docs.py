@@ -23,6 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.markdown import tables
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -113,6 +115,13 @@ def blocks(language: str, path: Path | None = None) -> list[str]:
 def documented_commands() -> list[str]:
     lines = [text.split("  #")[0].strip() for block in blocks("bash") for text in block.splitlines()]
     return [text for text in lines if text]
+
+
+@pytest.mark.parametrize("page", ["README.md", *(f"{d}/{p.name}" for d in ("docs", "benchmarks")
+                                                   for p in sorted((ROOT / d).glob("*.md")))])
+def test_markdown_tables_are_well_formed(page):
+    # a row with more or fewer cells than its header renders as something else than was meant
+    tables((ROOT / page).read_text())
 
 
 def test_every_documented_command_is_run_here():

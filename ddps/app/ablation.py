@@ -93,6 +93,18 @@ def _infer(source: Path, overrides, out: Path) -> dict:
     return report
 
 
+def finished(out: Path) -> dict:
+    """{variant: {seed: its eval.json}} of every finished run in an ablation folder, whichever
+    invocation (and --only) ran it: the report covers them all."""
+    reports = {}
+    for name in VARIANTS:
+        for path in (out / name).glob("seed-*/eval.json"):
+            seed = path.parent.name.removeprefix("seed-")
+            if seed.isdigit():
+                reports.setdefault(name, {})[int(seed)] = json.loads(path.read_text())
+    return {name: dict(sorted(r.items())) for name, r in reports.items()}
+
+
 def _records(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -154,34 +166,58 @@ def findings(summary: dict) -> list[tuple[str, str]]:
     return out
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: every row with the header's cells (a '|' in a cell escaped)."""
+    if any(len(row) != len(header) for row in rows):
+        raise ValueError(f"a row's cells differ from the header's {len(header)}")
+    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    return [line(header), "|" + "---|" * len(header), *map(line, rows)]
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min' or '1.2 h'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def markdown(result: dict) -> str:
     s = result["summary"]
     fmt = lambda x: f"{x['mean']:.2f} ({x['min']:.2f}-{x['max']:.2f})"  # noqa: E731
     steps = sorted({st for v in s.values() for st in v["steps"]}, key=int)
-    done = result["runs_done_before"]
+    done, runs = result["runs_done_before"], sum(len(v) for v in result["runs"].values())
+    val = result["segmentor_val"]
     lines = ["# Ablations", "",
              f"`{result['command']}` on {result['machine']}.", "",
-             f"{len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))}) per variant, one segmentor "
-             f"for all (validation mIoU {result['segmentor_val'][-1] if result['segmentor_val'] else '-'} after "
-             f"{result['segmentor_steps']} steps); wall time {result['wall_s'] / 60:.1f} min"
-             + (f" ({done} of the runs were finished before this invocation)" if done else "")
-             + ". Mean (min-max) over seeds; mIoU and boundary IoU in %, on the held-out split.", "",
-             "| variant | what it changes | segmentor mIoU | head mIoU | head mBIoU | "
-             + " | ".join(f"step {st} mIoU" for st in steps) + " |",
-             "|---" * (5 + len(steps)) + "|"]
-    for name, v in s.items():
-        cells = [fmt(v["steps"][st]) if st in v["steps"] else "-" for st in steps]
-        lines.append(f"| {name} | {result['variants'][name]} | {fmt(v['segmentor_mIoU'])} | {fmt(v['mIoU'])} | "
-                     f"{fmt(v['mBIoU'])} | " + " | ".join(cells) + " |")
+             f"Every finished run in the folder: {_count(runs, 'run')} of {_count(len(s), 'variant')}, seeds "
+             f"{', '.join(map(str, result['seeds']))}; one segmentor for all (validation mIoU "
+             f"{val[-1] if val else '-'} after {result['segmentor_steps']} steps). This invocation took "
+             f"{duration(result['wall_s'])}"
+             + (f"; {done} of the runs {'was' if done == 1 else 'were'} finished before it" if done else "")
+             + ". Mean (min-max) over seeds; mIoU and boundary IoU in %, on the held-out split.", ""]
+    header = ["variant", "what it changes", "seeds", "segmentor mIoU", "head mIoU", "head mBIoU",
+              *(f"step {st} mIoU" for st in steps)]
+    rows = [[name, result["variants"][name], len(result["runs"][name]), fmt(v["segmentor_mIoU"]), fmt(v["mIoU"]),
+             fmt(v["mBIoU"]), *(fmt(v["steps"][st]) if st in v["steps"] else "-" for st in steps)]
+            for name, v in s.items()]
+    lines += table(header, rows)
     lines += ["", "## The findings", ""]
     lines += [f"- **{claim}**: {verdict}." for claim, verdict in result["findings"]]
     return "\n".join(lines) + "\n"
 
 
-def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", markdown_out: Path | None = None):
+def check_variants(only) -> None:
     unknown = [v for v in only or () if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--only {' '.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
+
+
+def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", markdown_out: Path | None = None):
+    check_variants(only)
     chosen = [v for v in VARIANTS if not only or v in only]
     start = time.perf_counter()
     _same_config(cfg, out)
@@ -190,25 +226,25 @@ def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", m
     # every variant and seed: the same segmentor, and the same images (the seed varies the rest)
     images = cfg.seed if cfg.data.synthetic.seed is None else cfg.data.synthetic.seed
     shared = [f"segmentor.checkpoint={weights}", f"data.synthetic.seed={images}"]
-    reports = {}
     for name in chosen:
         for seed in seeds:
             if name in TRAINED:
-                report = _train(cfg, [*shared, *TRAINED[name][1], f"seed={seed}"], out / name / f"seed-{seed}")
+                _train(cfg, [*shared, *TRAINED[name][1], f"seed={seed}"], out / name / f"seed-{seed}")
             else:  # the ddps run of this seed, trained first if needed, sampled otherwise
                 source = out / "ddps" / f"seed-{seed}"
                 _train(cfg, [*shared, f"seed={seed}"], source)
-                report = _infer(source, INFERRED[name][1], out / name / f"seed-{seed}" / "eval.json")
-            reports.setdefault(name, {})[seed] = report
+                _infer(source, INFERRED[name][1], out / name / f"seed-{seed}" / "eval.json")
+    reports = finished(out)
     summary = {name: _summary(r) for name, r in reports.items()}
     # a resumed segmentor run logs the steps after its checkpoint again: the last record of a step counts
     records = _records(out / "segmentor")
     val = {r["step"]: r["val_mIoU"] for r in records if "val_mIoU" in r}
     steps = max((r["step"] for r in records if r.get("stage") == "segmentor"), default=0)
     result = {"command": command, "machine": machine_line(machine(torch.device(cfg.device))),
-              "seeds": list(seeds), "wall_s": time.perf_counter() - start, "runs_done_before": done,
+              "seeds": sorted({s for r in reports.values() for s in r}), "wall_s": time.perf_counter() - start,
+              "runs_done_before": done,
               "segmentor_val": [val[step] for step in sorted(val)], "segmentor_steps": steps,
-              "variants": {n: DESCRIPTIONS[n] for n in chosen}, "summary": summary,
+              "variants": {n: DESCRIPTIONS[n] for n in reports}, "summary": summary,
               "findings": findings(summary), "runs": {n: {str(s): r for s, r in v.items()} for n, v in reports.items()}}
     checkpoint.atomic_write(out / "ablation.json", json.dumps(result, indent=1).encode())
     text = markdown(result)

@@ -36,13 +36,13 @@ class DataBase:
     root: str | None = None
     train_split: str = "training"
     val_split: str = "validation"
-    scale: list[int] = option([128, 128], length=2)  # (long, short) side bounds of the resize
-    ratio_range: list[float] = option([0.5, 2.0], length=2)
-    crop_size: list[int] = option([128, 128], length=2)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
+    scale: list[int] = option([128, 128], length=2, minimum=1)  # (long, short) side bounds of the resize
+    ratio_range: list[float] = option([0.5, 2.0], length=2, above=0)
+    crop_size: list[int] = option([128, 128], length=2, minimum=1)
+    cat_max_ratio: float = option(0.75, above=0, maximum=1)
+    flip_prob: float = option(0.5, minimum=0, maximum=1)
     photometric: bool = True
-    workers: int = 0
+    workers: int = option(0, minimum=0)
 
 
 @dataclass
@@ -53,13 +53,14 @@ class StageConfig:
     iters: int = option(1000, minimum=1)
     batch_size: int = option(8, minimum=1)
     accumulate: int = option(1, minimum=1)
-    lr: float = 1e-3
-    betas: list[float] = option([0.9, 0.999], length=2)
-    weight_decay: float = 0.01
+    # what torch's AdamW accepts, the learning rate above 0
+    lr: float = option(1e-3, above=0)
+    betas: list[float] = option([0.9, 0.999], length=2, minimum=0, below=1)
+    weight_decay: float = option(0.01, minimum=0)
     warmup_iters: int | None = option(None, minimum=0)
-    warmup_ratio: float = 0.1
-    lr_steps: list[int] = option([])
-    lr_gamma: float = 0.1
+    warmup_ratio: float = option(0.1, minimum=0, maximum=1)
+    lr_steps: list[int] = option([], minimum=1)
+    lr_gamma: float = option(0.1, above=0)
 
 
 @dataclass
@@ -72,8 +73,8 @@ class SegmentorBase(StageConfig):
     pretrained: str | None = None  # segformer: local directory or hub id; diffusion-features: a diffusers
                                    # Stable-Diffusion folder or hub id (null: a tiny random one, for tests)
     checkpoint: str | None = None  # load these weights (safetensors) and skip segmentor training
-    eval_interval: int = 0         # > 0: validation mIoU every N steps; the stage ends once it is flat
-    plateau: float = 0.5           # flat: the last `patience` validation mIoUs (after the last of
+    eval_interval: int = option(0, minimum=0)  # > 0: validation mIoU every N steps; the stage ends once it is flat
+    plateau: float = option(0.5, minimum=0)    # flat: the last `patience` validation mIoUs (after the last of
                                    # lr_steps) within this many points
     patience: int = option(3, minimum=1)
 
@@ -100,7 +101,7 @@ class TrainConfig(StageConfig):
     weight_decay: float = 0.045
     warmup_iters: int | None = option(100, minimum=0)
     warmup_ratio: float = 1e-6
-    ema_momentum: float = 0.01
+    ema_momentum: float = option(0.01, minimum=0, maximum=1)  # the EMA's weight of the new value
     ema_interval: int = option(25, minimum=1)
     amp: str = option("none", choices=("none", "bf16"))  # bf16: the head's forward and backward under autocast
     cache_features: bool = False   # keep the frozen segmentor's outputs per training image (needs images that
@@ -115,18 +116,18 @@ class TrainConfig(StageConfig):
 class EvalConfig:
     num_timesteps: int = option(20, minimum=1)
     inference_steps: int = option(2, minimum=1)
-    guidance_scale: float = 0.4
-    collect_timesteps: list[int] = option([0, 10, 19])
+    guidance_scale: float = option(0.4, unbounded=True)
+    collect_timesteps: list[int] = option([0, 10, 19], minimum=0)
     # renoise (free re-noising, the original's) | posterior (guidance_scale 1)
     sampling: str = option("renoise", choices=MODES)
     mode: str = option("single", choices=("single", "ms-flip", "slide"))
     dtype: str = option("fp32", choices=tuple(DTYPES))  # the head samples under torch.autocast at this dtype
-    scales: list[float] = option([0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
-    crop_size: list[int] = option([128, 128], length=2)   # slide
-    stride: list[int] = option([96, 96], length=2)        # slide
-    boundary_dilation: float = 0.02  # boundary band width as a fraction of the image diagonal
+    scales: list[float] = option([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], above=0)
+    crop_size: list[int] = option([128, 128], length=2, minimum=1)   # slide
+    stride: list[int] = option([96, 96], length=2, minimum=1)        # slide
+    boundary_dilation: float = option(0.02, minimum=0)  # boundary band width as a fraction of the image diagonal
     use_ema: bool = True
-    panels: int = 4                # PNG panels written by `ddps train`'s final evaluation
+    panels: int = option(4, minimum=0)  # PNG panels written by `ddps train`'s final evaluation
 
 
 DataConfig = DATASETS.section(DataBase)
@@ -136,7 +137,7 @@ HeadConfig = HEADS.section(HeadBase)
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = option(0, minimum=-2 ** 63, maximum=2 ** 64 - 1)  # what torch.manual_seed takes
     device: str = "cpu"
     data: DataConfig = field(default_factory=DataConfig)
     segmentor: SegmentorConfig = field(default_factory=SegmentorConfig)
@@ -194,18 +195,29 @@ def _build(cls, values: dict, prefix: str):
 
 
 def _validate(cfg: Config, reads_data: bool = True) -> None:
-    check_constraints(cfg)
+    """Every problem of the config at once (a ConfigError with one line each); the plug-ins' own
+    rules once each value is in its range."""
+    problems = check_constraints(cfg)
     dataset = DATASETS[cfg.data.dataset]
     if reads_data and dataset.needs_root and cfg.data.root is None:
-        raise ConfigError(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
+        problems.append(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
     d = cfg.data
+    if d.ratio_range[0] > d.ratio_range[-1]:
+        problems.append(f"data.ratio_range: [low, high] with low <= high, got {d.ratio_range}")
     if cfg.train.cache_features and (d.ratio_range != [1.0, 1.0] or d.flip_prob > 0 or d.photometric):
-        raise ConfigError("train.cache_features: the cache keeps one output per training image, so the images must "
-                          "repeat: set data.ratio_range=[1.0,1.0], data.flip_prob=0 and data.photometric=false (got "
-                          f"{d.ratio_range}, {d.flip_prob}, {d.photometric})")
+        problems.append("train.cache_features: the cache keeps one output per training image, so the images must "
+                        "repeat: set data.ratio_range=[1.0,1.0], data.flip_prob=0 and data.photometric=false (got "
+                        f"{d.ratio_range}, {d.flip_prob}, {d.photometric})")
+    if problems:
+        raise ConfigError(*problems)
     for entry in (dataset, SEGMENTORS[cfg.segmentor.type], HEADS[cfg.head.kind]):
         if entry.check is not None:
-            entry.check(cfg)
+            try:
+                entry.check(cfg)
+            except ConfigError as e:
+                problems += e.problems
+    if problems:
+        raise ConfigError(*problems)
 
 
 def changes(old: Config, new: Config) -> dict:

@@ -33,13 +33,31 @@ def save_run(directory: Path, cfg, segmentor, head_state: dict, ema_state: dict)
     checkpoint.atomic_write(directory / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
-def load_run(directory: str | Path, overrides=(), weights: str | None = None):
-    """(cfg, segmentor, inference head) of a trained run directory (or of ``weights``), in eval mode."""
+# What the overrides of a trained run (ddps eval, segment) may change: how it is evaluated, and where;
+# every other key either shaped its weights (head.dim) or only says how it was trained (train.lr).
+TRAINED_RUN_FREE = ("eval.", "device", "seed", "head.backend", "data.root", "data.val_split", "data.workers")
+
+
+def run_config(directory: str | Path, overrides=()) -> config_mod.Config:
+    """The config of a trained run directory, with ``overrides`` of what ``TRAINED_RUN_FREE`` allows."""
     directory = Path(directory)
-    if not (directory / "config.yaml").exists():
+    if not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory} is not a ddps run directory (no config.yaml)")
-    base = yaml.safe_load((directory / "config.yaml").read_text())
-    cfg = config_mod.load(None, overrides, base=base)
+    stored = config_mod.load(None, (), base=yaml.safe_load((directory / "config.yaml").read_text()), reads_data=False)
+    cfg = config_mod.load(None, overrides, base=stored.to_dict())
+    fixed = [text for key, text in config_mod.changes(stored, cfg).items() if not key.startswith(TRAINED_RUN_FREE)]
+    if fixed:
+        allowed = ", ".join(key + "*" if key.endswith(".") else key for key in TRAINED_RUN_FREE)
+        raise config_mod.ConfigError(*(f"{text}: {directory} was trained with the old value, which its weights "
+                                       f"keep; an override of a trained run may change {allowed}" for text in fixed))
+    return cfg
+
+
+def load_run(directory: str | Path, overrides=(), weights: str | None = None, cfg=None):
+    """(cfg, segmentor, inference head) of a trained run directory (or of ``weights``), in eval
+    mode; ``cfg``: its ``run_config``, where the caller has it."""
+    directory = Path(directory)
+    cfg = cfg or run_config(directory, overrides)
     source = weights or directory / "model.safetensors"
     tensors = checkpoint.load_weights(source)
     parts = sorted({key.split(".", 1)[0] for key in tensors})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 
@@ -13,32 +14,86 @@ from .._checks import ArgumentError
 
 
 class ConfigError(ValueError):
-    pass
+    """What is wrong with a config (or with what it points to), one line per problem; the
+    command line prints each as an error of its own."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
-def option(default, *, choices: tuple | None = None, minimum: float | None = None, length: int | None = None):
-    """A config field. ``choices``: the values it may take; ``minimum``: its least value (None
-    passes); ``length``: the length of a list. A list default is copied for each config."""
-    metadata = {k: v for k, v in (("choices", choices), ("minimum", minimum), ("length", length)) if v is not None}
+def option(default, *, choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None, below: float | None = None, length: int | None = None,
+           unbounded: bool = False, library: bool = False):
+    """A config field. ``choices``: the values it may take; ``minimum`` / ``maximum``: its least
+    and greatest value, ``above`` / ``below``: bounds it must exceed / stay under (None passes;
+    for a list, every item); ``length``: the length of a list; ``unbounded``: a number that may
+    take any finite value (every other number has a range, tests/app/test_schema.py checks). A
+    subclass that only changes a field's default keeps its constraints. A list default is copied
+    for each config. ``library``: a number whose range a library rule checks (an ArgumentError
+    that ``keyed`` names the key of), not repeated here."""
+    metadata = {k: v for k, v in (("choices", choices), ("minimum", minimum), ("maximum", maximum),
+                                  ("above", above), ("below", below), ("length", length)) if v is not None}
+    metadata.update({k: True for k, v in (("unbounded", unbounded), ("library", library)) if v})
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def check_constraints(section, prefix: str = "") -> None:
-    """Every ``option`` constraint of a config section and of the sections inside it."""
+def constraints(cls: type, name: str) -> dict:
+    """The constraints of field ``name`` of a config dataclass: its own, and those of the same
+    field in the classes it derives from (a subclass giving a field another default with a bare
+    annotation keeps its base's range)."""
+    meta = {}
+    for klass in reversed(cls.__mro__):
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None:
+            meta.update(f.metadata)
+    return meta
+
+
+def _range_text(meta: dict) -> str:
+    low = f"[{meta['minimum']}" if "minimum" in meta else f"({meta['above']}" if "above" in meta else None
+    high = f"{meta['maximum']}]" if "maximum" in meta else f"{meta['below']})" if "below" in meta else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
+    return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+
+
+def _out_of_range(value, meta: dict) -> bool:
+    return ("minimum" in meta and value < meta["minimum"] or "maximum" in meta and value > meta["maximum"]
+            or "above" in meta and value <= meta["above"] or "below" in meta and value >= meta["below"])
+
+
+def _items(key: str, value):
+    """(key, value) of a value, or of every number in a (nested) list, keyed key[i][j]."""
+    if not isinstance(value, list):
+        return [(key, value)]
+    return [item for i, v in enumerate(value) for item in _items(f"{key}[{i}]", v)]
+
+
+def check_constraints(section, prefix: str = "") -> list[str]:
+    """The problems (one line each, naming the key) with every ``option`` constraint of a config
+    section and of the sections inside it, and with every number that is not finite."""
+    problems = []
     for f in dataclasses.fields(section):
         value, key = getattr(section, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
-            check_constraints(value, key + ".")
+            problems += check_constraints(value, key + ".")
             continue
-        meta = f.metadata
+        meta = constraints(type(section), f.name)
         if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"{key}: {value!r} is not one of {tuple(meta['choices'])}")
-        if "minimum" in meta and value is not None and value < meta["minimum"]:
-            raise ConfigError(f"{key}: must be >= {meta['minimum']}, got {value}")
+            problems.append(f"{key}: {value!r} is not one of {tuple(meta['choices'])}")
         if "length" in meta and len(value) != meta["length"]:
-            raise ConfigError(f"{key}: expected {meta['length']} values, got {value}")
+            problems.append(f"{key}: expected {meta['length']} values, got {value}")
+        for item_key, item in _items(key, value):
+            if isinstance(item, float) and not math.isfinite(item):
+                problems.append(f"{item_key}: must be a finite number, got {item}")
+            elif isinstance(item, (int, float)) and not isinstance(item, bool) and _out_of_range(item, meta):
+                problems.append(f"{item_key}: must be {_range_text(meta)}, got {item}")
+    return problems
 
 
 @contextlib.contextmanager
@@ -98,5 +153,6 @@ class Registry:
 # imported by its kind's package (ddps.app.data, .segmentors, .heads).
 DATASETS = Registry("data.dataset")        # build(cfg, split "train"|"val"); classes(cfg) -> (K, ignore);
                                            # needs_root: reads data.root
-SEGMENTORS = Registry("segmentor.type")    # build(cfg, num_classes) -> Segmentor
+SEGMENTORS = Registry("segmentor.type")    # build(cfg, num_classes) -> Segmentor; source_file: the file
+                                           # a segmentor.pretrained folder or hub id holds (config.json)
 HEADS = Registry("head.kind")              # build(cfg, num_classes, ignore_index, cond_channels, for_training)

@@ -8,6 +8,7 @@ import yaml
 
 from ddps.app import ablation, checkpoint, trainer
 from ddps.app.cli import main
+from helpers.markdown import tables
 
 SMOKE = ["--config", "synthetic-smoke"]
 # a plateau of 100 points is reached at the second evaluation: the segmentor stops at step 4 of 10
@@ -52,7 +53,34 @@ def test_every_variant_from_one_segmentor(ablated):
                                     for _, v in result["findings"])
     table = (ablated.parent / "ABLATIONS.md").read_text()
     assert table == (ablated / "ablation.md").read_text()
-    assert all(f"| {name} |" in table for name in ablation.VARIANTS) and "## The findings" in table
+    (rows,) = tables(table)
+    assert rows[0][:3] == ["variant", "what it changes", "seeds"]
+    assert [row[0] for row in rows[1:]] == list(ablation.VARIANTS) and {row[2] for row in rows[1:]} == {"2"}
+    assert "## The findings" in table and "seeds 0, 1;" in table
+
+
+def test_one_run_reads_in_the_singular(ablated):
+    result = json.loads((ablated / "ablation.json").read_text())
+    result["runs"] = {"ddps": {"1": result["runs"]["ddps"]["1"]}}
+    result["summary"] = {"ddps": ablation._summary(result["runs"]["ddps"])}
+    result.update(seeds=[1], wall_s=0.04, runs_done_before=1, variants={"ddps": ablation.DESCRIPTIONS["ddps"]})
+    text = ablation.markdown(result)
+    assert "1 run of 1 variant, seeds 1;" in text and "This invocation took 0.0 s; 1 of the runs was finished" in text
+    (rows,) = tables(text)
+    assert rows[1][:3] == ["ddps", ablation.DESCRIPTIONS["ddps"], "1"]
+
+
+@pytest.mark.parametrize("seconds,text", [(0.04, "0.0 s"), (0.4, "0.4 s"), (42.4, "42 s"), (210, "3.5 min"),
+                                          (4320, "1.2 h")])
+def test_durations_read_as_written(seconds, text):
+    assert ablation.duration(seconds) == text
+
+
+def test_table_cells_match_the_header():
+    lines = ablation.table(["a", "b"], [["x|y", 1]])
+    assert tables("\n".join(lines)) == [[["a", "b"], ["x\\|y", "1"]]]
+    with pytest.raises(ValueError, match="differ from the header's 2"):
+        ablation.table(["a", "b"], [["x"]])
 
 
 def test_rerun_trains_nothing_finished(ablated, monkeypatch, capsys):
@@ -64,9 +92,14 @@ def test_rerun_trains_nothing_finished(ablated, monkeypatch, capsys):
     (ablated / "absorbing" / "seed-1" / "eval.json").unlink()
     assert main(["ablate", *SMOKE, "--out", str(ablated), "--only", "absorbing", *FAST]) == 0
     assert calls == [ablated / "absorbing" / "seed-1"]
+    # the report still covers every finished run in the folder, not only --only's
     result = json.loads((ablated / "ablation.json").read_text())
-    assert list(result["summary"]) == ["absorbing"] and result["runs_done_before"] == 1
-    assert "1 of the runs were finished before" in capsys.readouterr().out
+    assert list(result["summary"]) == list(ablation.VARIANTS) and result["runs_done_before"] == 1
+    assert all(len(runs) == 2 for runs in result["runs"].values())
+    out = capsys.readouterr().out
+    assert "1 of the runs was finished before it" in out and "16 runs of 8 variants" in out
+    (rows,) = tables((ablated / "ablation.md").read_text())
+    assert len(rows) == 1 + len(ablation.VARIANTS)
 
 
 def test_bad_input_is_named(ablated, tmp_path, capsys):

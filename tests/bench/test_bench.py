@@ -18,6 +18,7 @@ from ddps.bench.measure import measure, profiled_call, summary
 
 from helpers import ROOT  # noqa: E402
 from helpers.app import run_cli  # noqa: E402
+from helpers.markdown import tables  # noqa: E402
 SIZE = 8
 
 
@@ -113,6 +114,8 @@ def test_bench_end_to_end_outputs(tmp_path, capsys):
     md = out["md"].read_text()
     assert md.startswith("# ddps benchmark results") and "| Attention | fwd |" in md
     assert result["machine"]["device"] in md and "## end-to-end" in md
+    # every row of every table one row of its header's columns, each measured row in one of them
+    assert sum(len(t) - 1 for t in tables(md)) >= len(rows)
 
 
 def test_compile_of_the_reference_runs_in_the_full_profile_only():

@@ -72,5 +72,6 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         if args.command in ("bench", "demo"):
             raise
-        print(f"ddps {args.command}: error: {e}", file=sys.stderr)
+        for problem in str(e).splitlines() or [type(e).__name__]:
+            print(f"ddps {args.command}: error: {problem}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import ablation, config as config_mod, trainer
+from .. import ablation, config as config_mod, preflight, trainer
+from ..runlock import RunLock
 from .common import add_overrides, positive
 
 NAME = "ablate"
@@ -32,10 +33,14 @@ def run(args) -> int:
     only = [a for a in args.only or () if "=" not in a] or None
     overrides = [*args.overrides, *(a for a in args.only or () if "=" in a)]
     cfg = config_mod.load(config_mod.find(args.config), overrides)
+    ablation.check_variants(only)
     command = " ".join(["ddps", "ablate", *args.argv])
+    outputs = [("--out", args.out, "dir")] + ([("--markdown", args.markdown, "file")] if args.markdown else [])
+    preflight.check(cfg, splits=("train", "val"), outputs=outputs, training=True)
     try:
-        result = ablation.run(cfg, Path(args.out), only, tuple(range(args.seeds)), command=command,
-                              markdown_out=Path(args.markdown) if args.markdown else None)
+        with RunLock(Path(args.out), "ddps ablate"):
+            result = ablation.run(cfg, Path(args.out), only, tuple(range(args.seeds)), command=command,
+                                  markdown_out=Path(args.markdown) if args.markdown else None)
     except trainer.Interrupted as e:
         print(f"\nddps ablate: {e}; checkpoint written. Resume with the same command: {command}", file=sys.stderr)
         return 130

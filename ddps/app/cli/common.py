@@ -2,19 +2,40 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
-def positive(text: str) -> int:
-    """argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def at_least(low: int):
+    """argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
-def add_overrides(p) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides, e.g. train.iters=500 eval.mode=slide (values are read as YAML)")
+positive = at_least(1)
+
+
+# what the overrides of a trained run may change (ddps.app.model.TRAINED_RUN_FREE)
+TRAINED_RUN_OVERRIDES = ("overrides of eval.*, device, seed, head.backend, data.root, data.val_split or data.workers, "
+                         "e.g. eval.mode=slide (values are read as YAML; the other keys are the run's own)")
+
+
+def add_overrides(p, help: str = "config overrides, e.g. train.iters=500 eval.mode=slide (values are read as "
+                                  "YAML)") -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help)
+
+
+def weights_input(args) -> tuple[str, Path]:
+    """(what, path) of the weights a command on a trained run reads, for ddps.app.preflight."""
+    if args.weights:
+        return "--weights", Path(args.weights)
+    return "--run (its weights, written when training ends)", Path(args.run) / "model.safetensors"
 
 
 def add_run(p) -> None:

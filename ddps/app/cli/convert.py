@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import config as config_mod, mmseg
+from .. import config as config_mod, mmseg, preflight
 from ..model import save_run
 from .common import add_overrides
 
@@ -34,6 +34,12 @@ def run(args) -> int:
     if (out / "config.yaml").exists() or (out / "model.safetensors").exists():
         raise FileExistsError(f"--out {out} already holds a run; choose another directory")
     cfg = config_mod.load(config_mod.find(args.config), args.overrides, reads_data=False)
+    problems = preflight.output_problems(out, "--out", "dir")
+    problems += [f"{what} {path} does not exist" for what, path in (("checkpoint", args.checkpoint),
+                                                                   ("--segformer", args.segformer))
+                 if path and not Path(path).is_file()]
+    if problems:
+        raise config_mod.ConfigError(*problems)
     cfg, segmentor, head_state, ema, left_out = mmseg.convert(cfg, args.checkpoint, args.segformer)
     out.mkdir(parents=True, exist_ok=True)
     save_run(out, cfg, segmentor, head_state, ema)

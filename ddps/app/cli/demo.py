@@ -12,7 +12,7 @@ from ...nn import DDPSHead
 from ...nn.head import ADE20K_HEAD
 from ...ops import q_sample
 from ...schedule import DiffusionSchedule
-from .common import positive
+from .common import at_least, positive
 
 NAME = "demo"
 HELP = "run the DDPS sampling loop on random features and time the sampling op"
@@ -24,7 +24,7 @@ DESCRIPTION = ("Run the DDPS sampling loop on random features (the ADE20K head's
 def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to run on (default: cpu)")
     p.add_argument("--batch", type=positive, default=4, help="batch size B (default: 4)")
-    p.add_argument("--classes", type=positive, default=151, help="number of classes K (default: 151, ADE20K)")
+    p.add_argument("--classes", type=at_least(2), default=151, help="number of classes K, >= 2 (default: 151, ADE20K)")
     p.add_argument("--size", type=positive, default=128, help="mask height and width (default: 128)")
     p.add_argument("--timesteps", type=positive, default=20, help="diffusion steps T (default: 20)")
     p.add_argument("--steps", type=positive, default=2, help="inference steps (default: 2, as released)")

@@ -1,13 +1,15 @@
 """ddps eval: a trained run evaluated on its held-out split."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from .. import evaluation
+from .. import checkpoint, evaluation, preflight
 from ..data import build_dataset
-from ..model import load_run
-from .common import add_overrides, add_run, positive
+from ..model import load_run, run_config
+from ..runlock import RunLock
+from .common import TRAINED_RUN_OVERRIDES, add_overrides, add_run, positive, weights_input
 
 NAME = "eval"
 HELP = "evaluate a trained run on its held-out split"
@@ -21,19 +23,26 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=positive, help="evaluate only the first N images")
     p.add_argument("--panels", metavar="DIR", help="write eval.panels PNG panels (image | segmentor | steps | truth)")
     p.add_argument("--base-only", action="store_true", help="evaluate the segmentor alone")
-    add_overrides(p)
+    add_overrides(p, TRAINED_RUN_OVERRIDES)
 
 
 def run(args) -> int:
-    cfg, segmentor, head = load_run(args.run, args.overrides, args.weights)
-    if args.base_only and not segmentor.has_classifier:
-        raise ValueError(f"--base-only: the segmentor of {args.run} has no classifier of its own (a converted DDPS "
-                         "checkpoint; ddps convert --segformer adds the original SegFormer's)")
-    report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
-                                 limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
-                                 panels=cfg.eval.panels)
-    print(evaluation.table(report))
+    cfg = run_config(args.run, args.overrides)
     out = Path(args.json or Path(args.run) / "eval.json")
-    out.write_text(json.dumps(report, indent=1))
+    outputs = [("--json", out, "file")] + ([("--panels", args.panels, "dir")] if args.panels else [])
+    preflight.check(cfg, splits=("val",), outputs=outputs, inputs=[weights_input(args)])
+    # eval.json next to the run's weights: not while a ddps train (or another eval) writes the run
+    inside = out.resolve().parent == Path(args.run).resolve()
+    with RunLock(Path(args.run), "ddps eval") if inside else contextlib.nullcontext():
+        cfg, segmentor, head = load_run(args.run, weights=args.weights, cfg=cfg)
+        if args.base_only and not segmentor.has_classifier:
+            raise ValueError(f"--base-only: the segmentor of {args.run} has no classifier of its own (a converted DDPS "
+                             "checkpoint; ddps convert --segformer adds the original SegFormer's)")
+        report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
+                                     limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
+                                     panels=cfg.eval.panels)
+        print(evaluation.table(report))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(out, json.dumps(report, indent=1).encode())
     print(f"wrote {out}")
     return 0

@@ -7,10 +7,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import evaluation
-from ..data import read_image
-from ..model import dataset_classes, load_run
-from .common import add_run
+from .. import evaluation, preflight
+from ..data import DataError, read_image
+from ..model import dataset_classes, load_run, run_config
+from ..schema import ConfigError
+from .common import TRAINED_RUN_OVERRIDES, add_run, weights_input
 
 NAME = "segment"
 HELP = "segment image files into colourised mask PNGs"
@@ -27,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", action="store_true", help="also write the mask of every collected step")
     p.add_argument("--labels", action="store_true",
                    help="also write each mask as class IDs (<file>_labels.png: 8-bit, 16-bit past 256 classes)")
-    p.add_argument("images", nargs="+", metavar="IMAGE|KEY=VALUE", help="image files, and config overrides")
+    p.add_argument("images", nargs="+", metavar="IMAGE|KEY=VALUE", help="image files, and " + TRAINED_RUN_OVERRIDES)
     p.set_defaults(overrides=())
 
 
@@ -48,11 +49,30 @@ def _images_and_overrides(args) -> tuple[list[str], list[str]]:
     return images, overrides
 
 
+def _unreadable(images: list[str]) -> list[str]:
+    """The problems of the input images, each decoded once before any mask is written."""
+    problems = []
+    for name in images:
+        try:
+            read_image(Path(name))
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
 def run(args) -> int:
     images, overrides = _images_and_overrides(args)
-    cfg, segmentor, head = load_run(args.run, overrides, args.weights)
-    k, ignore = dataset_classes(cfg)
+    cfg = run_config(args.run, overrides)
     out = Path(args.out)
+    problems = _unreadable(images)
+    try:
+        preflight.check(cfg, outputs=[("--out", out, "dir")], inputs=[weights_input(args)])
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(*problems)
+    cfg, segmentor, head = load_run(args.run, weights=args.weights, cfg=cfg)
+    k, ignore = dataset_classes(cfg)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     for name in images:

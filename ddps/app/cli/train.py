@@ -1,11 +1,14 @@
 """ddps train: the training recipe (ddps.app.trainer), started or resumed."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
-from .. import checkpoint, config as config_mod, trainer
+from .. import checkpoint, config as config_mod, preflight, trainer
+from ..runlock import RunLock
 from .common import add_overrides
 
 NAME = "train"
@@ -46,10 +49,15 @@ def run(args) -> int:
         cfg = resume_config(out, args.config, args.overrides, args.extend)
     else:
         cfg = config_mod.load(config_mod.find(args.config or "synthetic"), args.overrides)
-        if checkpoint.checkpoints(out / "checkpoints") or (out / "model.safetensors").exists():
-            raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    preflight.check(cfg, splits=("train", "val"), outputs=[("--out", out, "dir")], training=True)
     try:
-        trainer.train(cfg, out, resume=args.resume)
+        # under torchrun, rank 0 holds the folder for all (torchrun stops the others if it cannot)
+        with RunLock(out, "ddps train") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            started = checkpoint.checkpoints(out / "checkpoints") or (out / "model.safetensors").exists()
+            if not args.resume and started:
+                raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another "
+                                      "--out")
+            trainer.train(cfg, out, resume=args.resume)
     except trainer.Interrupted as e:
         # The run's config, overrides included, is in its checkpoints: this continues the same run.
         print(f"\nddps train: {e}; checkpoint written. Resume with: ddps train --out {out} --resume",

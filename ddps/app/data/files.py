@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..schema import DATASETS, ConfigError
+from ..schema import DATASETS, ConfigError, option
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -29,11 +29,26 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def _header(path: Path, what: str):
+    """((width, height), mode) of an image file and None, or None and the problem; reads the
+    header, and verifies the checksums of formats that have them (PNG)."""
+    try:
+        with Image.open(path) as im:
+            size, mode = im.size, im.mode
+            im.verify()
+    except (OSError, ValueError, SyntaxError) as e:
+        return None, f"{path}: cannot read {what} ({e})"
+    return (size, mode), None
+
+
+MASK_MODES = ("L", "P", "I", "I;16")
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Raw label values [H, W] (a single-channel or palette PNG)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
+            if im.mode not in MASK_MODES:
                 raise DataError(f"{path}: a mask must be a single-channel or palette image, got mode {im.mode}")
             return np.asarray(im).astype(np.int64)
     except (OSError, SyntaxError) as e:
@@ -64,6 +79,23 @@ class FileDataset(torch.utils.data.Dataset):
 
     def name(self, index: int) -> str:
         return self.pairs[index][0].stem
+
+    def check_files(self) -> list[str]:
+        """The problems of its files, without decoding them: each image and mask opens (PNG's
+        checksums hold), a mask is single-channel or a palette, and has its image's size."""
+        problems = []
+        for image_path, mask_path in self.pairs:
+            image, image_problem = _header(image_path, "image")
+            mask, mask_problem = _header(mask_path, "mask")
+            problems += [p for p in (image_problem, mask_problem) if p]
+            if mask is None:
+                continue
+            if mask[1] not in MASK_MODES:
+                problems.append(f"{mask_path}: a mask must be a single-channel or palette image, got mode {mask[1]}")
+            elif image is not None and mask[0] != image[0]:
+                problems.append(f"{mask_path}: mask size {mask[0][0]}x{mask[0][1]} differs from image {image_path} "
+                                f"size {image[0][0]}x{image[0][1]}")
+        return problems
 
     def __getitem__(self, index: int):
         image_path, mask_path = self.pairs[index]
@@ -136,8 +168,9 @@ def _split(cfg, split: str) -> str:
 
 @dataclass
 class FolderOptions:
-    num_classes: int | None = None     # its number of classes (required)
-    ignore_index: int | None = None    # the mask value of unlabelled pixels, if any (null: 255)
+    num_classes: int | None = option(None, minimum=2)  # its number of classes (required)
+    # the mask value of unlabelled pixels, if any (null: 255)
+    ignore_index: int | None = option(None, minimum=0, maximum=65535)
 
 
 def _folder_classes(cfg) -> tuple[int, int]:

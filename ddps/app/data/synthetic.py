@@ -103,9 +103,9 @@ class SyntheticOptions:
     num_val: int = option(64, minimum=1)
     size: int = option(128, minimum=1)        # image height and width
     max_shapes: int = option(4, minimum=1)    # shapes per image: 1..max_shapes
-    noise: float = 0.35                       # amplitude of the background and shape texture noise
-    seed: int | None = None                   # the images' seed (null: the run's seed), fixed to compare runs of
-                                              # other seeds
+    noise: float = option(0.35, minimum=0)    # amplitude of the background and shape texture noise
+    # the images' seed (null: the run's seed), fixed to compare runs of other seeds
+    seed: int | None = option(None, minimum=-2 ** 63, maximum=2 ** 64 - 1)
 
 
 @dataclass

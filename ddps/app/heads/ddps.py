@@ -22,12 +22,12 @@ class Options:
     # the categorical noise: uniform (the original) | absorbing | mask_and_replace
     transition: str = option("uniform", choices=TRANSITIONS)
     dim: int = option(32, minimum=1)
-    dim_mults: list[int] = option([1, 2, 2])
+    dim_mults: list[int] = option([1, 2, 2], minimum=1)
     embed_dim: int = option(16, minimum=1)
     num_timesteps: int = option(100, minimum=1)   # of training; eval.num_timesteps: of sampling
     schedule: str = option("linear", choices=SCHEDULES)
-    dropout_ratio: float = 0.1
-    cond_dropout: float = 0.0
+    dropout_ratio: float = option(0.1, library=True)
+    cond_dropout: float = option(0.0, library=True)
 
 
 def head_classes(num_classes: int, ignore_index: int) -> int:

@@ -15,7 +15,7 @@ from ..schema import HEADS, ConfigError, keyed, option
 @dataclass
 class GSSOptions:
     # sized for the synthetic demo (GSS's dVAE has 8192 codes and a far wider network)
-    codes: int = 256               # the VQ autoencoder's codebook size
+    codes: int = option(256, library=True)  # the VQ autoencoder's codebook size
     code_dim: int = option(16, minimum=1)   # the width of a code
     channels: int = option(32, minimum=1)   # the VQ autoencoder's width
     dim: int = option(64, minimum=1)        # the conditioning network's width

@@ -192,20 +192,21 @@ class DiffOptions:
     # the defaults are DIFF's for Stable Diffusion 2.1
     timesteps: list[int] = option([
         160, 139, 121, 105, 91, 80, 69, 60, 52, 45, 40, 34, 30, 26, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
-        10, 9, 8, 7, 6, 5, 4, 3, 2, 1])
-    save_steps: list[int] = option([33, 29, 25, 22, 18, 14, 11, 7, 3])  # inversion steps kept
-    resnets: list[list[int]] | None = None     # [up block, index] pairs (null: all but the first block's)
-    attentions: list[list[int]] | None = None  # [up block, index] pairs of transformer blocks (null: likewise)
+        10, 9, 8, 7, 6, 5, 4, 3, 2, 1], minimum=0)
+    save_steps: list[int] = option([33, 29, 25, 22, 18, 14, 11, 7, 3], minimum=0)  # inversion steps kept
+    # [up block, index] pairs of resnets (null: all but the first block's) and of transformer blocks (null: likewise)
+    resnets: list[list[int]] | None = option(None, minimum=0)
+    attentions: list[list[int]] | None = option(None, minimum=0)
     # widths per captured stride, fine to coarse
-    projection: list[int] = option([512, 1024, 2048, 2048])
+    projection: list[int] = option([512, 1024, 2048, 2048], minimum=1)
     projection_x4: int = option(256, minimum=1)  # the 1/4 level of the fused pyramid
     eta: float = option(0.0, minimum=0)  # DDIM inversion noise (DIFF's config: 1.0), for eta_range[0] < t < eta_range[1]
-    eta_range: list[float] = option([10.0, 250.0], length=2)
+    eta_range: list[float] = option([10.0, 250.0], length=2, unbounded=True)
     # the frozen model's: auto (float16 on cuda, else float32) | float32 | float16 | bfloat16
     dtype: str = option("auto", choices=("auto", "float32", "float16", "bfloat16"))
     ipkl: bool = False             # train with IPKL's class-prompted branch too
-    ipkl_weight: float = 1.0       # IPKL: weight of the MSE between the two branches' logits
-    guidance_scale: float = 5.0    # IPKL: the class prompts' classifier-free guidance
+    ipkl_weight: float = option(1.0, minimum=0)  # IPKL: weight of the MSE between the two branches' logits
+    guidance_scale: float = option(5.0, unbounded=True)  # IPKL: the class prompts' classifier-free guidance
     class_prompts: list[str] = option([])  # IPKL: one per class ("": none)
 
 
@@ -221,8 +222,6 @@ def _check(cfg) -> None:
         pairs = getattr(d, key)
         if pairs is not None and any(len(p) != 2 for p in pairs):
             raise ConfigError(f"segmentor.diff.{key}: {pairs}: expected [up block, index] pairs")
-    if any(p < 1 for p in d.projection):
-        raise ConfigError(f"segmentor.diff.projection: {d.projection}: widths must be >= 1")
     if d.ipkl:
         k, _ = DATASETS[cfg.data.dataset].classes(cfg)
         if len(d.class_prompts) != k or not any(d.class_prompts):
@@ -238,4 +237,4 @@ def _build(cfg, num_classes: int) -> DIFFSegmentor:
     return DIFFSegmentor(num_classes, seg.channels, seg.diff, seg.pretrained, getattr(torch, dtype))
 
 
-SEGMENTORS.register("diffusion-features", _build, Options, _check)
+SEGMENTORS.register("diffusion-features", _build, Options, _check, source_file="unet/config.json")

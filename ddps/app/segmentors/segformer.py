@@ -141,7 +141,7 @@ class MMSegSegFormer(Segmentor):
 @dataclass
 class MMSegOptions:
     variant: str = option("b2", choices=tuple(MIT_VARIANTS))  # the MiT backbone
-    classifier_classes: int | None = None  # the classes of its own classifier (null: none)
+    classifier_classes: int | None = option(None, minimum=1)  # the classes of its own classifier (null: none)
 
 
 def _check_mmseg(cfg) -> None:
@@ -152,7 +152,8 @@ def _check_mmseg(cfg) -> None:
                           "converted run's model.safetensors, or segmentor.iters=0")
 
 
-SEGMENTORS.register("segformer", lambda cfg, num_classes: SegFormerSegmentor(num_classes, cfg.segmentor.pretrained))
+SEGMENTORS.register("segformer", lambda cfg, num_classes: SegFormerSegmentor(num_classes, cfg.segmentor.pretrained),
+                    source_file="config.json")
 SEGMENTORS.register("segformer-mmseg", lambda cfg, num_classes: MMSegSegFormer(
     num_classes, cfg.segmentor.variant, cfg.segmentor.channels, cfg.segmentor.classifier_classes),
     MMSegOptions, _check_mmseg)

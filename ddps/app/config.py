@@ -258,7 +258,8 @@ def apply_override(values: dict, override: str) -> None:
 def find(name: str) -> Path:
     """A config file, or the name of a shipped one (``synthetic``, ``ade20k``, ...)."""
     path = Path(name)
-    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+    # a folder of that name (a run directory called "synthetic") is not a config
+    if path.is_file() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
         return path
     shipped = resources.files("ddps.configs") / f"{name.removesuffix('.yaml')}.yaml"
     return Path(str(shipped)) if shipped.is_file() else path

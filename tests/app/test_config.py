@@ -24,6 +24,16 @@ def test_train_help_lists_every_shipped_config():
     assert len(SHIPPED) >= 7 and [n for n in SHIPPED if f" {n}" not in text] == []
 
 
+def test_a_folder_named_like_a_shipped_config_is_not_one(tmp_path, monkeypatch):
+    # ddps train --out synthetic-bf16 ... from a folder that holds the run directory "synthetic"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic").mkdir()
+    assert config.find("synthetic") == config.find("synthetic.yaml") != Path("synthetic")
+    assert config.find("synthetic").is_file()
+    (tmp_path / "mine.yaml").write_text("seed: 3\n")
+    assert config.load(config.find("mine.yaml")).seed == 3  # a file in the working folder still is
+
+
 def test_original_settings_in_ade20k_config():
     cfg = config.load(config.find("ade20k"), ["data.root=/data"])
     assert (cfg.head.num_timesteps, cfg.eval.num_timesteps, cfg.eval.inference_steps, cfg.eval.guidance_scale) == (100, 20, 2, 0.4)

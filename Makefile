@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.ddps-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: bench test demo train install cuda-build-check gpu-compile-check gpu-check clean
+.PHONY: bench test demo train install mutate cuda-build-check gpu-compile-check gpu-check clean
 
 # The main job: ddps against the original implementation on this machine (quick profile).
 bench: $(STAMP)
@@ -27,6 +27,13 @@ test: $(STAMP)
 	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 install: $(STAMP)
+
+# Mutation testing of MODULES (paths under ddps/) against the tests of their area (or TESTS), on a
+# copy of the checkout in build/mutate (.ci/mutate.py; docs/testing.md).
+MUTMUT_SPEC ?= mutmut==3.8.1
+mutate: $(STAMP)
+	$(PY) -m pip install -q "$(MUTMUT_SPEC)"
+	$(PY) .ci/mutate.py $(MODULES) $(if $(TESTS),--tests $(TESTS))
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

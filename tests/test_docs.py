@@ -100,8 +100,11 @@ COMMANDS = {
 # make targets: the ddps command the recipe runs (run above), or how else a test or CI runs it
 MAKE = {
     "bench": "-m ddps bench", "demo": "-m ddps demo", "train": "-m ddps train --out runs/synthetic",
-    "test": "ci", "cuda-build-check": "ci", "gpu-compile-check": "ci", "gpu-check": "script",
+    "test": "ci", "cuda-build-check": "ci", "gpu-compile-check": "ci", "gpu-check": "script", "mutate": "mutate",
 }
+# make mutate as docs/testing.md gives it: its recipe is dry-run here, its driver's parts are tested in
+# tests/test_mutate.py (a real mutmut run takes minutes)
+MUTATE = 'make mutate MODULES="ddps/app/schema.py ddps/app/preflight.py"'
 PIP = {"pip install torch": 'pip install "torch==', 'pip install --no-build-isolation -e ".[dev]"':
        'pip install --no-build-isolation -e ".[dev]"'}
 
@@ -127,7 +130,7 @@ def test_markdown_tables_are_well_formed(page):
 def test_every_documented_command_is_run_here():
     documented = documented_commands()
     run = [text for group in COMMANDS.values() for text, *_ in group]
-    known = {*run, *(f"make {t}" for t in MAKE), *PIP}
+    known = {*run, *(f"make {t}" for t in MAKE if t != "mutate"), MUTATE, *PIP}
     assert [c for c in documented if c not in known] == [], "commands that no test runs: add them here"
     assert [c for c in known if c not in documented and c != "ddps demo"] == [], "gone from the README and docs/"
 
@@ -145,6 +148,9 @@ def test_make_targets(target):
     how = MAKE[target]
     if how == "ci":
         assert f"make {target} || exit 1" in (ROOT / ".ci" / "run").read_text()
+    elif how == "mutate":
+        modules = MUTATE.split('MODULES="')[1].rstrip('"')
+        assert f".ci/mutate.py {modules}" in _make_dry_run(target, f"MODULES={modules}")
     elif how == "script":
         assert ".ci/gpu_check.sh" in _make_dry_run(target)
         assert subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu_check.sh")]).returncode == 0

@@ -3,13 +3,14 @@ the device, pretrained sources, every file of the splits it reads and every path
 problem is one line naming the key or the file, exit status 2, no traceback, nothing written; a
 run folder belongs to one process (ddps.app.runlock)."""
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ddps.app import evaluation, trainer
+from ddps.app import evaluation, preflight, trainer
 from ddps.app.cli import main
 from ddps.app.runlock import RunLock
 from helpers.app import run_cli, start
@@ -69,8 +70,10 @@ def test_a_bad_value_is_refused_before_any_work(capsys, tmp_path, nothing_works,
 
 def test_every_bad_value_at_once(capsys, tmp_path, nothing_works):
     lines = _refused(run_cli(capsys, "train", *SMOKE, "--out", tmp_path / "r", "train.lr=-1", "segmentor.lr=-1",
-                             "train.ema_momentum=5"), "train.lr", "segmentor.lr", "train.ema_momentum")
-    assert len(lines) == 3
+                             "train.ema_momentum=5"))
+    assert lines == ["ddps train: error: segmentor.lr: must be > 0, got -1.0",
+                     "ddps train: error: train.lr: must be > 0, got -1.0",
+                     "ddps train: error: train.ema_momentum: must be in [0, 1], got 5.0"]
 
 
 @pytest.mark.parametrize("device,message", [(ABSENT, f"device: '{ABSENT}', but"),
@@ -200,3 +203,61 @@ def test_two_trainings_started_together_into_one_folder(tmp_path):
     assert f"ddps train: error: {out} is in use by ddps train" in message or "already holds a run" in message
     stages = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(stages) == len(set(stages))  # one run's records, not two interleaved
+
+
+@pytest.mark.parametrize("cuda_build,gpus,device,problem", [
+    ("12.8", 1, "cuda", None),
+    ("12.8", 1, "cuda:0", None),
+    ("12.8", 1, "cuda:1", "device: 'cuda:1', but only 1 cuda device(s) are visible (indices 0..0)"),
+    ("12.8", 0, "cuda", "device: 'cuda', but no cuda device is available; run on the CPU with device=cpu"),
+    (None, 0, "cuda", "device: 'cuda', but this torch ("),
+    (None, 0, "cpu", None),
+    (None, 0, "meta", "device: 'meta', but no meta device is available"),
+])
+def test_the_device_against_what_torch_has(monkeypatch, cuda_build, gpus, device, problem):
+    # the machines this one is not: a CUDA build with and without GPUs
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    problems = preflight.device_problems(device)
+    assert problems == ([] if problem is None else problems[:1]) and len(problems) == (problem is not None)
+    if problem:
+        assert problems[0].startswith(problem)
+
+
+def test_every_source_problem_at_once_and_only_for_what_reads_it(tmp_path):
+    from ddps.app import config
+
+    cfg = config.load(config.find("synthetic-smoke"), ["segmentor.type=segformer", "segmentor.pretrained=./no-model",
+                                                       f"segmentor.checkpoint={tmp_path}/w.safetensors"])
+    assert preflight.source_problems(cfg, training=True) == [
+        "segmentor.pretrained: the folder ./no-model does not exist",
+        f"segmentor.checkpoint: {tmp_path}/w.safetensors does not exist"]
+    # evaluating or segmenting a run reads its own weights, not the checkpoint it started from
+    assert preflight.source_problems(cfg, training=False) == ["segmentor.pretrained: the folder ./no-model does not exist"]
+    for source in ("~/no-model", "some/where/model"):  # only "name" or "owner/name" can be a hub id
+        assert preflight._pretrained_problems(source, "config.json") == [
+            f"segmentor.pretrained: the folder {source} does not exist"]
+    # a segmentor that loads nothing pretrained ignores the key
+    compact = config.load(config.find("synthetic-smoke"), ["segmentor.pretrained=./no-model"])
+    assert preflight.source_problems(compact, training=True) == []
+
+
+def test_weights_that_are_not_a_file(capsys, tmp_path, run):
+    _refused(run_cli(capsys, "eval", "--run", run, "--weights", tmp_path), f"--weights: {tmp_path} is not a file")
+    _refused(run_cli(capsys, "segment", "--run", run, "--out", tmp_path / "s", "--weights", tmp_path / "w.safetensors",
+                     run.parent / "image.png"), f"--weights: {tmp_path}/w.safetensors does not exist")
+
+
+def test_the_lock_names_its_holder_and_makes_the_folders(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    with RunLock(out, "ddps train"):
+        text = (out / ".lock").read_text()
+        assert re.fullmatch(rf"ddps train \(pid {os.getpid()} on \S+, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)", text)
+    assert (out / ".lock").stat().st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -33,7 +33,7 @@ install: $(STAMP)
 MUTMUT_SPEC ?= mutmut==3.8.1
 mutate: $(STAMP)
 	$(PY) -m pip install -q "$(MUTMUT_SPEC)"
-	$(PY) .ci/mutate.py $(MODULES) $(if $(TESTS),--tests $(TESTS))
+	$(PY) .ci/mutate.py $(MODULES) $(if $(TESTS),--tests $(TESTS)) $(if $(ONLY),--only $(ONLY))
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

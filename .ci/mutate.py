@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fnmatch
 import re
 import shutil
 import subprocess
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="+", type=Path, help="modules to mutate (paths under ddps/)")
     parser.add_argument("--tests", nargs="+", type=Path, help="the tests to run (default: each module's area)")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN", default=[],
+                        help="only the mutants whose names match (fnmatch), e.g. 'ddps.app.ablation.x_markdown*'")
     parser.add_argument("--max-children", type=int, help="parallel mutants (default: the CPU count)")
     args = parser.parse_args(argv)
     bad = [str(m) for m in args.modules if m.parts[:1] != ("ddps",) or not (ROOT / m).is_file()]
@@ -93,12 +96,13 @@ def main(argv=None) -> int:
     with open(WORK / "pyproject.toml", "a") as f:
         f.write(settings(args.modules, tests, sorted(p.name for p in WORK.iterdir() if p.name != "ddps")))
     print(f"mutating {' '.join(map(str, args.modules))} against {' '.join(map(str, tests))} in {WORK}", flush=True)
-    mutmut("run", *(["--max-children", str(args.max_children)] if args.max_children else []))
-    return report(mutmut("results", "--all", "true"))
+    mutmut("run", *(["--max-children", str(args.max_children)] if args.max_children else []), *args.only)
+    return report(mutmut("results", "--all", "true"), args.only)
 
 
-def report(results: str) -> int:
-    statuses = dict(re.findall(r"^\s+(\S+): (.+)$", results, re.M))
+def report(results: str, only=()) -> int:
+    statuses = {key: status for key, status in re.findall(r"^\s+(\S+): (.+)$", results, re.M)
+                if not only or any(fnmatch.fnmatch(key, pattern) for pattern in only)}
     by_module = collections.defaultdict(collections.Counter)
     for key, status in statuses.items():
         by_module[re.sub(r"\.x[_ǁ].*", "", key)][status] += 1

@@ -35,6 +35,8 @@ def test_report_counts_each_module(capsys, monkeypatch):
     lines = {line.split()[0]: line.split()[1:4] for line in out.splitlines() if line.startswith("ddps.app.")}
     assert lines == {"ddps.app.schema": ["2", "1", "1"], "ddps.app.runlock": ["1", "0", "0"]}
     assert out.rstrip().endswith("3 mutants, 1 killed, 2 not killed")
+    assert mutate.report(results, ["ddps.app.runlock.*"]) == 0  # --only: those mutants alone
+    assert capsys.readouterr().out.rstrip().endswith("1 mutants, 0 killed, 1 not killed")
 
 
 def test_only_modules_of_the_package(capsys):

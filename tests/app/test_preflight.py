@@ -144,6 +144,15 @@ def test_output_paths_are_checked_first(capsys, tmp_path, run, nothing_works):
     _refused(run_cli(capsys, "eval", "--run", tmp_path), f"{tmp_path} is not a ddps run directory")
 
 
+def test_an_output_folder_must_be_writable(tmp_path, monkeypatch):
+    # (root may write anywhere, so the machine's answer is replaced by a read-only one)
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode: mode != os.W_OK | os.X_OK)
+    assert preflight.output_problems(tmp_path / "new" / "run", "--out", "dir") == [
+        f"--out {tmp_path}/new/run: {tmp_path} is not writable"]
+    assert preflight.output_problems(tmp_path / "eval.json", "--json", "file") == [
+        f"--json {tmp_path}/eval.json: {tmp_path} is not writable"]
+
+
 def test_eval_json_in_a_new_folder_keeps_the_results(capsys, tmp_path, run):
     out = tmp_path / "new" / "folder" / "eval.json"
     assert run_cli(capsys, "eval", "--run", run, "--json", out, "--limit", "1").returncode == 0
@@ -235,7 +244,10 @@ def test_every_source_problem_at_once_and_only_for_what_reads_it(tmp_path):
         f"segmentor.checkpoint: {tmp_path}/w.safetensors does not exist"]
     # evaluating or segmenting a run reads its own weights, not the checkpoint it started from
     assert preflight.source_problems(cfg, training=False) == ["segmentor.pretrained: the folder ./no-model does not exist"]
-    for source in ("~/no-model", "some/where/model"):  # only "name" or "owner/name" can be a hub id
+    with pytest.raises(config.ConfigError) as error:
+        preflight.check(cfg)  # what ddps eval and segment call
+    assert error.value.problems == ["segmentor.pretrained: the folder ./no-model does not exist"]
+    for source in ("~/no-model", "some/where/model", "/no-model"):  # only "name" or "owner/name" can be a hub id
         assert preflight._pretrained_problems(source, "config.json") == [
             f"segmentor.pretrained: the folder {source} does not exist"]
     # a segmentor that loads nothing pretrained ignores the key

@@ -98,15 +98,15 @@ def test_ranges_bounds_and_finiteness(field, value, message):
 
 @dataclasses.dataclass
 class Bounded:
-    at_most: float = option(0.5, maximum=1)
+    at_most: float = option(0.5, maximum=10)
     under: float = option(0.5, below=1)
     over: int = option(1, above=0)
 
 
 def test_each_kind_of_bound_reads_as_it_is_checked():
-    assert check_constraints(Bounded(at_most=1.0, under=0.999, over=1)) == []  # the bounds themselves
-    assert check_constraints(Bounded(at_most=1.5, under=1.0, over=0), "s.") == [
-        "s.at_most: must be <= 1, got 1.5", "s.under: must be < 1, got 1.0", "s.over: must be > 0, got 0"]
+    assert check_constraints(Bounded(at_most=10.0, under=0.999, over=1)) == []  # the bounds themselves
+    assert check_constraints(Bounded(at_most=10.5, under=1.0, over=0), "s.") == [
+        "s.at_most: must be <= 10, got 10.5", "s.under: must be < 1, got 1.0", "s.over: must be > 0, got 0"]
 
 
 def _numbers(cls, prefix=""):

@@ -36,6 +36,7 @@ def save_run(directory: Path, cfg, segmentor, head_state: dict, ema_state: dict)
 # What the overrides of a trained run (ddps eval, segment) may change: how it is evaluated, and where;
 # every other key either shaped its weights (head.dim) or only says how it was trained (train.lr).
 TRAINED_RUN_FREE = ("eval.", "device", "seed", "head.backend", "data.root", "data.val_split", "data.workers")
+TRAINED_RUN_FREE_TEXT = ", ".join(key + "*" if key.endswith(".") else key for key in TRAINED_RUN_FREE)
 
 
 def run_config(directory: str | Path, overrides=()) -> config_mod.Config:
@@ -47,9 +48,9 @@ def run_config(directory: str | Path, overrides=()) -> config_mod.Config:
     cfg = config_mod.load(None, overrides, base=stored.to_dict())
     fixed = [text for key, text in config_mod.changes(stored, cfg).items() if not key.startswith(TRAINED_RUN_FREE)]
     if fixed:
-        allowed = ", ".join(key + "*" if key.endswith(".") else key for key in TRAINED_RUN_FREE)
         raise config_mod.ConfigError(*(f"{text}: {directory} was trained with the old value, which its weights "
-                                       f"keep; an override of a trained run may change {allowed}" for text in fixed))
+                                       f"keep; an override of a trained run may change {TRAINED_RUN_FREE_TEXT}"
+                                       for text in fixed))
     return cfg
 
 

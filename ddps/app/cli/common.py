@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..model import TRAINED_RUN_FREE_TEXT
+
 
 def at_least(low: int):
     """argparse type: an int >= low."""
@@ -21,9 +23,8 @@ def at_least(low: int):
 positive = at_least(1)
 
 
-# what the overrides of a trained run may change (ddps.app.model.TRAINED_RUN_FREE)
-TRAINED_RUN_OVERRIDES = ("overrides of eval.*, device, seed, head.backend, data.root, data.val_split or data.workers, "
-                         "e.g. eval.mode=slide (values are read as YAML; the other keys are the run's own)")
+TRAINED_RUN_OVERRIDES = (f"overrides of {TRAINED_RUN_FREE_TEXT}, e.g. eval.mode=slide (values are read as YAML; the "
+                         "other keys are the run's own)")
 
 
 def add_overrides(p, help: str = "config overrides, e.g. train.iters=500 eval.mode=slide (values are read as "

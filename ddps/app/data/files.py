@@ -44,12 +44,22 @@ def _header(path: Path, what: str):
 MASK_MODES = ("L", "P", "I", "I;16")
 
 
+def _mode_problem(path: Path, mode: str) -> str:
+    return f"{path}: a mask must be a single-channel or palette image, got mode {mode}"
+
+
+def _size_problem(mask_path: Path, mask_size, image_path: Path, image_size) -> str:
+    """Sizes as (width, height)."""
+    return (f"{mask_path}: mask size {mask_size[0]}x{mask_size[1]} differs from image {image_path} "
+            f"size {image_size[0]}x{image_size[1]}")
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Raw label values [H, W] (a single-channel or palette PNG)."""
     try:
         with Image.open(path) as im:
             if im.mode not in MASK_MODES:
-                raise DataError(f"{path}: a mask must be a single-channel or palette image, got mode {im.mode}")
+                raise DataError(_mode_problem(path, im.mode))
             return np.asarray(im).astype(np.int64)
     except (OSError, SyntaxError) as e:
         raise DataError(f"{path}: cannot read mask ({e})") from None
@@ -91,10 +101,9 @@ class FileDataset(torch.utils.data.Dataset):
             if mask is None:
                 continue
             if mask[1] not in MASK_MODES:
-                problems.append(f"{mask_path}: a mask must be a single-channel or palette image, got mode {mask[1]}")
+                problems.append(_mode_problem(mask_path, mask[1]))
             elif image is not None and mask[0] != image[0]:
-                problems.append(f"{mask_path}: mask size {mask[0][0]}x{mask[0][1]} differs from image {image_path} "
-                                f"size {image[0][0]}x{image[0][1]}")
+                problems.append(_size_problem(mask_path, mask[0], image_path, image[0]))
         return problems
 
     def __getitem__(self, index: int):
@@ -102,8 +111,7 @@ class FileDataset(torch.utils.data.Dataset):
         image = read_image(image_path)
         raw = read_mask(mask_path)
         if raw.shape != tuple(image.shape[1:]):
-            raise DataError(f"{mask_path}: mask size {raw.shape[1]}x{raw.shape[0]} differs from image {image_path} "
-                            f"size {image.shape[2]}x{image.shape[1]}")
+            raise DataError(_size_problem(mask_path, raw.shape[::-1], image_path, image.shape[:0:-1]))
         bad = ~self.valid(raw)
         if bad.any():
             values = np.unique(raw[bad])[:5].tolist()

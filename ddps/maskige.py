@@ -1,7 +1,8 @@
 """Maskiges (GSS, Chen et al., CVPR 2023): a label mask rendered as an RGB image, one fixed colour
 per class and one for "ignore", so that an image autoencoder can model masks.
 
-``palette(K)`` builds the K + 1 colours in [0, 1] (rows 0..K-1: the classes, row K: ignore);
+``palette(K, kind)`` gives the K + 1 colours in [0, 1] (rows 0..K-1: the classes, row K: ignore):
+GSS's own for Cityscapes and ADE20K, or one computed for any K;
 ``encode`` paints labels with them (a linear map of the one-hot mask); ``decode`` takes each
 pixel's nearest colour (the fused op ``ddps.ops.maskige_decode``, GSS-FF) and row K back to the
 ignore label; ``LearnedDecoder`` is the trained inverse (GSS-FT-W).
@@ -19,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks, ops
+from . import _checks, _gss_palettes, ops
 
-KINDS = ("grid", "spread")
+# The palettes GSS's configs list, by kind; each fits one class count.
+GSS_PALETTES = {"gss-cityscapes": _gss_palettes.CITYSCAPES, "gss-ade20k": _gss_palettes.ADE20K}
+COMPUTED = ("grid", "spread")  # for any number of classes
+KINDS = (*COMPUTED, *GSS_PALETTES)
 IGNORE_INDEX = 255
 
 
@@ -36,8 +40,7 @@ def _grid_levels(count: int) -> tuple[int, int, int]:
 
 
 def _grid(count: int) -> torch.Tensor:
-    # GSS spreads ADE20K's 150 classes over a 5 x 6 x 5 grid of values; the first `count` points
-    # of the grid, in order (GSS also jitters them, which only brings some closer).
+    # the first `count` points of the regular grid, in order
     levels = _grid_levels(count)
     axes = [torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.full((1,), 0.5, dtype=torch.float64)
             for n in levels]
@@ -73,13 +76,19 @@ def _min_distance(colours: torch.Tensor) -> float:
 
 def palette(num_classes: int, kind: str = "spread") -> torch.Tensor:
     """float32 [num_classes + 1, 3] colours in [0, 1]: row k paints class k, the last row the
-    ignored pixels. ``kind``: "grid" (GSS's regular grid) or "spread" (the densest cubic
-    lattice: a larger minimum distance for most K, e.g. 0.236 against 0.2 for ADE20K's 150 classes
-    and ignore; see ``min_distance``)."""
+    ignored pixels. ``kind``: "gss-cityscapes" or "gss-ade20k" (GSS's palettes, its 8-bit values
+    / 255; for 19 and 150 classes), or a computed one for any K: "grid" (the points of the
+    smallest regular grid, in order) or "spread" (the densest cubic lattice: a larger minimum
+    distance for most K, e.g. 0.236 against 0.2 for 151 colours; see ``min_distance``)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not a palette kind; choose one of {KINDS}")
+    if kind in GSS_PALETTES:
+        values = torch.tensor(GSS_PALETTES[kind], dtype=torch.float64).view(-1, 3)
+        if len(values) != num_classes + 1:
+            raise ValueError(f"the {kind} palette is for {len(values) - 1} classes, not {num_classes}")
+        return (values / 255).float()
     colours = _grid(num_classes + 1) if kind == "grid" else _spread(num_classes + 1)
     return colours.float()
 

@@ -9,7 +9,7 @@ from ddps import maskige
 from ddps.ops import maskige_decode
 
 
-@pytest.mark.parametrize("kind", maskige.KINDS)
+@pytest.mark.parametrize("kind", maskige.COMPUTED)
 @pytest.mark.parametrize("k", [1, 2, 5, 7, 19, 26, 64, 150, 151, 300])
 def test_palette_shape_range_and_distinct_colours(kind, k):
     colours = maskige.palette(k, kind)
@@ -19,9 +19,27 @@ def test_palette_shape_range_and_distinct_colours(kind, k):
     assert maskige.min_distance(colours) > 0
 
 
+def test_gss_palettes_are_its_configs_values():
+    # spot values from GSS's configs (configs/gss/cityscapes/*.py, configs/gss/_base_/models/*.py)
+    city = maskige.palette(19, "gss-cityscapes")
+    assert city.shape == (20, 3)
+    assert torch.equal(city[0] * 255, torch.tensor([128., 64, 128]))    # road
+    assert torch.equal(city[18] * 255, torch.tensor([119., 11, 32]))    # bicycle
+    assert torch.equal(city[19], torch.zeros(3))                         # ignore: black
+    ade = maskige.palette(150, "gss-ade20k")
+    assert ade.shape == (151, 3)
+    assert torch.equal(ade[0] * 255, torch.tensor([222., 222, 145]))
+    assert torch.equal(ade[148:] * 255, torch.tensor([[0., 0, 0], [255, 255, 255], [215, 216, 196]]))
+    for colours in (city, ade):
+        assert torch.equal((colours * 255).round(), colours * 255)  # 8-bit values, exactly
+        maskige.check_palette(colours)
+    with pytest.raises(ValueError, match="gss-cityscapes palette is for 19 classes, not 20"):
+        maskige.palette(20, "gss-cityscapes")
+
+
 def test_palette_minimum_distances():
-    # GSS's grid for ADE20K (150 classes and ignore: 5 x 6 x 6 values) is 1/5 apart; the
-    # face-centred lattice of step 1/6 holds 172 points sqrt(2)/6 apart.
+    # The regular grid for 151 colours (5 x 6 x 6 values) is 1/5 apart; the face-centred lattice
+    # of step 1/6 holds 172 points sqrt(2)/6 apart.
     assert maskige.min_distance(maskige.palette(150, "grid")) == pytest.approx(0.2)
     assert maskige.min_distance(maskige.palette(150, "spread")) == pytest.approx(math.sqrt(2) / 6)
     assert maskige.min_distance(maskige.palette(7, "grid")) == pytest.approx(1.0)  # the cube's corners

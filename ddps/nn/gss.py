@@ -107,11 +107,10 @@ class GSSHead(MaskHead):
         aux = F.interpolate(self.aux(cond), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         filled = torch.where(labels == ignore_index, aux.detach().argmax(1), labels)
         targets = self.token_targets(labels, filled, ignore_index)
-        token_loss = F.cross_entropy(self.tokens(cond).float(), targets, ignore_index=UNTAUGHT, reduction="sum")
-        token_loss = token_loss / (targets != UNTAUGHT).sum().clamp_min(1)  # no NaN for an unlabelled batch
-        aux_loss = F.cross_entropy(aux.float(), labels, ignore_index=ignore_index, reduction="sum")
-        aux_loss = aux_loss / (labels != ignore_index).sum().clamp_min(1)
-        return self.token_weight * token_loss + self.aux_weight * aux_loss
+        # averaged over every element, the ignored ones counting as zero (mmseg's default, GSS's)
+        token_loss = F.cross_entropy(self.tokens(cond).float(), targets, ignore_index=UNTAUGHT, reduction="none")
+        aux_loss = F.cross_entropy(aux.float(), labels, ignore_index=ignore_index, reduction="none")
+        return self.token_weight * token_loss.mean() + self.aux_weight * aux_loss.mean()
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, base: torch.Tensor | None = None):

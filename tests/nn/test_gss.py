@@ -104,3 +104,54 @@ def test_prior_loss_trains_the_vq_and_reconstruct_round_trips_any_size():
     assert not torch.equal(head.vq.quantizer.codebook, codebook)  # the EMA codebook followed the encodings
     round_trip = head.eval().reconstruct(torch.randint(0, K, (1, 13, 21)))  # padded to 16 x 24, cropped back
     assert round_trip.shape == (1, 13, 21) and round_trip.min() >= 0 and round_trip.max() < K
+
+
+def _nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    # brute force: each position's code of least squared distance, one position at a time
+    b, _, h, w = z.shape
+    out = torch.empty(b, h, w, dtype=torch.long)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                out[i, y, x] = min(range(len(codebook)), key=lambda c: float(((z[i, :, y, x] - codebook[c]) ** 2).sum()))
+    return out
+
+
+def test_loss_is_gss_formula_averaged_over_every_element():
+    """0.8 x token cross-entropy + 0.2 x pixel cross-entropy, each averaged over all of its
+    elements with the ignored ones counting zero (mmseg's default), the targets written out here."""
+    head = _head().eval()
+    torch.manual_seed(1)
+    cond = torch.randn(2, 8, 4, 6)
+    labels = torch.randint(0, K, (2, 16, 24))
+    labels[0, :8, :8] = 255     # a whole block unlabelled: no token target
+    labels[1, 2:6, 3:20] = 255  # partly unlabelled blocks: filled with the aux prediction
+    aux = F.interpolate(head.aux(cond), size=(16, 24), mode="bilinear", align_corners=False)
+    filled = torch.where(labels == 255, aux.argmax(1), labels)
+    painted = head.colours[torch.where(filled == 255, K, filled)].permute(0, 3, 1, 2)
+    codes = _nearest_code(head.vq.encoder(painted), head.vq.quantizer.codebook)
+    token_logp = head.tokens(cond).log_softmax(1)
+    token_terms = torch.zeros(2, 2, 3)
+    for i in range(2):
+        for y in range(2):
+            for x in range(3):
+                if (labels[i, 8 * y:8 * y + 8, 8 * x:8 * x + 8] != 255).any():
+                    token_terms[i, y, x] = -token_logp[i, codes[i, y, x], y, x]
+    aux_logp = aux.log_softmax(1)
+    aux_terms = torch.where(labels == 255, 0.0, -aux_logp.gather(1, labels.clamp(max=K - 1)[:, None])[:, 0])
+    expected = 0.8 * token_terms.sum() / token_terms.numel() + 0.2 * aux_terms.sum() / aux_terms.numel()
+    assert head.loss(cond, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sample_decodes_the_predicted_tokens_to_the_nearest_class_colour():
+    head = _head().eval()
+    cond = torch.randn(2, 8, 4, 6)
+    tokens = head.tokens(cond).argmax(1)
+    # codes whose decoded colours sit on the ignore colour: a prediction must still be a class
+    head.vq.decode = lambda codes: head.colours[K].view(1, 3, 1, 1).expand(len(codes), 3, 16, 24) + \
+        0.01 * codes.float().repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    scores, _ = head.sample(cond)
+    decoded = head.vq.decode(tokens)
+    distance = ((decoded[:, None] - head.colours[:K, :, None, None]) ** 2).sum(2)  # [B, K, H, W]
+    assert torch.equal(scores.argmax(1), distance.argmin(1))
+    assert torch.equal(scores.sum(1), torch.ones(2, 16, 24))

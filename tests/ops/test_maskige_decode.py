@@ -33,11 +33,12 @@ def test_round_trip_is_exact(backend, device, k):
 
 
 @pytest.mark.parametrize("backend,device", ALL, ids=ALL_IDS)
-@pytest.mark.parametrize("kind", maskige.KINDS)
-def test_decode_survives_any_perturbation_below_half_the_minimum_distance(backend, device, kind):
-    colours = maskige.palette(150, kind)
+@pytest.mark.parametrize("kind,k", [(kind, 150) for kind in maskige.COMPUTED] + [("gss-ade20k", 150),
+                                                                                 ("gss-cityscapes", 19)])
+def test_decode_survives_any_perturbation_below_half_the_minimum_distance(backend, device, kind, k):
+    colours = maskige.palette(k, kind)
     radius = 0.499 * maskige.min_distance(colours)
-    labels = _labels(150, (3, 40, 41), seed=1)
+    labels = _labels(k, (3, 40, 41), seed=1)
     g = torch.Generator().manual_seed(2)
     direction = torch.randn(3, 3, 40, 41, generator=g)
     direction /= direction.norm(dim=1, keepdim=True)

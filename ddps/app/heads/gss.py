@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ... import maskige
 from ...nn import GSSHead, MaskigeVQ
 from ...nn.vq import DOWNSAMPLING, check_codebook
-from ..schema import HEADS, ConfigError, keyed, option
+from ..schema import DATASETS, HEADS, ConfigError, keyed, option
 
 
 @dataclass
@@ -19,7 +19,9 @@ class GSSOptions:
     code_dim: int = option(16, minimum=1)   # the width of a code
     channels: int = option(32, minimum=1)   # the VQ autoencoder's width
     dim: int = option(64, minimum=1)        # the conditioning network's width
-    palette: str = option("spread", choices=maskige.KINDS)  # see ddps.maskige.palette ("grid": GSS's)
+    # gss-cityscapes | gss-ade20k (GSS's, for 19 and 150 classes) | spread | grid (computed for any
+    # number of classes); see ddps.maskige.palette
+    palette: str = option("spread", choices=maskige.KINDS)
     # nearest (GSS-FF) | learned (GSS-FT-W, trained in the prior stage)
     decoder: str = option("nearest", choices=("nearest", "learned"))
 
@@ -30,6 +32,11 @@ class Options:
 
 
 def check(cfg) -> None:
+    if cfg.head.gss.palette in maskige.GSS_PALETTES:
+        try:
+            maskige.palette(DATASETS[cfg.data.dataset].classes(cfg)[0], cfg.head.gss.palette)
+        except ValueError as e:
+            raise ConfigError(f"head.gss.palette: {e} (dataset {cfg.data.dataset}); spread and grid fit any") from None
     with keyed({"codes": "head.gss.codes", "dim": "head.gss.code_dim"}):
         check_codebook(cfg.head.gss.codes, cfg.head.gss.code_dim)
     if any(v % DOWNSAMPLING for v in cfg.data.crop_size):

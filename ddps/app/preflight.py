@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, build_dataset
-from .schema import SEGMENTORS, ConfigError
+from .schema import HEADS, SEGMENTORS, ConfigError
 
 __all__ = ["check", "device_problems", "output_problems", "source_problems", "split_problems"]
 
@@ -56,14 +56,18 @@ def device_problems(name: str) -> list[str]:
 
 def source_problems(cfg, training: bool) -> list[str]:
     """segmentor.pretrained (a local folder, or a hub id that is cached or can be fetched) and,
-    for a run that trains, segmentor.checkpoint (a readable safetensors file)."""
+    for a run that trains, segmentor.checkpoint and the weights its head reads (readable
+    safetensors files)."""
     problems = []
     seg = cfg.segmentor
     marker = getattr(SEGMENTORS[seg.type], "source_file", None)
     if seg.pretrained and marker:
         problems += _pretrained_problems(seg.pretrained, marker)
-    if training and seg.checkpoint:
-        problems += _weights_problems(Path(seg.checkpoint), "segmentor.checkpoint")
+    if training:
+        head_weights = getattr(HEADS[cfg.head.kind], "weights", None)
+        for key, path in {"segmentor.checkpoint": seg.checkpoint, **(head_weights(cfg) if head_weights else {})}.items():
+            if path:
+                problems += _weights_problems(Path(path), key)
     return problems
 
 

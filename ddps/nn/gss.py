@@ -1,8 +1,9 @@
 """GSSHead: Generative Semantic Segmentation's latent mask prior (Chen et al., CVPR 2023) on a
 frozen segmentor's features.
 
-The mask is modelled in the discrete latent space of a VQ autoencoder of maskiges
-(``ddps.nn.vq.MaskigeVQ``, trained before the head and frozen with it). A conditioning network maps
+The mask is modelled in the discrete latent space of an autoencoder of maskiges: DALL-E's dVAE
+(``ddps.nn.dvae.DalleDVAE``, frozen, as GSS) or a VQ autoencoder (``ddps.nn.vq.MaskigeVQ``)
+trained on the labels before the head and frozen with it. A conditioning network maps
 the features (1/4 of the image) to logits over the codebook for each token (1/8 of the image); it
 learns from the tokens of the ground-truth maskige, whose unlabelled pixels are first filled with
 the prediction of an auxiliary per-pixel classifier, and a token whose 8 x 8 block holds no
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend, maskige, ops
+from .dvae import DalleDVAE
 from .mask_head import MaskHead
 from .vq import DOWNSAMPLING, MaskigeVQ, conv_block
 
@@ -28,15 +30,16 @@ class GSSHead(MaskHead):
     the auxiliary pixel cross-entropy. ``sample(cond, base=None)`` -> (class scores [B, K, 4h, 4w]:
     one-hot from the nearest colour, or the learned decoder's logits; {}: no steps).
     ``trainable_parameters()``: the conditioning network and the auxiliary classifier.
-    ``prior_parameters()``, ``prior_loss(labels, ignore_index)``: the VQ autoencoder (reconstruction
-    and commitment) and the learned decoder (cross-entropy on the reconstructions), trained on the
-    labels alone before the head, then frozen. ``backend``: that of ``maskige_decode`` (see
+    ``prior_parameters()``, ``prior_loss(labels, ignore_index)``: a VQ autoencoder (reconstruction
+    and commitment; a dVAE stays as loaded) and the learned decoder (cross-entropy on the
+    reconstructions), trained on the labels alone before the head, then frozen. ``vq``: the
+    autoencoder, either. ``backend``: that of ``maskige_decode`` (see
     ``ddps.backends()``)."""
 
     size_multiple = 2  # the features' stride-2 step to the token grid
     metrics_name = "gss"
 
-    def __init__(self, num_classes: int, cond_channels: int, vq: MaskigeVQ, colours: torch.Tensor, dim: int = 64,
+    def __init__(self, num_classes: int, cond_channels: int, vq: MaskigeVQ | DalleDVAE, colours: torch.Tensor, dim: int = 64,
                  decoder: maskige.LearnedDecoder | None = None, token_weight: float = 0.8, aux_weight: float = 0.2,
                  backend: str = "auto"):
         super().__init__()
@@ -49,21 +52,25 @@ class GSSHead(MaskHead):
         self.token_weight, self.aux_weight = token_weight, aux_weight
         self.register_buffer("colours", colours.detach().float().clone())
         self.vq, self.decoder = vq, decoder
-        codes = len(vq.quantizer.codebook)
         self.tokens = nn.Sequential(conv_block(cond_channels, dim), conv_block(dim, dim, 2), conv_block(dim, dim),
-                                    nn.Conv2d(dim, codes, 1))
+                                    nn.Conv2d(dim, vq.codes, 1))
         self.aux = nn.Conv2d(cond_channels, num_classes, 1)
 
     def trainable_parameters(self) -> list:
         return [*self.tokens.parameters(), *self.aux.parameters()]
 
     def prior_parameters(self) -> list:
-        return [*self.vq.parameters(), *(self.decoder.parameters() if self.decoder is not None else ())]
+        trained = self.vq.parameters() if isinstance(self.vq, MaskigeVQ) else ()
+        return [*trained, *(self.decoder.parameters() if self.decoder is not None else ())]
 
     def prior_loss(self, labels: torch.Tensor, ignore_index: int = maskige.IGNORE_INDEX) -> torch.Tensor:
-        """The VQ autoencoder's loss on the labels' maskige (in training mode its codebook follows the
+        """A VQ autoencoder's loss on the labels' maskige (in training mode its codebook follows the
         encodings), plus the learned decoder's cross-entropy on the reconstruction."""
-        reconstruction, _, loss = self.vq(maskige.encode(labels, self.colours, ignore_index))
+        painted = maskige.encode(labels, self.colours, ignore_index)
+        if isinstance(self.vq, MaskigeVQ):
+            reconstruction, _, loss = self.vq(painted)
+        else:
+            reconstruction, loss = self.vq.decode(self.vq.encode(painted)), 0.0
         if self.decoder is not None:
             logits = self.decoder(reconstruction.detach())
             loss = loss + F.cross_entropy(logits, labels, ignore_index=ignore_index)

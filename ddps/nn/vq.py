@@ -81,6 +81,23 @@ class VectorQuantizer(nn.Module):
             self.usage[dead] = 1.0
 
 
+def check_maskige(maskige: torch.Tensor) -> None:
+    """What an autoencoder of maskiges takes: [B, 3, H, W], H and W multiples of 8."""
+    if maskige.dim() != 4 or maskige.shape[1] != 3:
+        raise ValueError(f"maskige must be [B, 3, H, W], got shape {tuple(maskige.shape)}")
+    if maskige.shape[2] % DOWNSAMPLING or maskige.shape[3] % DOWNSAMPLING:
+        raise ValueError(f"maskige height and width must be multiples of {DOWNSAMPLING}, got "
+                         f"{tuple(maskige.shape[2:])}")
+
+
+def check_codes(codes: torch.Tensor, count: int) -> None:
+    """What a decoder of codes takes: integer [B, h, w] in [0, count)."""
+    if codes.dim() != 3 or codes.dtype.is_floating_point:
+        raise ValueError(f"codes must be integer [B, h, w], got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= count):
+        raise ValueError(f"codes must lie in [0, {count})")
+
+
 def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     """3x3 convolution, GroupNorm, SiLU: the VQ autoencoder's block, and GSS's conditioning network's."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
@@ -92,7 +109,7 @@ class MaskigeVQ(nn.Module):
 
     def __init__(self, codes: int = 512, dim: int = 32, channels: int = 64, commitment: float = 0.25):
         super().__init__()
-        self.commitment = commitment
+        self.codes, self.commitment = codes, commitment
         down, up = [conv_block(3, channels)], [nn.Conv2d(dim, channels, 1)]
         for _ in range(3):  # 2^3 = DOWNSAMPLING
             down += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), conv_block(channels, channels)]
@@ -101,28 +118,18 @@ class MaskigeVQ(nn.Module):
         self.decoder = nn.Sequential(*up, conv_block(channels, channels), nn.Conv2d(channels, 3, 3, padding=1))
         self.quantizer = VectorQuantizer(codes, dim)
 
-    def _check(self, maskige: torch.Tensor) -> None:
-        if maskige.dim() != 4 or maskige.shape[1] != 3:
-            raise ValueError(f"maskige must be [B, 3, H, W], got shape {tuple(maskige.shape)}")
-        if maskige.shape[2] % DOWNSAMPLING or maskige.shape[3] % DOWNSAMPLING:
-            raise ValueError(f"maskige height and width must be multiples of {DOWNSAMPLING}, got "
-                             f"{tuple(maskige.shape[2:])}")
-
     def encode(self, maskige: torch.Tensor) -> torch.Tensor:
         """-> codes int64 [B, H/8, W/8]."""
-        self._check(maskige)
+        check_maskige(maskige)
         return self.quantizer.codes(self.encoder(maskige.float()))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes int64 [B, h, w] -> maskige [B, 3, 8h, 8w]."""
-        if codes.dim() != 3 or codes.dtype.is_floating_point:
-            raise ValueError(f"codes must be integer [B, h, w], got {codes.dtype} {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= len(self.quantizer.codebook)):
-            raise ValueError(f"codes must lie in [0, {len(self.quantizer.codebook)})")
+        check_codes(codes, self.codes)
         return self.decoder(self.quantizer.lookup(codes.long()))
 
     def forward(self, maskige: torch.Tensor):
-        self._check(maskige)
+        check_maskige(maskige)
         quantised, codes, commitment = self.quantizer(self.encoder(maskige.float()))
         reconstruction = self.decoder(quantised)
         return reconstruction, codes, F.mse_loss(reconstruction, maskige.float()) + self.commitment * commitment

@@ -91,6 +91,9 @@ def test_bad_config_names_the_key(override, message):
     (["data.crop_size=[100, 100]"], "data.crop_size: [100, 100]: the gss head's VQ autoencoder trains on multiples of 8"),
     (["head.gss.codes=1"], "head.gss.codes: a codebook needs at least 2 codes, got 1"),
     (["prior.iters=-1"], "prior.iters: must be >= 0, got -1"),
+    (["head.gss.prior=dalle"], "head.gss.dalle_weights: the dalle prior needs its weights"),
+    (["head.gss.dalle_weights=w.safetensors"], "head.gss.dalle_weights: 'w.safetensors' is read only with "
+                                               "head.gss.prior=dalle"),
     (["head.gss.palette=gss-cityscapes"], "head.gss.palette: the gss-cityscapes palette is for 19 classes, not 6 "
                                           "(dataset synthetic-shapes)"),
 ])

@@ -265,3 +265,26 @@ def test_convert_reads_no_dataset(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing.pth"), "--config", "ade20k", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "data.root" not in err
+
+
+def test_convert_dalle_writes_the_released_dvae_as_safetensors(tmp_path, monkeypatch, capsys):
+    from helpers.dalle import released_pickles, small_dvae
+
+    from ddps.app import checkpoint
+    from ddps.nn import dvae
+    model = small_dvae()
+    encoder, decoder = released_pickles(model, tmp_path, monkeypatch)
+    out = tmp_path / "weights" / "dvae.safetensors"
+    args = ["convert", "--dalle", str(encoder), str(decoder), "--out", str(out)]
+    assert main(args) == 2  # not the released sizes: refused, nothing written
+    assert "dVAE weights do not fit" in capsys.readouterr().err and not out.exists()
+    small = small_dvae(seed=1)
+    monkeypatch.setattr(dvae, "DalleDVAE", lambda: small)  # the sizes --dalle checks against
+    assert main(args) == 0
+    assert f"head.gss.dalle_weights={out}" in capsys.readouterr().out
+    assert {k: v.tolist() for k, v in checkpoint.load_weights(out).items()} == \
+        {k: v.tolist() for k, v in dvae.load_released(encoder, decoder).items()}
+    assert main(args) == 2 and "exists; choose another file" in capsys.readouterr().err
+    assert main(["convert", "x.pth", "--dalle", "a.pkl", str(decoder), "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint: not read with --dalle" in err and "--dalle: a.pkl does not exist" in err

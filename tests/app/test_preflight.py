@@ -105,6 +105,9 @@ def test_unreachable_pretrained_sources(capsys, tmp_path, monkeypatch, nothing_w
     weights.write_bytes(b"not safetensors")
     _refused(run_cli(capsys, "train", *SMOKE, "--out", tmp_path / "r", f"segmentor.checkpoint={weights}"),
              f"segmentor.checkpoint: {weights} is not a safetensors file")
+    _refused(run_cli(capsys, "train", "--config", "synthetic-gss", "--out", tmp_path / "r", "head.gss.prior=dalle",
+                     f"head.gss.dalle_weights={tmp_path}/dvae.safetensors"),
+             f"head.gss.dalle_weights: {tmp_path}/dvae.safetensors does not exist")
 
 
 def _folder_dataset(root):

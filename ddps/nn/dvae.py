@@ -160,5 +160,5 @@ def load_released(encoder_path, decoder_path) -> dict:
             raise ValueError(f"{path}: holds a {type(module).__name__}, not DALL-E's {part}")
         for key, value in module.state_dict().items():
             stem, leaf = key.rsplit(".", 1)
-            tensors[f"{part}.{stem}.{ {'w': 'weight', 'b': 'bias'}.get(leaf, leaf)}"] = value.detach().float()
+            tensors[f"{part}.{stem}.{ {'w': 'weight', 'b': 'bias'}[leaf]}"] = value.detach().float()
     return tensors

@@ -69,6 +69,25 @@ def test_encoder_and_decoder_compute_dalles_data_flow():
     assert torch.allclose(model.decode(codes), expected, atol=1e-6)
 
 
+def test_block_widths_and_shortcuts_are_dalles():
+    keys = set(DalleDVAE().state_dict())
+    for part, kernels in (("encoder", (3, 3, 3, 1)), ("decoder", (1, 3, 3, 3))):
+        for g in range(1, 5):
+            for b in (1, 2):
+                block = getattr(getattr(getattr(DalleDVAE(codes=16, hidden=8), part).blocks, f"group_{g}"), f"block_{b}")
+                convs = [getattr(block.res_path, f"conv_{i}") for i in range(1, 5)]
+                cout = convs[-1].out_channels
+                assert [c.out_channels for c in convs] == [cout // 4] * 3 + [cout]
+                assert [c.kernel_size[0] for c in convs] == list(kernels)
+                assert [c.padding[0] for c in convs] == [k // 2 for k in kernels]
+                # a 1x1 convolution on the shortcut only where the width changes, as released
+                assert isinstance(block.id_path, nn.Identity) == (convs[0].in_channels == cout)
+    assert "encoder.blocks.group_1.block_1.id_path.weight" not in keys
+    assert "encoder.blocks.group_2.block_1.id_path.weight" in keys
+    assert "decoder.blocks.group_1.block_1.id_path.weight" in keys and \
+        "decoder.blocks.group_1.block_2.id_path.weight" not in keys
+
+
 def test_released_sizes():
     model = DalleDVAE()
     assert model.encoder.blocks.output.conv.out_channels == 8192
@@ -102,6 +121,13 @@ def test_released_pickles_convert_to_the_same_model(tmp_path, monkeypatch):
     assert torch.equal(loaded.decode(model.encode(m)), model.decode(model.encode(m)))
 
 
+def test_a_file_without_a_module_is_named(tmp_path):
+    path = tmp_path / "encoder.pkl"
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=f"{path}: holds a dict, not DALL-E's encoder"):
+        load_released(path, path)
+
+
 def test_a_pickle_naming_anything_else_is_refused(tmp_path):
     class Payload:
         def __reduce__(self):
@@ -120,6 +146,12 @@ def test_gss_head_on_the_dvae_keeps_it_frozen():
     head.loss(torch.randn(2, 8, 4, 6), labels).backward()
     assert all(p.grad is None for p in head.vq.parameters())
     assert all(torch.equal(v, before[k]) for k, v in head.vq.state_dict().items())
+    # the learned decoder trains on the dVAE's round trip of the labels, the dVAE adds no loss
+    head.decoder = maskige.LearnedDecoder(5, dim=8, heads=2, window=4)
+    painted = head.colours[labels].permute(0, 3, 1, 2)
+    round_trip = head.vq.decode(head.vq.encode(painted))
+    expected = F.cross_entropy(head.decoder(round_trip), labels)
+    assert head.prior_loss(labels).item() == pytest.approx(expected.item(), rel=1e-6)
     scores, _ = head.eval().sample(torch.randn(2, 8, 4, 6))
     assert scores.shape == (2, 5, 16, 24)
     assert head.reconstruct(labels).shape == labels.shape

@@ -5,7 +5,7 @@ per class and one for "ignore", so that an image autoencoder can model masks.
 GSS's own for Cityscapes and ADE20K, or one computed for any K;
 ``encode`` paints labels with them (a linear map of the one-hot mask); ``decode`` takes each
 pixel's nearest colour (the fused op ``ddps.ops.maskige_decode``, GSS-FF) and row K back to the
-ignore label; ``LearnedDecoder`` is the trained inverse (GSS-FT-W).
+ignore label; ``ddps.nn.gss.FTWDecoder`` is the trained inverse (GSS-FT-W).
 
 >>> colours = palette(5)
 >>> labels = torch.tensor([[[0, 4], [255, 2]]])
@@ -17,8 +17,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from . import _checks, _gss_palettes, ops
 
@@ -132,39 +130,3 @@ def decode(maskige: torch.Tensor, colours: torch.Tensor, ignore_index: int = IGN
     check_palette(colours)
     rows = ops.maskige_decode(maskige, colours, backend=backend)
     return rows.masked_fill_(rows == len(colours) - 1, ignore_index)
-
-
-class LearnedDecoder(nn.Module):
-    """GSS-FT-W's trained inverse of a maskige: a 1x1 convolution, one block of attention within
-    non-overlapping windows (with its MLP), LayerNorm and a 1x1 convolution to class logits.
-    Trained with cross-entropy on decoded maskiges, it can undo what nearest-colour decoding
-    cannot (colours the autoencoder blurs between classes)."""
-
-    def __init__(self, num_classes: int, dim: int = 64, heads: int = 4, window: int = 8):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
-        self.window = window
-        self.embed = nn.Conv2d(3, dim, 1)
-        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.classify = nn.Conv2d(dim, num_classes, 1)
-
-    def forward(self, maskige: torch.Tensor) -> torch.Tensor:
-        """maskige [B, 3, H, W] -> logits [B, K, H, W]."""
-        if maskige.dim() != 4 or maskige.shape[1] != 3:
-            raise ValueError(f"maskige must be [B, 3, H, W], got shape {tuple(maskige.shape)}")
-        b, _, h, w = maskige.shape
-        s = self.window
-        x = self.embed(maskige.float())
-        x = F.pad(x, (0, -w % s, 0, -h % s), mode="replicate")
-        hp, wp = x.shape[2:]
-        # [B, C, Hp, Wp] -> windows [B * Hp/s * Wp/s, s * s, C]
-        tokens = x.view(b, -1, hp // s, s, wp // s, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, x.shape[1])
-        y = self.norm1(tokens)
-        tokens = tokens + self.attn(y, y, y, need_weights=False)[0]
-        tokens = tokens + self.mlp(self.norm2(tokens))
-        tokens = self.norm(tokens)
-        x = tokens.view(b, hp // s, wp // s, s, s, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hp, wp)
-        return self.classify(x[:, :, :h, :w])

@@ -1,11 +1,12 @@
-"""Maskiges (ddps.maskige): palettes, encode/decode's input checks, the learned decoder, the module's
-example. The fused decode is tested in ops/test_maskige_decode.py."""
+"""Maskiges (ddps.maskige): palettes, encode/decode's input checks, GSS-FT-W's decoder learning what
+nearest colour cannot, the module's example. The fused decode is tested in ops/test_maskige_decode.py."""
 import math
 
 import pytest
 import torch
 
 from ddps import maskige
+from ddps.nn.gss import FTWDecoder
 from ddps.ops import maskige_decode
 
 
@@ -59,7 +60,7 @@ def test_palette_minimum_distances():
      ValueError, "non-finite"),
     (lambda c: maskige.palette(0), ValueError, "positive int"),
     (lambda c: maskige.palette(5, "jitter"), ValueError, "palette kind"),
-    (lambda c: maskige.LearnedDecoder(6)(torch.zeros(1, 4, 8, 8)), ValueError, r"\[B, 3, H, W\]"),
+    (lambda c: FTWDecoder(6)(torch.zeros(1, 4, 8, 8)), ValueError, r"\[B, 3, H, W\]"),
 ], ids=["label-k", "label-negative", "float-labels", "channels", "int-maskige", "palette-shape", "duplicate",
         "nan-colour", "no-classes", "kind", "learned-channels"])
 def test_bad_input_is_named(call, error, match):
@@ -73,7 +74,7 @@ def test_learned_decoder_learns_what_nearest_colour_cannot(size):
     # wrong, a decoder that sees the window around them need not.
     torch.manual_seed(0)
     k, colours = 6, maskige.palette(6)
-    decoder = maskige.LearnedDecoder(k, dim=32, window=4)
+    decoder = FTWDecoder(k, dim=32, heads=4, window=4)
     optimiser = torch.optim.Adam(decoder.parameters(), lr=3e-3)
 
     def batch():

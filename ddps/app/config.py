@@ -88,9 +88,17 @@ class HeadBase:
 @dataclass
 class PriorConfig(StageConfig):
     # the stage between the segmentor and the head that trains a head's mask prior on the labels
-    # alone (gss: its VQ autoencoder, and the learned decoder); heads without one skip it
+    # alone (gss: its VQ autoencoder); heads without one skip it
     iters: int = option(800, minimum=0)
     lr: float = 2e-3
+
+
+@dataclass
+class DecoderConfig(StageConfig):
+    # the stage after the head that trains a decoder on the head's predictions (gss with
+    # head.gss.decoder=learned: GSS-FT-W's); heads without one skip it
+    iters: int = option(400, minimum=0)
+    lr: float = 7.5e-4  # GSS-FT-W's on Cityscapes
 
 
 @dataclass
@@ -144,6 +152,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:

@@ -72,7 +72,8 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str
     (GSS: the image's). ``dtype``: eval.dtype, the head's sampling under torch.autocast."""
     size = images.shape[-2:]
     features, logits = segmentor(images)
-    out = {} if logits is None else {"base": logits}
+    # a head that trained the backbone (GSS's) leaves the segmentor's classifier behind: no baseline
+    out = {} if logits is None or (head is not None and head.takes_levels) else {"base": logits}
     if head is not None:
         # A head takes sizes its network divides (the denoiser halves the mask at each level): the
         # features are padded with their edge values to such a size, and the scores cropped back.
@@ -82,8 +83,9 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str
         if any(pad):
             features = F.pad(features, pad, mode="replicate")
             base = None if logits is None else F.pad(logits, pad, mode="replicate")
+        cond = segmentor.levels(images) if head.takes_levels else features
         with torch.autocast(images.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
-            final, collected = head.sample(features, base)
+            final, collected = head.sample(cond, base)
         scale = final.shape[-1] // features.shape[-1]
         out["final"] = final[:, :num_classes, :h * scale, :w * scale]
         for i, step_logits in collected.items():

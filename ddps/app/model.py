@@ -20,10 +20,10 @@ def build_segmentor(cfg) -> segmentors.Segmentor:
     return segmentors.build_segmentor(cfg, dataset_classes(cfg)[0])
 
 
-def build_head(cfg, cond_channels: int, for_training: bool):
-    """The head of the config (head.kind) on features of ``cond_channels``; see
-    ``ddps.app.heads.build_head``."""
-    return heads.build_head(cfg, *dataset_classes(cfg), cond_channels, for_training)
+def build_head(cfg, cond_channels: int, for_training: bool, level_channels: tuple[int, ...] = ()):
+    """The head of the config (head.kind) on features of ``cond_channels`` (or levels of
+    ``level_channels``); see ``ddps.app.heads.build_head``."""
+    return heads.build_head(cfg, *dataset_classes(cfg), cond_channels, for_training, level_channels)
 
 
 def save_run(directory: Path, cfg, segmentor, head_state: dict, ema_state: dict) -> None:
@@ -68,7 +68,7 @@ def load_run(directory: str | Path, overrides=(), weights: str | None = None, cf
                          "head-only file from ddps convert has no segmentor to run it with")
     segmentor = build_segmentor(cfg)
     segmentor.load_state_dict(checkpoint.unprefixed(tensors, "segmentor."))
-    head = build_head(cfg, segmentor.feature_channels, for_training=False)
+    head = build_head(cfg, segmentor.feature_channels, False, segmentor.level_channels)
     ema = checkpoint.unprefixed(tensors, "ema.")
     head.load_trained(ema if cfg.eval.use_ema and ema else checkpoint.unprefixed(tensors, "head."))
     device = torch.device(cfg.device)

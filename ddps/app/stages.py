@@ -8,7 +8,10 @@ The trainer (``ddps.app.trainer``) drives them without knowing which it drives.
 2. ``prior``: a head with a mask prior of its own (GSS) trains it on the labels alone; other heads
    skip it.
 3. ``head``: the segmentor frozen, the head trains on its features (and its own logits), under
-   train.amp, with an exponential moving average of the head's state.
+   train.amp, with an exponential moving average of the head's state; a head that takes the
+   backbone's levels (GSS's) trains the backbone with it instead.
+4. ``decoder``: a head with a decoder trained on its predictions (GSS-FT-W) trains it, the rest
+   frozen, starting from the head's average where eval.use_ema; other heads skip it.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import nn
 from . import evaluation
 
 # The checkpoints' names order the stages by these positions ("done": the recipe is over).
-STAGES = ("segmentor", "prior", "head", "done")
+STAGES = ("segmentor", "prior", "head", "decoder", "done")
 
 
 def lr_at(step: int, section) -> float:
@@ -41,6 +44,7 @@ class Stage:
     name: str
     stream: int
     amp = False  # the loss under train.amp's autocast
+    from_average = False  # the head starts the stage from the previous stage's moving average
 
     def __init__(self, trainer, section):
         self.trainer, self.section = trainer, section
@@ -173,32 +177,83 @@ class HeadStage(_HeadStages):
         self.cache = None
 
     def parameters(self) -> list:
-        return self.trainer.head.trainable_parameters()
+        t = self.trainer
+        backbone = t.segmentor.backbone_parameters() if t.head.takes_levels else []
+        return [*t.head.trainable_parameters(), *backbone]
 
     def start(self) -> nn.Module:
+        t = self.trainer
         if self.section.cache_features:
-            self.cache = FeatureCache(self.trainer.segmentor, self.trainer.device)
-        return super().start()
+            self.cache = FeatureCache(t.segmentor, t.device)
+        module = super().start()
+        if not t.head.takes_levels:
+            return module
+        t.segmentor.train()
+        for p in t.segmentor.backbone_parameters():
+            p.requires_grad_(True)
+        return _Loss(nn.ModuleList([t.segmentor, t.head]), self.loss_end_to_end)
 
     def loss(self, features, labels, base):
         return self.trainer.head.loss(features, labels, base, self.trainer.ignore)
 
+    def loss_end_to_end(self, images, labels):
+        t = self.trainer
+        return t.head.loss(t.segmentor.levels(images), labels, None, t.ignore)
+
     def inputs(self, host_images, images, labels) -> tuple:
+        if self.trainer.head.takes_levels:
+            return images, labels
         with torch.no_grad():
             features, base = self.cache(host_images) if self.cache is not None else self.trainer.segmentor(images)
         return features, labels, base
 
     def after_step(self, step: int) -> bool:
-        if step % self.section.ema_interval == 0:
-            m, ema = self.section.ema_momentum, self.trainer.ema
-            with torch.no_grad():
-                for key, value in self.trainer.head.averaged_state().items():
-                    ema[key].mul_(1 - m).add_(value.detach(), alpha=m)
+        _average(self.trainer, step)
         return False
 
     def log(self) -> dict:
         # the share of images served from the cache since this process began the stage
         return {} if self.cache is None else {"cache_hit_rate": self.cache.hits / self.cache.served}
+
+
+class DecoderStage(_HeadStages):
+    name, stream = "decoder", 3
+
+    def __init__(self, trainer):
+        super().__init__(trainer, trainer.cfg.decoder)
+        self.from_average = trainer.cfg.eval.use_ema
+
+    @property
+    def active(self) -> bool:
+        return super().active and bool(self.parameters())
+
+    def parameters(self) -> list:
+        return self.trainer.head.decoder_parameters()
+
+    def loss(self, cond, labels):
+        return self.trainer.head.decoder_loss(cond, labels, None, self.trainer.ignore)
+
+    def inputs(self, host_images, images, labels) -> tuple:
+        t = self.trainer
+        with torch.no_grad():
+            cond = t.segmentor.levels(images) if t.head.takes_levels else t.segmentor(images)[0]
+        return cond, labels
+
+    def after_step(self, step: int) -> bool:
+        _average(self.trainer, step)
+        return False
+
+
+def _average(trainer, step: int) -> None:
+    """The head's exponential moving average, every train.ema_interval steps."""
+    t = trainer.cfg.train
+    if step % t.ema_interval == 0:
+        with torch.no_grad():
+            for key, value in trainer.head.averaged_state().items():
+                if value.dtype.is_floating_point:
+                    trainer.ema[key].mul_(1 - t.ema_momentum).add_(value.detach(), alpha=t.ema_momentum)
+                else:  # a count (BatchNorm's batches seen): the latest
+                    trainer.ema[key].copy_(value)
 
 
 class FeatureCache:
@@ -228,4 +283,5 @@ class FeatureCache:
 
 def build(trainer) -> list[Stage]:
     """The stages the recipe runs for the trainer's config and model, in order."""
-    return [s for s in (SegmentorStage(trainer), PriorStage(trainer), HeadStage(trainer)) if s.active]
+    stages = (SegmentorStage(trainer), PriorStage(trainer), HeadStage(trainer), DecoderStage(trainer))
+    return [s for s in stages if s.active]

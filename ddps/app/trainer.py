@@ -1,5 +1,6 @@
 """The training recipe (``ddps.app.stages``): the segmentor, then a head's own prior where it has
-one, then the head on the frozen segmentor; then the held-out split is evaluated.
+one, then the head on the frozen segmentor (or with its backbone), then a decoder trained on the
+head's predictions where it has one; then the held-out split is evaluated.
 
 Resumability: a checkpoint holds the segmentor, the head, its EMA and the stage's optimiser, plus
 the stage and step. The data of a step is a function of (seed, step) (see ``ddps.app.data``) and
@@ -65,7 +66,8 @@ class Trainer:
         if cfg.segmentor.checkpoint:
             state = checkpoint.unprefixed(checkpoint.load_weights(cfg.segmentor.checkpoint), "segmentor.")
             self.segmentor.load_state_dict(state)
-        self.head = build_head(cfg, self.segmentor.feature_channels, for_training=True).to(self.device)
+        self.head = build_head(cfg, self.segmentor.feature_channels, True,
+                               self.segmentor.level_channels).to(self.device)
         self.ema = self._fresh_ema()
         self.stages = stages_mod.build(self)
         self.index, self.step = 0, 0  # the stage running (len(stages): done) and its step
@@ -206,6 +208,8 @@ class Trainer:
                 self._run_stage(signals)
                 self.index, self.step = self.index + 1, 0
                 if self.stage is not None:
+                    if self.stage.from_average:
+                        self.head.load_trained(self.ema)
                     self.ema = self._fresh_ema()
                 self.save()  # the stage boundary: a resumed run never repeats a finished stage
         if self.rank != 0 or until != "done":
@@ -216,7 +220,7 @@ class Trainer:
         """Write the run's model and evaluate its held-out split (OUT/eval.json, OUT/panels)."""
         cfg = self.cfg
         save_run(self.out, cfg, self.segmentor, self.head.state_dict(), self.ema)
-        head = build_head(cfg, self.segmentor.feature_channels, for_training=False).to(self.device)
+        head = build_head(cfg, self.segmentor.feature_channels, False, self.segmentor.level_channels).to(self.device)
         head.load_trained(self.ema if cfg.eval.use_ema else self.head.state_dict())
         report = evaluation.evaluate(cfg, self.segmentor.eval(), head.eval(), self.val_set, self.out / "eval.json",
                                      self.out / "panels", cfg.eval.panels)

@@ -19,6 +19,10 @@ class MaskHead(nn.Module):
     - ``trainable_parameters()``: what the head's training updates (the rest stays frozen);
     - ``prior_parameters()``, ``prior_loss(labels, ignore_index)``: a mask prior trained on labels
       alone before the head (none here: a training recipe then skips that stage);
+    - ``decoder_parameters()``, ``decoder_loss(cond, labels, base, ignore_index)``: a decoder
+      trained after the head on its predictions (none here: a recipe then skips that stage);
+    - ``takes_levels``: whether ``cond`` is the segmentor's levels (a list, ``Segmentor.levels``)
+      rather than its features, and the head trains the segmentor's backbone with its loss;
     - ``reconstruct(labels, ignore_index)``: the prior's round trip of true labels [B, H, W], whose
       agreement with them bounds what the head can reach (None for a head without a prior);
     - ``averaged_state()`` / ``load_trained(state)``: the tensors a moving average of the training
@@ -28,6 +32,7 @@ class MaskHead(nn.Module):
     """
 
     metrics_name: str
+    takes_levels = False
     # Buffers computed from the constructor's arguments, not trained (DDPS's schedule): neither
     # averaged nor taken from trained weights, so one head's weights serve another schedule.
     derived_buffers: tuple[str, ...] = ()
@@ -37,6 +42,13 @@ class MaskHead(nn.Module):
 
     def prior_loss(self, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no mask prior of its own to train")
+
+    def decoder_parameters(self) -> list:
+        return []
+
+    def decoder_loss(self, cond, labels: torch.Tensor, base: torch.Tensor | None = None,
+                     ignore_index: int = 255) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no decoder trained after it")
 
     def reconstruct(self, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor | None:
         return None

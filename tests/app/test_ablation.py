@@ -13,7 +13,7 @@ from helpers.markdown import tables
 SMOKE = ["--config", "synthetic-smoke"]
 # a plateau of 100 points is reached at the second evaluation: the segmentor stops at step 4 of 10
 FAST = ["segmentor.eval_interval=2", "segmentor.patience=2", "segmentor.plateau=100", "train.iters=2", "prior.iters=2",
-        "data.synthetic.num_val=2", "eval.panels=0"]
+        "decoder.iters=2", "data.synthetic.num_val=2", "eval.panels=0"]
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +36,31 @@ def test_every_variant_from_one_segmentor(ablated):
             assert cfg["seed"] == seed and cfg["train"]["iters"] == 2
             for override in overrides[1]:  # the variant's own setting, and nothing else differs
                 key, value = override.split("=")
-                section, leaf = key.split(".")
-                assert str(cfg[section][leaf]) == value
+                node = cfg
+                for part in key.split("."):
+                    node = node[part]
+                assert node == yaml.safe_load(value)
             weights = checkpoint.load_weights(run / "model.safetensors")
-            assert all((weights[k] == v).all() for k, v in segmentor.items())  # the same frozen segmentor
+            # the same segmentor: frozen, or (GSS's conditioning) the start of its backbone's training
+            end_to_end = cfg["head"]["kind"] == "gss" and cfg["head"]["gss"]["conditioning"] == "gss"
+            kept = [k for k in segmentor if not (end_to_end and k.startswith("segmentor.features."))]
+            assert all((weights[k] == segmentor[k]).all() for k in kept)
+            assert end_to_end == any(not (weights[k] == v).all() for k, v in segmentor.items())
     for name in ablation.INFERRED:
         for seed in (0, 1):
             report = json.loads((ablated / name / f"seed-{seed}" / "eval.json").read_text())
             assert {"base", "ddps"} <= set(report)
     refine = result["runs"]["refine"]["0"]
     assert refine["refine"]["steps"] == {} and "ddps" not in refine  # one refinement step, no diffusion steps
-    gss = result["runs"]["gss"]["0"]
-    assert gss["gss"]["steps"] == {} and 0 <= gss["prior"]["reconstruction"]["mIoU"] <= 100
+    for name in ("gss", "gss-ftw", "gss-frozen"):
+        gss = result["runs"][name]["0"]
+        assert gss["gss"]["steps"] == {} and 0 <= gss["prior"]["reconstruction"]["mIoU"] <= 100
+        assert ("base" in gss) == (name == "gss-frozen")  # an end-to-end backbone leaves no baseline
+        assert result["summary"][name]["prior_mIoU"]["mean"] == pytest.approx(
+            sum(r["prior"]["reconstruction"]["mIoU"] for r in result["runs"][name].values()) / 2, abs=0.01)
+    assert result["summary"]["gss"]["segmentor_mIoU"] is None and result["summary"]["ddps"]["prior_mIoU"] is None
     claims = [claim for claim, _ in result["findings"]]
-    assert len(claims) == 5 and all(v.startswith(("reproduced", "not reproduced", "+", "-"))
+    assert len(claims) == 7 and all(v.startswith(("reproduced", "not reproduced", "+", "-"))
                                     for _, v in result["findings"])
     table = (ablated.parent / "ABLATIONS.md").read_text()
     assert table == (ablated / "ablation.md").read_text()
@@ -97,7 +108,8 @@ def test_rerun_trains_nothing_finished(ablated, monkeypatch, capsys):
     assert list(result["summary"]) == list(ablation.VARIANTS) and result["runs_done_before"] == 1
     assert all(len(runs) == 2 for runs in result["runs"].values())
     out = capsys.readouterr().out
-    assert "1 of the runs was finished before it" in out and "16 runs of 8 variants" in out
+    n = len(ablation.VARIANTS)
+    assert "1 of the runs was finished before it" in out and f"{2 * n} runs of {n} variants" in out
     (rows,) = tables((ablated / "ablation.md").read_text())
     assert len(rows) == 1 + len(ablation.VARIANTS)
 

@@ -31,10 +31,16 @@ def _trainer(tmp_path, *overrides):
     return trainer.Trainer(cfg, tmp_path / "run", resume=False)
 
 
+GSS = ["head.kind=gss", "eval.use_ema=false", "head.gss.fusion_channels=[8,16,32]", "head.gss.swin=[2,2,3]"]
+
+
 @pytest.mark.parametrize("overrides,names", [
     ([], ["segmentor", "head"]),
-    (["head.kind=gss"], ["segmentor", "prior", "head"]),
-    (["head.kind=gss", "prior.iters=0"], ["segmentor", "head"]),
+    (GSS, ["segmentor", "prior", "head"]),
+    ([*GSS, "prior.iters=0"], ["segmentor", "head"]),
+    ([*GSS, "head.gss.decoder=learned"], ["segmentor", "prior", "head", "decoder"]),
+    ([*GSS, "head.gss.decoder=learned", "decoder.iters=0"], ["segmentor", "prior", "head"]),
+    (["head.kind=gss", "head.gss.conditioning=frozen-features"], ["segmentor", "prior", "head"]),
     (["segmentor.iters=0"], ["head"]),
 ])
 def test_the_stages_a_config_runs(tmp_path, overrides, names):
@@ -43,15 +49,17 @@ def test_the_stages_a_config_runs(tmp_path, overrides, names):
 
 
 def test_each_stage_takes_its_section(tmp_path):
-    t = _trainer(tmp_path, "head.kind=gss", "segmentor.betas=[0.8,0.9]", "prior.weight_decay=0.5",
-                 "train.lr=0.25", "train.warmup_iters=7")
-    seg, prior, head = t.stages
+    t = _trainer(tmp_path, *GSS, "head.gss.decoder=learned", "segmentor.betas=[0.8,0.9]", "prior.weight_decay=0.5",
+                 "train.lr=0.25", "train.warmup_iters=7", "decoder.lr=0.5")
+    seg, prior, head, decoder = t.stages
     assert seg.optimizer.defaults["betas"] == (0.8, 0.9) and seg.section is t.cfg.segmentor
     assert prior.optimizer.defaults["weight_decay"] == 0.5
     assert head.optimizer.defaults["lr"] == 0.25 and stages.lr_at(0, head.section) == pytest.approx(0.25 * 1e-6)
-    # each optimiser holds exactly what its stage trains
+    assert decoder.optimizer.defaults["lr"] == 0.5 and decoder.section is t.cfg.decoder
+    # each optimiser holds exactly what its stage trains: GSS's head stage, the backbone with the head
+    backbone = list(t.segmentor.features.parameters())
     for stage, params in ((seg, list(t.segmentor.parameters())), (prior, t.head.prior_parameters()),
-                          (head, t.head.trainable_parameters())):
+                          (head, [*t.head.trainable_parameters(), *backbone]), (decoder, t.head.decoder_parameters())):
         assert [id(p) for p in stage.optimizer.param_groups[0]["params"]] == [id(p) for p in params]
 
 

@@ -325,30 +325,57 @@ def test_segmentor_stage_ends_at_its_plateau_and_stays_ended(tmp_path):
     assert resumed.step == 4
 
 
-def test_gss_recipe_trains_its_prior_then_its_head_and_resumes_exactly(tmp_path):
-    
-    cfg = config.load(config.find("synthetic-smoke"), ["head.kind=gss", "prior.iters=6", "prior.batch_size=2",
-                                                        "train.checkpoint_interval=3", "train.keep_last=10",
+GSS = ["head.kind=gss", "eval.use_ema=false", "head.gss.fusion_channels=[8,16,32]", "head.gss.swin=[2,2,3]"]
+
+
+def _cut_after(run: Path, stage: str, step: int) -> None:
+    """Drop the checkpoints after (stage, step): as if the run had been killed there."""
+    for record in checkpoint.checkpoints(run / "checkpoints"):
+        _, state = checkpoint.load_checkpoint(record)
+        if (STAGES.index(state["stage"]), state["stage_step"]) > (STAGES.index(stage), step):
+            record.unlink()
+
+
+def test_gss_recipe_trains_prior_head_with_backbone_then_decoder_and_resumes_exactly(tmp_path):
+    cfg = config.load(config.find("synthetic-smoke"), [*GSS, "head.gss.decoder=learned", "prior.iters=6",
+                                                        "prior.batch_size=2", "decoder.iters=6", "decoder.batch_size=2",
+                                                        "train.checkpoint_interval=3", "train.keep_last=20",
                                                         "train.log_interval=1", "eval.panels=1"])
     straight = tmp_path / "straight"
     report = trainer.train(cfg, straight)
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["stage"] == "prior"] == list(range(1, 7))
-    assert [r["step"] for r in records if r["stage"] == "head"] == list(range(1, 11))
-    assert set(report) == {"base", "gss", "prior"} and report["gss"]["steps"] == {}
+    for stage, steps in (("prior", 6), ("head", 10), ("decoder", 6)):
+        assert [r["step"] for r in records if r["stage"] == stage] == list(range(1, steps + 1))
+    # the backbone trained with the head: its classifier's prediction is no baseline any more
+    assert set(report) == {"gss", "prior"} and report["gss"]["steps"] == {}
     assert 0 <= report["prior"]["reconstruction"]["mIoU"] <= 100
     assert json.loads((straight / "eval.json").read_text()) == report
-    # interrupted in the prior stage (its step-3 checkpoint the last one): resumed, the same weights
-    run = tmp_path / "resumed"
-    trainer.train(cfg, run, until="head")
-    for record in checkpoint.checkpoints(run / "checkpoints"):
-        _, state = checkpoint.load_checkpoint(record)
-        if (STAGES.index(state["stage"]), state["stage_step"]) > (STAGES.index("prior"), 3):
-            record.unlink()
-    resumed = trainer.Trainer(cfg, run, resume=True)
-    assert (resumed.stage_name, resumed.step) == ("prior", 3)
-    resumed.run()
-    _same_weights(run, straight)
+    states = {}
+    for record in checkpoint.checkpoints(straight / "checkpoints"):
+        tensors, state = checkpoint.load_checkpoint(record)
+        states[(state["stage"], state["stage_step"])] = tensors
+    segmentor_end, head_end = states[("head", 0)], states[("decoder", 0)]  # the stage boundaries' checkpoints
+    final = load_weights(straight / "model.safetensors")
+    backbone = [k for k in final if k.startswith("segmentor.features.")]
+    assert backbone and not all(torch.equal(segmentor_end[k], head_end[k]) for k in backbone)  # trained end to end
+    assert all(torch.equal(segmentor_end[k], head_end[k]) for k in final if k.startswith("segmentor.classifier."))
+    # the decoder stage changes the decoder alone
+    decoder = [k for k in final if k.startswith("head.decoder.")]
+    assert decoder and not all(torch.equal(head_end[k], final[k]) for k in decoder if "running" not in k)
+    assert all(torch.equal(head_end[k], final[k]) for k in final if k.startswith(("segmentor.", "head.conditioning.")))
+    # its evaluation as the run wrote it; the stale classifier is no baseline to evaluate alone
+    assert main(["eval", "--run", str(straight), "--json", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text()) == report
+    assert main(["eval", "--run", str(straight), "--base-only"]) == 2
+    # killed in the head stage, then in the decoder stage: resumed, the same weights
+    for stage in ("head", "decoder"):
+        run = tmp_path / stage
+        trainer.train(cfg, run)
+        _cut_after(run, stage, 3)
+        resumed = trainer.Trainer(cfg, run, resume=True)
+        assert (resumed.stage_name, resumed.step) == (stage, 3)
+        resumed.run()
+        _same_weights(run, straight)
 
 
 def test_ddps_runs_skip_the_prior_stage(straight):
@@ -358,11 +385,21 @@ def test_ddps_runs_skip_the_prior_stage(straight):
     assert "prior" not in stages
 
 
-def test_gss_with_the_learned_decoder(tmp_path):
-    
-    cfg = config.load(config.find("synthetic-smoke"), ["head.kind=gss", "head.gss.decoder=learned", "prior.iters=3",
-                                                        "prior.batch_size=2", "train.iters=3", "eval.panels=0"])
+def test_gss_on_frozen_features_keeps_the_segmentor_and_decodes_from_the_average(tmp_path):
+    cfg = config.load(config.find("synthetic-smoke"), ["head.kind=gss", "head.gss.conditioning=frozen-features",
+                                                        "head.gss.decoder=learned", "prior.iters=3",
+                                                        "prior.batch_size=2", "train.iters=3", "decoder.iters=2",
+                                                        "decoder.batch_size=2", "eval.panels=0",
+                                                        "train.checkpoint_interval=1", "train.keep_last=20"])
     report = trainer.train(cfg, tmp_path / "run")
-    weights = load_weights(tmp_path / "run" / "model.safetensors")
-    assert any(k.startswith("head.decoder.") for k in weights)  # trained in the prior stage, saved with the head
+    assert set(report) == {"base", "gss", "prior"}
     assert 0 <= report["gss"]["final"]["mIoU"] <= 100 and 0 <= report["prior"]["reconstruction"]["mIoU"] <= 100
+    states = {}
+    for record in checkpoint.checkpoints(tmp_path / "run" / "checkpoints"):
+        tensors, state = checkpoint.load_checkpoint(record)
+        states[(state["stage"], state["stage_step"])] = tensors
+    # with eval.use_ema, the decoder learns from the averaged conditioning network, the one evaluated
+    head_end, decoder_start = states[("head", 3)], states[("decoder", 0)]
+    keys = [k for k in head_end if k.startswith("ema.conditioning.")]
+    assert keys and not all(torch.equal(head_end[k], head_end["head." + k[4:]]) for k in keys)
+    assert all(torch.equal(head_end[k], decoder_start["head." + k[4:]]) for k in keys)

@@ -12,7 +12,7 @@ from helpers.dalle import released_pickles, small_dvae
 
 from ddps import maskige
 from ddps.nn.dvae import DalleDVAE, load_released, map_pixels, unmap_pixels
-from ddps.nn.gss import GSSHead
+from ddps.nn.gss import FrozenFeatureConditioning, GSSHead
 
 
 _small = small_dvae
@@ -71,10 +71,11 @@ def test_encoder_and_decoder_compute_dalles_data_flow():
 
 def test_block_widths_and_shortcuts_are_dalles():
     keys = set(DalleDVAE().state_dict())
+    model = DalleDVAE(codes=16, hidden=8)
     for part, kernels in (("encoder", (3, 3, 3, 1)), ("decoder", (1, 3, 3, 3))):
         for g in range(1, 5):
             for b in (1, 2):
-                block = getattr(getattr(getattr(DalleDVAE(codes=16, hidden=8), part).blocks, f"group_{g}"), f"block_{b}")
+                block = getattr(getattr(getattr(model, part).blocks, f"group_{g}"), f"block_{b}")
                 convs = [getattr(block.res_path, f"conv_{i}") for i in range(1, 5)]
                 cout = convs[-1].out_channels
                 assert [c.out_channels for c in convs] == [cout // 4] * 3 + [cout]
@@ -139,19 +140,13 @@ def test_a_pickle_naming_anything_else_is_refused(tmp_path):
 
 
 def test_gss_head_on_the_dvae_keeps_it_frozen():
-    head = GSSHead(5, 8, _small(), maskige.palette(5), dim=16).train()
+    head = GSSHead(5, _small(), maskige.palette(5), FrozenFeatureConditioning(8, 16, 5, dim=16)).train()
     assert head.prior_parameters() == []  # GSS's dVAE is not trained: no prior stage
     before = {k: v.clone() for k, v in head.vq.state_dict().items()}
     labels = torch.randint(0, 5, (2, 16, 24))
     head.loss(torch.randn(2, 8, 4, 6), labels).backward()
     assert all(p.grad is None for p in head.vq.parameters())
     assert all(torch.equal(v, before[k]) for k, v in head.vq.state_dict().items())
-    # the learned decoder trains on the dVAE's round trip of the labels, the dVAE adds no loss
-    head.decoder = maskige.LearnedDecoder(5, dim=8, heads=2, window=4)
-    painted = head.colours[labels].permute(0, 3, 1, 2)
-    round_trip = head.vq.decode(head.vq.encode(painted))
-    expected = F.cross_entropy(head.decoder(round_trip), labels)
-    assert head.prior_loss(labels).item() == pytest.approx(expected.item(), rel=1e-6)
     scores, _ = head.eval().sample(torch.randn(2, 8, 4, 6))
     assert scores.shape == (2, 5, 16, 24)
     assert head.reconstruct(labels).shape == labels.shape

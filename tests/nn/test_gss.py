@@ -1,10 +1,11 @@
-"""GSSHead: the token targets (fill, block-ignore rule), its loss and gradients, inference."""
+"""GSSHead: the token targets (fill, block-ignore rule), its loss and gradients, inference, on both
+conditioning networks; GSS-FT-W's decoder and its loss."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ddps import maskige
-from ddps.nn.gss import UNTAUGHT, GSSHead
+from ddps.nn.gss import UNTAUGHT, FrozenFeatureConditioning, FTWDecoder, GSSConditioning, GSSHead
 from ddps.nn.vq import MaskigeVQ
 
 K = 5
@@ -13,7 +14,14 @@ K = 5
 def _head(decoder=None, cond_channels=8):
     torch.manual_seed(0)
     vq = MaskigeVQ(codes=16, dim=8, channels=16)
-    return GSSHead(K, cond_channels, vq, maskige.palette(K), dim=16, decoder=decoder)
+    return GSSHead(K, vq, maskige.palette(K), FrozenFeatureConditioning(cond_channels, 16, K, dim=16), decoder=decoder)
+
+
+def _published(decoder=None):
+    torch.manual_seed(0)
+    vq = MaskigeVQ(codes=16, dim=8, channels=16)
+    conditioning = GSSConditioning([8, 4, 6], 16, K, channels=8, seg_channels=8, cls_channels=16, heads=2, window=3)
+    return GSSHead(K, vq, maskige.palette(K), conditioning, decoder=decoder)
 
 
 def test_token_targets_skip_unlabelled_blocks_and_tokenise_the_filled_mask():
@@ -44,7 +52,7 @@ def test_loss_fills_unlabelled_pixels_with_the_aux_prediction(monkeypatch):
         return torch.zeros(2, 2, 3, dtype=torch.long)
     monkeypatch.setattr(head, "token_targets", record)
     head.loss(cond, labels)
-    aux = F.interpolate(head.aux(cond), size=(16, 24), mode="bilinear", align_corners=False).argmax(1)
+    aux = F.interpolate(head.conditioning.aux(cond), size=(16, 24), mode="bilinear", align_corners=False).argmax(1)
     assert torch.equal(seen["filled"], torch.where(labels == 255, aux, labels))
 
 
@@ -64,7 +72,7 @@ def test_only_the_conditioning_network_and_aux_learn():
 
 @pytest.mark.parametrize("learned", [False, True])
 def test_training_lowers_the_loss_and_sample_gives_scores_at_the_label_size(learned):
-    decoder = maskige.LearnedDecoder(K, dim=16, window=4) if learned else None
+    decoder = FTWDecoder(K, dim=16, heads=2, window=4) if learned else None
     head = _head(decoder)
     labels = torch.randint(0, K, (4, 1, 1)).expand(4, 16, 16).clone()
     cond = F.one_hot(labels[:, ::4, ::4], 8).movedim(-1, 1).float()  # features that tell the class
@@ -86,14 +94,18 @@ def test_bad_input_is_named():
     head = _head()
     with pytest.raises(ValueError, match=r"labels must be \[B=2, 16, 24\]"):
         head.loss(torch.zeros(2, 8, 4, 6), torch.zeros(2, 16, 16, dtype=torch.long))
-    with pytest.raises(ValueError, match="h and w even"):
+    with pytest.raises(ValueError, match="h and w multiples of 2"):
         head.sample(torch.zeros(1, 8, 5, 6))
+    with pytest.raises(ValueError, match="cond must be one"):
+        head.sample([torch.zeros(1, 8, 4, 6)])
+    with pytest.raises(ValueError, match="cond must be the backbone's levels"):
+        _published().sample(torch.zeros(1, 8, 4, 6))
     with pytest.raises(ValueError, match="6 colours; 6 classes need 7"):
-        GSSHead(6, 8, MaskigeVQ(codes=4, dim=4, channels=16), maskige.palette(5))
+        GSSHead(6, MaskigeVQ(codes=4, dim=4, channels=16), maskige.palette(5), FrozenFeatureConditioning(8, 4, 6))
 
 
 def test_prior_loss_trains_the_vq_and_reconstruct_round_trips_any_size():
-    head = _head(maskige.LearnedDecoder(K, dim=16, window=4)).train()
+    head = _head(FTWDecoder(K, dim=16, heads=2, window=4)).train()
     labels = torch.randint(0, K, (2, 16, 24))
     labels[0, :3] = 255
     codebook = head.vq.quantizer.codebook.clone()
@@ -113,40 +125,47 @@ def _nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     for i in range(b):
         for y in range(h):
             for x in range(w):
-                out[i, y, x] = min(range(len(codebook)), key=lambda c: float(((z[i, :, y, x] - codebook[c]) ** 2).sum()))
+                distance = [float(((z[i, :, y, x] - code) ** 2).sum()) for code in codebook]
+                out[i, y, x] = distance.index(min(distance))
     return out
 
 
-def test_loss_is_gss_formula_averaged_over_every_element():
+def _gss_loss(head, tokens, pixels, labels):
     """0.8 x token cross-entropy + 0.2 x pixel cross-entropy, each averaged over all of its
-    elements with the ignored ones counting zero (mmseg's default), the targets written out here."""
+    elements with the ignored ones counting zero (mmseg's default), on labels at the maskige's
+    size, the targets written out: unlabelled pixels filled with the pixel branch's argmax, each
+    block's code the nearest to the encoder's output, no target for a block without a label."""
+    b, _, h, w = tokens.shape
+    aux = F.interpolate(pixels, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    filled = torch.where(labels == 255, aux.argmax(1), labels)
+    codes = _nearest_code(head.vq.encoder(head.colours[filled].permute(0, 3, 1, 2)), head.vq.quantizer.codebook)
+    logp = tokens.log_softmax(1)
+    terms = torch.zeros(b, h, w)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                if (labels[i, 8 * y:8 * y + 8, 8 * x:8 * x + 8] != 255).any():
+                    terms[i, y, x] = -logp[i, codes[i, y, x], y, x]
+    assert (terms == 0).any()  # the inputs hold a block without a label
+    aux_terms = torch.where(labels == 255, 0.0, -aux.log_softmax(1).gather(1, labels.clamp(max=K - 1)[:, None])[:, 0])
+    return 0.8 * terms.mean() + 0.2 * aux_terms.mean()
+
+
+def test_loss_is_gss_formula_averaged_over_every_element():
     head = _head().eval()
     torch.manual_seed(1)
     cond = torch.randn(2, 8, 4, 6)
     labels = torch.randint(0, K, (2, 16, 24))
     labels[0, :8, :8] = 255     # a whole block unlabelled: no token target
     labels[1, 2:6, 3:20] = 255  # partly unlabelled blocks: filled with the aux prediction
-    aux = F.interpolate(head.aux(cond), size=(16, 24), mode="bilinear", align_corners=False)
-    filled = torch.where(labels == 255, aux.argmax(1), labels)
-    painted = head.colours[torch.where(filled == 255, K, filled)].permute(0, 3, 1, 2)
-    codes = _nearest_code(head.vq.encoder(painted), head.vq.quantizer.codebook)
-    token_logp = head.tokens(cond).log_softmax(1)
-    token_terms = torch.zeros(2, 2, 3)
-    for i in range(2):
-        for y in range(2):
-            for x in range(3):
-                if (labels[i, 8 * y:8 * y + 8, 8 * x:8 * x + 8] != 255).any():
-                    token_terms[i, y, x] = -token_logp[i, codes[i, y, x], y, x]
-    aux_logp = aux.log_softmax(1)
-    aux_terms = torch.where(labels == 255, 0.0, -aux_logp.gather(1, labels.clamp(max=K - 1)[:, None])[:, 0])
-    expected = 0.8 * token_terms.sum() / token_terms.numel() + 0.2 * aux_terms.sum() / aux_terms.numel()
+    expected = _gss_loss(head, head.conditioning.tokens(cond), head.conditioning.aux(cond), labels)
     assert head.loss(cond, labels).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_sample_decodes_the_predicted_tokens_to_the_nearest_class_colour():
     head = _head().eval()
     cond = torch.randn(2, 8, 4, 6)
-    tokens = head.tokens(cond).argmax(1)
+    tokens = head.conditioning.tokens(cond).argmax(1)
     # codes whose decoded colours sit on the ignore colour: a prediction must still be a class
     head.vq.decode = lambda codes: head.colours[K].view(1, 3, 1, 1).expand(len(codes), 3, 16, 24) + \
         0.01 * codes.float().repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
@@ -155,3 +174,111 @@ def test_sample_decodes_the_predicted_tokens_to_the_nearest_class_colour():
     distance = ((decoded[:, None] - head.colours[:K, :, None, None]) ** 2).sum(2)  # [B, K, H, W]
     assert torch.equal(scores.argmax(1), distance.argmin(1))
     assert torch.equal(scores.sum(1), torch.ones(2, 16, 24))
+
+
+def _levels(b=2):
+    torch.manual_seed(3)
+    return [torch.randn(b, 8, 4, 6), torch.randn(b, 4, 2, 3), torch.randn(b, 6, 4, 6)]
+
+
+def _randomise_batch_norms(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
+def test_gss_conditioning_is_its_published_data_flow():
+    net = _published().conditioning.eval()
+    _randomise_batch_norms(net)
+    levels = _levels()
+
+    def cbr(seq, x):  # 1x1 convolution without bias, BatchNorm with its running statistics, ReLU
+        conv, bn = seq[0], seq[1]
+        assert conv.bias is None and conv.kernel_size == (1, 1)
+        y = F.conv2d(x, conv.weight)
+        y = (y - bn.running_mean[:, None, None]) / (bn.running_var[:, None, None] + bn.eps).sqrt()
+        return (y * bn.weight[:, None, None] + bn.bias[:, None, None]).relu()
+
+    def fuse(convs, fusion):
+        # every level to the first (1/4) level's size, bilinearly, after its own 1x1 convolution
+        return cbr(fusion, torch.cat([F.interpolate(cbr(c, x), size=(4, 6), mode="bilinear", align_corners=False)
+                                      for c, x in zip(convs, levels)], 1))
+    x = cbr(net.before_classifier, net.swin(fuse(net.convs, net.fusion)))
+    tokens = F.conv2d(x, net.classifier.weight, net.classifier.bias)
+    pixels = F.conv2d(fuse(net.pixel_convs, net.pixel_fusion), net.pixel_classifier.weight, net.pixel_classifier.bias)
+    got_tokens, got_pixels = net(levels)
+    assert got_tokens.shape == (2, 16, 4, 6) and got_pixels.shape == (2, K, 4, 6)
+    assert torch.allclose(got_tokens, tokens, atol=1e-5) and torch.allclose(got_pixels, pixels, atol=1e-5)
+    # GSS's sizes by default: 2048 channels before the token classifier, two Swin blocks of 16 heads
+    full = GSSConditioning([64, 32, 128, 256], 8192, 19)
+    assert full.classifier.in_channels == 2048 and full.fusion[0].out_channels == 512
+    assert [(b.heads, b.window, b.shift) for b in full.swin.blocks] == [(16, 7, 0), (16, 7, 3)]
+    assert isinstance(full.dropout, torch.nn.Dropout2d) and full.dropout.p == 0.1
+
+
+def test_published_loss_upsamples_the_labels_twice_and_averages_over_every_element():
+    head = _published().eval()
+    levels = _levels()
+    labels = torch.randint(0, K, (2, 16, 24))
+    labels[0, :4, :4] = 255     # one 8 x 8 block of the 2x maskige unlabelled
+    labels[1, 2:6, 3:20] = 255
+    up = labels[:, torch.arange(32) // 2][:, :, torch.arange(48) // 2]  # each pixel 2 x 2
+    expected = _gss_loss(head, *head.conditioning(levels), up)
+    assert head.loss(levels, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_published_sample_and_reconstruct_at_twice_the_labels():
+    head = _published().eval()
+    levels = _levels()
+    scores, _ = head.sample(levels)
+    decoded = head.vq.decode(head.conditioning(levels)[0].argmax(1))
+    assert scores.shape == (2, K, 32, 48)
+    nearest = ((decoded[:, None] - head.colours[:K, :, None, None]) ** 2).sum(2).argmin(1)
+    assert torch.equal(scores.argmax(1), nearest)
+    labels = torch.randint(0, K, (1, 13, 21))
+    padded = F.pad(labels, (0, 3, 0, 3), value=255)
+    up = padded[:, torch.arange(32) // 2][:, :, torch.arange(48) // 2]
+    round_trip = head.vq.decode(head.vq.encode(head.colours[torch.where(up == 255, K, up)].permute(0, 3, 1, 2)))
+    one_hot = F.one_hot(((round_trip[:, None] - head.colours[:K, :, None, None]) ** 2).sum(2).argmin(1), K)
+    # back to the labels' size as the evaluation resizes scores: the mean of each 2 x 2
+    expected = one_hot.movedim(-1, 1).float().unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)).argmax(1)[:, :13, :21]
+    assert torch.equal(head.reconstruct(labels), expected)
+
+
+def test_ftw_decoder_is_gss_ftw():
+    dec = FTWDecoder(19)
+    assert dec.projection[0].bias is None and dec.projection[0].out_channels == 128
+    assert isinstance(dec.projection[1], torch.nn.BatchNorm2d) and isinstance(dec.projection[2], torch.nn.ReLU)
+    assert [(b.heads, b.window, b.shift, b.mlp[0].out_features) for b in dec.swin.blocks] == [(4, 7, 0, 256)]
+    assert dec.classifier.in_channels == 128 and dec.classifier.out_channels == 19
+    small = FTWDecoder(K, dim=8, heads=2, window=3).eval()
+    _randomise_batch_norms(small)
+    m = torch.rand(2, 3, 10, 12)
+    bn = small.projection[1]
+    x = (F.conv2d(m, small.projection[0].weight) - bn.running_mean[:, None, None]) / \
+        (bn.running_var[:, None, None] + bn.eps).sqrt() * bn.weight[:, None, None] + bn.bias[:, None, None]
+    expected = F.conv2d(small.swin(x.relu()), small.classifier.weight, small.classifier.bias)
+    assert torch.allclose(small(m), expected, atol=1e-5)
+
+
+def test_decoder_loss_trains_the_decoder_alone_on_the_predicted_maskige():
+    head = _published(FTWDecoder(K, dim=8, heads=2, window=3)).train()
+    levels = _levels()
+    labels = torch.randint(0, K, (2, 16, 24))
+    labels[1, :5] = 255
+    stats = {k: v.clone() for k, v in head.conditioning.state_dict().items()}
+    loss = head.decoder_loss(levels, labels)
+    loss.backward()
+    decoder = {id(p) for p in head.decoder_parameters()}
+    assert decoder and all((p.grad is not None) == (id(p) in decoder) for p in head.parameters())
+    # the conditioning network predicted as it samples: eval mode, its BatchNorm statistics untouched
+    assert all(torch.equal(v, stats[k]) for k, v in head.conditioning.state_dict().items())
+    assert head.conditioning.training
+    head.conditioning.eval()
+    predicted = head.vq.decode(head.conditioning(levels)[0].argmax(1))
+    logits = F.interpolate(head.decoder(predicted), size=(16, 24), mode="bilinear", align_corners=False)
+    terms = torch.where(labels == 255, 0.0, -logits.log_softmax(1).gather(1, labels.clamp(max=K - 1)[:, None])[:, 0])
+    assert loss.item() == pytest.approx(terms.mean().item(), rel=1e-5)

@@ -38,6 +38,9 @@ def run(args) -> int:
         if args.base_only and not segmentor.has_classifier:
             raise ValueError(f"--base-only: the segmentor of {args.run} has no classifier of its own (a converted DDPS "
                              "checkpoint; ddps convert --segformer adds the original SegFormer's)")
+        if args.base_only and head.takes_levels:
+            raise ValueError(f"--base-only: the backbone of {args.run} was trained with its GSS head, so the "
+                             "segmentor's classifier, trained before, no longer matches it")
         report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
                                      limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
                                      panels=cfg.eval.panels)

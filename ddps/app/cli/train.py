@@ -16,15 +16,19 @@ HELP = "train a segmentor and a mask-prior head on it (the recipe), then evaluat
 DESCRIPTION = ("Stage 1 trains the segmentor (or loads segmentor.checkpoint); a head with a prior of its own "
                "(head.kind=gss) then trains it on the labels alone (prior.*); stage 2 freezes the segmentor and "
                "trains the head (head.kind): DDPS with diffusion on first prediction, the refinement control, or "
-               "GSS's token classifier; then the held-out split is evaluated into OUT/eval.json. OUT also gets "
-               "config.yaml, model.safetensors, metrics.jsonl, panels/ and checkpoints/. Ctrl-C writes a checkpoint "
-               "and exits with 130; --resume continues from the last checkpoint. Under torchrun (torchrun "
-               "--nproc_per_node N -m ddps train ...) each process trains one shard of every batch.")
+               "GSS's conditioning network (which trains the segmentor's backbone with it, or with "
+               "head.gss.conditioning=frozen-features sits on the frozen features); GSS-FT-W's decoder "
+               "(head.gss.decoder=learned) then trains on its predictions (decoder.*); then the held-out split is "
+               "evaluated into OUT/eval.json. OUT also gets config.yaml, model.safetensors, metrics.jsonl, panels/ "
+               "and checkpoints/. Ctrl-C writes a checkpoint and exits with 130; --resume continues from the last "
+               "checkpoint. Under torchrun (torchrun --nproc_per_node N -m ddps train ...) each process trains one "
+               "shard of every batch.")
 # What --resume may change in a run's config: nothing that decides what it trains. --extend also
 # lets the iteration counts of the stages still to finish grow.
 RESUME_FREE = ("eval.", "train.checkpoint_interval", "train.keep_last", "train.log_interval")
-GROWING = {"segmentor": ("segmentor.iters", "prior.iters", "train.iters"), "prior": ("prior.iters", "train.iters"),
-           "head": ("train.iters",), "done": ()}
+GROWING = {"segmentor": ("segmentor.iters", "prior.iters", "train.iters", "decoder.iters"),
+           "prior": ("prior.iters", "train.iters", "decoder.iters"), "head": ("train.iters", "decoder.iters"),
+           "decoder": ("decoder.iters",), "done": ()}
 
 
 def add_arguments(p) -> None:

@@ -33,6 +33,17 @@ class Segmentor(nn.Module):
     num_classes: int
     feature_channels: int
     has_classifier = True
+    # the backbone's levels (a head that fuses them, GSS's): their channels, () where the
+    # segmentor does not give them
+    level_channels: tuple[int, ...] = ()
+
+    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's feature maps for images [B, 3, H, W], the first at 1/4 of the image."""
+        raise NotImplementedError(f"{type(self).__name__} does not give its backbone's levels")
+
+    def backbone_parameters(self) -> list:
+        """What a head that trains the backbone end to end updates (not the segmentor's classifier)."""
+        raise NotImplementedError(f"{type(self).__name__} does not give its backbone's levels")
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """The segmentor stage's loss on a batch (images [B, 3, H, W], labels [B, H, W])."""

@@ -24,6 +24,7 @@ class CompactSegmentor(Segmentor):
     def __init__(self, num_classes: int, channels: int = 32):
         super().__init__()
         self.num_classes, self.feature_channels = num_classes, channels
+        self.level_channels = (channels, channels // 2, channels, channels)
         self.features = nn.Sequential(_block(3, channels // 2, 2), _block(channels // 2, channels, 2),
                                       _block(channels, channels, dilation=2), _block(channels, channels, dilation=4))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
@@ -32,5 +33,18 @@ class CompactSegmentor(Segmentor):
         features = self.features(self.normalize(images))
         return features, self.classifier(features)
 
+    def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's output: the first 1/4 one, then the 1/2 one, then the dilated blocks'
+        (the order GSS gives a backbone's stages: 1/4 first)."""
+        x, outs = self.normalize(images), []
+        for block in self.features:
+            x = block(x)
+            outs.append(x)
+        return [outs[1], outs[0], outs[2], outs[3]]
 
-SEGMENTORS.register("compact", lambda cfg, num_classes: CompactSegmentor(num_classes, cfg.segmentor.channels))
+    def backbone_parameters(self) -> list:
+        return list(self.features.parameters())
+
+
+SEGMENTORS.register("compact", lambda cfg, num_classes: CompactSegmentor(num_classes, cfg.segmentor.channels),
+                   levels=True)

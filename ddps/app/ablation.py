@@ -22,8 +22,10 @@ from . import checkpoint, config as config_mod, evaluation, trainer
 from .data import build_dataset
 from .model import load_run
 
-# GSS's conditioning network cut down to the demo's size (GSS's: 384/512/2048 wide, 16 heads)
-GSS_DEMO = ["head.kind=gss", "head.gss.fusion_channels=[64,128,256]", "head.gss.swin=[4,2,7]"]
+# GSS's conditioning network cut down to the demo's size (GSS's: 384/512/2048 wide, 16 heads), and
+# the demo's VQ prior (as configs/synthetic-gss.yaml)
+GSS_DEMO = ["head.kind=gss", "head.gss.fusion_channels=[64,128,256]", "head.gss.swin=[4,2,7]", "head.gss.codes=512",
+            "head.gss.channels=16", "prior.iters=1600"]
 # name -> (what it changes, training overrides); every one is a config a user can rerun
 TRAINED = {
     "ddps": ("the original recipe: first-prediction noise, uniform transition, free re-noising", []),
@@ -37,7 +39,7 @@ TRAINED = {
     "gss-ftw": ("gss with GSS-FT-W's decoder, trained after it on its predicted maskiges",
                 [*GSS_DEMO, "eval.use_ema=false", "head.gss.decoder=learned"]),
     "gss-frozen": ("gss's prior, but a small conditioning network on the frozen segmentor's features",
-                   ["head.kind=gss", "head.gss.conditioning=frozen-features"]),
+                   [*GSS_DEMO, "head.gss.conditioning=frozen-features"]),
 }
 # name -> (what it changes, evaluation overrides): the ddps runs, sampled otherwise
 INFERRED = {

@@ -94,6 +94,13 @@ def test_bad_config_names_the_key(override, message):
     (["head.gss.prior=dalle"], "head.gss.dalle_weights: the dalle prior needs its weights"),
     (["head.gss.dalle_weights=w.safetensors"], "head.gss.dalle_weights: 'w.safetensors' is read only with "
                                                "head.gss.prior=dalle"),
+    (["eval.use_ema=true"], "eval.use_ema: head.gss.conditioning=gss trains the backbone with the head"),
+    (["train.cache_features=true", "data.photometric=false", "data.flip_prob=0"],
+     "train.cache_features: head.gss.conditioning=gss trains the backbone"),
+    (["segmentor.type=segformer-mmseg"], "head.gss.conditioning: gss fuses the backbone's levels, which "
+                                         "segmentor.type segformer-mmseg does not give"),
+    (["head.gss.swin=[3,2,7]"], "head.gss.swin: 3 heads do not divide the fused width 128"),
+    (["head.gss.decoder_swin=[128,3,1,7]"], "head.gss.decoder_swin: 3 heads do not divide the width 128"),
     (["head.gss.palette=gss-cityscapes"], "head.gss.palette: the gss-cityscapes palette is for 19 classes, not 6 "
                                           "(dataset synthetic-shapes)"),
 ])

@@ -73,7 +73,7 @@ def check(cfg) -> None:
         if cfg.train.cache_features:
             raise ConfigError("train.cache_features: head.gss.conditioning=gss trains the backbone, whose features "
                               "change at every step")
-    if g.swin[0] and g.fusion_channels[1] % g.swin[0]:
+    if g.fusion_channels[1] % g.swin[0]:
         raise ConfigError(f"head.gss.swin: {g.swin[0]} heads do not divide the fused width {g.fusion_channels[1]}")
     if g.decoder_swin[0] % g.decoder_swin[1]:
         raise ConfigError(f"head.gss.decoder_swin: {g.decoder_swin[1]} heads do not divide the width "

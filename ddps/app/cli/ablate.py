@@ -11,7 +11,8 @@ from .common import add_overrides, positive
 NAME = "ablate"
 HELP = "the paper's findings as one controlled comparison of head variants"
 DESCRIPTION = ("Trains the segmentor once (until its validation mIoU is flat, with segmentor.eval_interval set), "
-               "then every head variant from that frozen segmentor with the config's budget, for each seed, "
+               "then every head variant from that segmentor (frozen, but for GSS's conditioning network, which trains "
+               "its backbone) with the config's budget, for each seed, "
                "evaluates all on the held-out split, and writes OUT/ablation.json and OUT/ablation.md (mean and "
                "range over seeds, and whether each of the paper's findings is reproduced). Variants: "
                + ", ".join(f"{k} ({v})" for k, v in ablation.DESCRIPTIONS.items())

@@ -17,10 +17,22 @@ def _head(decoder=None, cond_channels=8):
     return GSSHead(K, vq, maskige.palette(K), FrozenFeatureConditioning(cond_channels, 16, K, dim=16), decoder=decoder)
 
 
+def _randomise_batch_norms(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+
+
 def _published(decoder=None):
     torch.manual_seed(0)
     vq = MaskigeVQ(codes=16, dim=8, channels=16)
     conditioning = GSSConditioning([8, 4, 6], 16, K, channels=8, seg_channels=8, cls_channels=16, heads=2, window=3)
+    for classifier in (conditioning.classifier, conditioning.pixel_classifier):  # predictions that vary
+        torch.nn.init.normal_(classifier.weight)
+        torch.nn.init.zeros_(classifier.bias)
     return GSSHead(K, vq, maskige.palette(K), conditioning, decoder=decoder)
 
 
@@ -96,6 +108,10 @@ def test_bad_input_is_named():
         head.loss(torch.zeros(2, 8, 4, 6), torch.zeros(2, 16, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="h and w multiples of 2"):
         head.sample(torch.zeros(1, 8, 5, 6))
+    with pytest.raises(ValueError, match=r"labels must be \[B=2, 16, 24\]"):
+        head.loss(torch.zeros(2, 8, 4, 6), torch.zeros(3, 16, 24, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must be \[B=2, 16, 24\]"):
+        _published(FTWDecoder(K, dim=8, heads=2, window=3)).decoder_loss(_levels(), torch.zeros(2, 16, 20).long())
     with pytest.raises(ValueError, match="cond must be one"):
         head.sample([torch.zeros(1, 8, 4, 6)])
     with pytest.raises(ValueError, match="cond must be the backbone's levels"):
@@ -170,6 +186,7 @@ def test_sample_decodes_the_predicted_tokens_to_the_nearest_class_colour():
     head.vq.decode = lambda codes: head.colours[K].view(1, 3, 1, 1).expand(len(codes), 3, 16, 24) + \
         0.01 * codes.float().repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
     scores, _ = head.sample(cond)
+    assert scores.shape == (2, K, 16, 24)  # every class's channel, whichever the pixels take
     decoded = head.vq.decode(tokens)
     distance = ((decoded[:, None] - head.colours[:K, :, None, None]) ** 2).sum(2)  # [B, K, H, W]
     assert torch.equal(scores.argmax(1), distance.argmin(1))
@@ -179,15 +196,6 @@ def test_sample_decodes_the_predicted_tokens_to_the_nearest_class_colour():
 def _levels(b=2):
     torch.manual_seed(3)
     return [torch.randn(b, 8, 4, 6), torch.randn(b, 4, 2, 3), torch.randn(b, 6, 4, 6)]
-
-
-def _randomise_batch_norms(module):
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
 
 
 def test_gss_conditioning_is_its_published_data_flow():
@@ -215,6 +223,7 @@ def test_gss_conditioning_is_its_published_data_flow():
     # GSS's sizes by default: 2048 channels before the token classifier, two Swin blocks of 16 heads
     full = GSSConditioning([64, 32, 128, 256], 8192, 19)
     assert full.classifier.in_channels == 2048 and full.fusion[0].out_channels == 512
+    assert full.convs[0][0].out_channels == 384 and full.swin.blocks[0].mlp[0].out_features == 1024
     assert [(b.heads, b.window, b.shift) for b in full.swin.blocks] == [(16, 7, 0), (16, 7, 3)]
     assert isinstance(full.dropout, torch.nn.Dropout2d) and full.dropout.p == 0.1
 
@@ -234,7 +243,9 @@ def test_published_sample_and_reconstruct_at_twice_the_labels():
     head = _published().eval()
     levels = _levels()
     scores, _ = head.sample(levels)
-    decoded = head.vq.decode(head.conditioning(levels)[0].argmax(1))
+    tokens = head.conditioning(levels)[0].argmax(1)
+    assert len(tokens.unique()) > 1
+    decoded = head.vq.decode(tokens)
     assert scores.shape == (2, K, 32, 48)
     nearest = ((decoded[:, None] - head.colours[:K, :, None, None]) ** 2).sum(2).argmin(1)
     assert torch.equal(scores.argmax(1), nearest)
@@ -278,7 +289,9 @@ def test_decoder_loss_trains_the_decoder_alone_on_the_predicted_maskige():
     assert all(torch.equal(v, stats[k]) for k, v in head.conditioning.state_dict().items())
     assert head.conditioning.training
     head.conditioning.eval()
-    predicted = head.vq.decode(head.conditioning(levels)[0].argmax(1))
+    tokens, pixels = head.conditioning(levels)
+    assert len(tokens.argmax(1).unique()) > 1 and not torch.equal(tokens.argmax(1), pixels.argmax(1))
+    predicted = head.vq.decode(tokens.argmax(1))
     logits = F.interpolate(head.decoder(predicted), size=(16, 24), mode="bilinear", align_corners=False)
     terms = torch.where(labels == 255, 0.0, -logits.log_softmax(1).gather(1, labels.clamp(max=K - 1)[:, None])[:, 0])
     assert loss.item() == pytest.approx(terms.mean().item(), rel=1e-5)

@@ -52,14 +52,18 @@ def _expected(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
                     out[n, p, qq] = merged[t]
     out = out.roll((shift, shift), (1, 2))[:, :h, :w]
     x = x + out
-    return x + block.mlp(F.layer_norm(x, (c,), block.norm2.weight, block.norm2.bias))
+    fc1, fc2 = block.mlp[0], block.mlp[2]
+    hidden = F.gelu(F.layer_norm(x, (c,), block.norm2.weight, block.norm2.bias) @ fc1.weight.T + fc1.bias)
+    return x + hidden @ fc2.weight.T + fc2.bias
 
 
 @pytest.mark.parametrize("shifted", [False, True])
-@pytest.mark.parametrize("size", [(4, 6), (5, 7)])  # a multiple of the window, and one that is padded
-def test_block_is_windowed_attention_with_relative_bias(shifted, size):
+# a multiple of the window, one that is padded, one of three windows or more a side
+@pytest.mark.parametrize("size,window", [((4, 6), 2), ((5, 7), 3), ((7, 10), 2)])
+def test_block_is_windowed_attention_with_relative_bias(shifted, size, window):
     torch.manual_seed(0)
-    block = SwinBlock(8, 2, 3 if size == (5, 7) else 2, 16, shifted=shifted)
+    block = SwinBlock(8, 2, window, 16, shifted=shifted)
+    assert block.relative_position_bias_table.shape == ((2 * window - 1) ** 2, 2)  # mmseg's table
     torch.nn.init.normal_(block.relative_position_bias_table, std=1.0)  # large enough to matter
     x = torch.randn(2, *size, 8)
     assert torch.allclose(block(x), _expected(block, x), atol=1e-5)
@@ -67,8 +71,8 @@ def test_block_is_windowed_attention_with_relative_bias(shifted, size):
 
 def test_stack_alternates_shifts_and_ends_with_layer_norm():
     torch.manual_seed(0)
-    stack = SwinStack(8, 2, 2, depth=3, mlp=16)
-    assert [blk.shift for blk in stack.blocks] == [0, 1, 0]
+    stack = SwinStack(8, 2, 2, depth=4, mlp=16)
+    assert [blk.shift for blk in stack.blocks] == [0, 1, 0, 1]
     x = torch.randn(1, 8, 4, 4)
     y = x.permute(0, 2, 3, 1)
     for blk in stack.blocks:

@@ -91,7 +91,8 @@ def resume_config(out: Path, config: str | None, overrides, extend: bool):
     refused = [text for key, text in changed.items()
                if not key.startswith(RESUME_FREE) and not (extend and key in growing and new[key] > old[key])]
     if refused:
-        hint = "" if extend else f", or add --extend if only {' and '.join(growing)} should grow"
+        growable = [key for key in changed if key in growing]
+        hint = f", or add --extend if only {' and '.join(growable)} should grow" if growable and not extend else ""
         raise config_mod.ConfigError(f"--resume would change what the run in {out} trains: {'; '.join(refused)}. "
                                      f"Resume without these overrides (the run's own config is the base){hint}")
     return cfg

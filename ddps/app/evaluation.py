@@ -71,9 +71,11 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str
     and "step <i>" (DDPS). A head's scores come at the features' resolution or a multiple of it
     (GSS: the image's). ``dtype``: eval.dtype, the head's sampling under torch.autocast."""
     size = images.shape[-2:]
-    features, logits = segmentor(images)
-    # a head that trained the backbone (GSS's) leaves the segmentor's classifier behind: no baseline
-    out = {} if logits is None or (head is not None and head.takes_levels) else {"base": logits}
+    # a head that trained the backbone (GSS's) takes its levels (the first at the features' size) and
+    # leaves the segmentor's classifier behind: no baseline, and no second pass through the backbone
+    levels = segmentor.levels(images) if head is not None and head.takes_levels else None
+    features, logits = (levels[0], None) if levels is not None else segmentor(images)
+    out = {} if logits is None else {"base": logits}
     if head is not None:
         # A head takes sizes its network divides (the denoiser halves the mask at each level): the
         # features are padded with their edge values to such a size, and the scores cropped back.
@@ -83,7 +85,7 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str
         if any(pad):
             features = F.pad(features, pad, mode="replicate")
             base = None if logits is None else F.pad(logits, pad, mode="replicate")
-        cond = segmentor.levels(images) if head.takes_levels else features
+        cond = levels if levels is not None else features
         with torch.autocast(images.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
             final, collected = head.sample(cond, base)
         scale = final.shape[-1] // features.shape[-1]

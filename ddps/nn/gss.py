@@ -163,10 +163,13 @@ class GSSHead(MaskHead):
         training = self.conditioning.training
         self.conditioning.eval()  # its predictions as sampled
         with torch.no_grad():
-            predicted = self.vq.decode(self.conditioning(cond)[0].argmax(1))
+            predicted = self._predicted_maskige(cond)
         self.conditioning.train(training)
         logits = F.interpolate(self.decoder(predicted), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
+
+    def _predicted_maskige(self, cond) -> torch.Tensor:
+        return self.vq.decode(self.conditioning(cond)[0].argmax(1))  # the argmax token of each block, decoded
 
     def _first(self, cond) -> torch.Tensor:
         return cond[0] if self.takes_levels else cond
@@ -239,7 +242,7 @@ class GSSHead(MaskHead):
     @torch.no_grad()
     def sample(self, cond, base: torch.Tensor | None = None):
         self._check(cond)
-        reconstruction = self.vq.decode(self.conditioning(cond)[0].argmax(1))
+        reconstruction = self._predicted_maskige(cond)
         if self.decoder is not None:
             return self.decoder(reconstruction), {}
         return self._one_hot(self._nearest_class(reconstruction)), {}

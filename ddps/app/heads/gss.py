@@ -53,13 +53,13 @@ def check(cfg) -> None:
         raise ConfigError("head.gss.dalle_weights: the dalle prior needs its weights (a file from ddps convert --dalle)"
                           if g.prior == "dalle" else
                           f"head.gss.dalle_weights: {g.dalle_weights!r} is read only with head.gss.prior=dalle")
-    if cfg.head.gss.palette in maskige.GSS_PALETTES:
+    if g.palette in maskige.GSS_PALETTES:
         try:
-            maskige.palette(DATASETS[cfg.data.dataset].classes(cfg)[0], cfg.head.gss.palette)
+            maskige.palette(DATASETS[cfg.data.dataset].classes(cfg)[0], g.palette)
         except ValueError as e:
             raise ConfigError(f"head.gss.palette: {e} (dataset {cfg.data.dataset}); spread and grid fit any") from None
     with keyed({"codes": "head.gss.codes", "dim": "head.gss.code_dim"}):
-        check_codebook(cfg.head.gss.codes, cfg.head.gss.code_dim)
+        check_codebook(g.codes, g.code_dim)
     if any(v % DOWNSAMPLING for v in cfg.data.crop_size):
         raise ConfigError(f"data.crop_size: {cfg.data.crop_size}: the gss head's VQ autoencoder trains on "
                           f"multiples of {DOWNSAMPLING}")

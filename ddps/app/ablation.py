@@ -121,7 +121,7 @@ def _records(run: Path) -> list[dict]:
 
 def _summary(reports: dict) -> dict:
     """Mean, min and max over seeds of the segmentor's and the head's mIoU and mBIoU, and of each
-    collected step's mIoU."""
+    collected step's, each part's (GSS's pixel branch) and the prior's round trip's mIoU."""
     def stats(values):
         return {"mean": round(statistics.fmean(values), 2), "min": min(values), "max": max(values)}
 
@@ -131,7 +131,8 @@ def _summary(reports: dict) -> dict:
     out = {"segmentor_mIoU": stats([r["base"]["mIoU"] for r in runs]) if all("base" in r for r in runs) else None,
            "mIoU": stats([h["final"]["mIoU"] for h in heads]),
            "mBIoU": stats([h["final"]["mBIoU"] for h in heads]),
-           "prior_mIoU": stats([r["prior"]["reconstruction"]["mIoU"] for r in runs]) if "prior" in runs[0] else None}
+           "prior_mIoU": stats([r["prior"]["reconstruction"]["mIoU"] for r in runs]) if "prior" in runs[0] else None,
+           "parts": {p: stats([h["parts"][p]["mIoU"] for h in heads]) for p in heads[0].get("parts", {})}}
     out["steps"] = {s: stats([h["steps"][s]["mIoU"] for h in heads]) for s in heads[0]["steps"]}
     return out
 
@@ -170,7 +171,8 @@ def findings(summary: dict) -> list[tuple[str, str]]:
             out.append((f"GSS ({name}) against DDPS, from the same segmentor",
                         f"{m(name) - m('ddps'):+.2f} mIoU ({name} {m(name):.2f}, ddps {m('ddps'):.2f}; seed spread "
                         f"{spread('ddps', name):.2f}); its prior's round trip of the true masks scores "
-                        f"{m(name, 'prior_mIoU'):.2f}"))
+                        f"{m(name, 'prior_mIoU'):.2f}, its pixel branch alone "
+                        f"{summary[name]['parts']['pixel branch']['mean']:.2f}"))
     if "ddps" in summary and "refine" in summary:
         gain = m("ddps") - m("refine")
         out.append(("The mask prior beyond its capacity (DDPS minus the refinement control)",

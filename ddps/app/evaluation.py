@@ -67,8 +67,8 @@ class Metrics:
 
 @torch.no_grad()
 def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str = "fp32") -> dict:
-    """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final"
-    and "step <i>" (DDPS). A head's scores come at the features' resolution or a multiple of it
+    """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final",
+    "step <i>" (DDPS) and "part <name>" (``head.parts``: GSS's pixel branch). A head's scores come at the features' resolution or a multiple of it
     (GSS: the image's). ``dtype``: eval.dtype, the head's sampling under torch.autocast."""
     size = images.shape[-2:]
     # a head that trained the backbone (GSS's) takes its levels (the first at the features' size) and
@@ -88,10 +88,12 @@ def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str
         cond = levels if levels is not None else features
         with torch.autocast(images.device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
             final, collected = head.sample(cond, base)
-        scale = final.shape[-1] // features.shape[-1]
-        out["final"] = final[:, :num_classes, :h * scale, :w * scale]
-        for i, step_logits in collected.items():
-            out[f"step {i}"] = step_logits[:, :num_classes, :h * scale, :w * scale]
+            parts = head.parts(cond)  # after sampling: the head's random draws stay as they were
+        outputs = {"final": final, **{f"step {i}": s for i, s in collected.items()},
+                   **{f"part {name}": s for name, s in parts.items()}}
+        for name, scores in outputs.items():
+            scale = scores.shape[-1] // features.shape[-1]
+            out[name] = scores[:, :num_classes, :h * scale, :w * scale]
     return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
 
 
@@ -171,11 +173,13 @@ def legend(num_classes: int):
 
 
 def _order(name: str):
-    return (0, 0) if name == "base" else (2, 0) if name == "final" else (1, int(name.split()[1]))
+    if name.startswith("step"):
+        return 1, int(name.split()[1])
+    return {"base": 0, "final": 3}.get(name, 2), 0  # parts between the steps and the final
 
 
 def _title(name: str) -> str:
-    return "segmentor" if name == "base" else name
+    return "segmentor" if name == "base" else name.removeprefix("part ")
 
 
 def panel(tiles, titles) -> Image.Image:
@@ -196,7 +200,8 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
     """The metrics of ``dataset`` as ``{"base": {...}, NAME: {"final": {...}, "steps": {"<i>": {...}}}}``:
     "base" where the segmentor has a classifier, NAME (the head's ``metrics_name``: ddps, refine,
     gss) where a head is given, and ``"prior": {"reconstruction": {...}}`` for a head with a mask
-    prior of its own (its round trip of the true masks, ``head.reconstruct``). With eval.dtype bf16
+    prior of its own (its round trip of the true masks, ``head.reconstruct``); NAME gains "parts":
+    {name: {...}} for a head with parts that predict on their own (``head.parts``). With eval.dtype bf16
     or fp16 the head also samples in float32 from the same random state, and NAME gains
     "fp32_final" (that run's metrics) and "agreement_with_fp32" (the percentage of pixels whose
     final label is the float32 run's)."""
@@ -240,6 +245,9 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
             "final": results["final"],
             "steps": {name.split()[1]: results[name]
                       for name in sorted((n for n in results if n.startswith("step")), key=_order)}}
+        parts = {name.removeprefix("part "): results[name] for name in results if name.startswith("part ")}
+        if parts:
+            section["parts"] = parts
         if compare:
             section.update(dtype=cfg.eval.dtype, fp32_final=results["fp32 final"],
                            agreement_with_fp32=100 * agree / max(pixels, 1))
@@ -274,6 +282,7 @@ def table(report: dict) -> str:
         name, section = head_report(report)
         rows += [(f"{name} step {s}", r) for s, r in section["steps"].items()]
         dtype = section.get("dtype")
+        rows += [(f"{name} {part}", r) for part, r in section.get("parts", {}).items()]
         rows.append((f"{name} final" + (f" {dtype}" if dtype else ""), section["final"]))
         if dtype:
             rows.append((f"{name} final fp32", section["fp32_final"]))

@@ -209,6 +209,14 @@ class GSSHead(MaskHead):
         scores = self._one_hot(self._nearest_class(reconstruction))
         return F.avg_pool2d(scores, self.scale).argmax(1)[:, :h, :w]
 
+    @torch.no_grad()
+    def parts(self, cond) -> dict:
+        """{"pixel branch": the auxiliary class logits at the first level's (or the features')
+        size}: what the conditioning network predicts per pixel without the prior, so that an
+        evaluation tells the prior's gain from the network's."""
+        self._check(cond)
+        return {"pixel branch": self.conditioning(cond)[1]}
+
     def _nearest_class(self, reconstruction: torch.Tensor) -> torch.Tensor:
         # the class colours only: a prediction never says "ignore"
         return ops.maskige_decode(reconstruction, self.colours[:self.num_classes],

@@ -25,6 +25,8 @@ class MaskHead(nn.Module):
       rather than its features, and the head trains the segmentor's backbone with its loss;
     - ``reconstruct(labels, ignore_index)``: the prior's round trip of true labels [B, H, W], whose
       agreement with them bounds what the head can reach (None for a head without a prior);
+    - ``parts(cond)``: {name: class scores} of parts of the head that predict labels on their own
+      (GSS's pixel branch), which an evaluation scores beside the head ({} here);
     - ``averaged_state()`` / ``load_trained(state)``: the tensors a moving average of the training
       keeps, and such a state (or the head's own) loaded back;
     - ``size_multiple``: what h and w must be multiples of;
@@ -52,6 +54,9 @@ class MaskHead(nn.Module):
 
     def reconstruct(self, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor | None:
         return None
+
+    def parts(self, cond) -> dict:
+        return {}
 
     def averaged_state(self) -> dict:
         # the frozen parts are averaged too (they stay constant), so the average is a whole head

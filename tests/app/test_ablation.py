@@ -58,7 +58,13 @@ def test_every_variant_from_one_segmentor(ablated):
         assert ("base" in gss) == (name == "gss-frozen")  # an end-to-end backbone leaves no baseline
         assert result["summary"][name]["prior_mIoU"]["mean"] == pytest.approx(
             sum(r["prior"]["reconstruction"]["mIoU"] for r in result["runs"][name].values()) / 2, abs=0.01)
+        pixels = [r["gss"]["parts"]["pixel branch"]["mIoU"] for r in result["runs"][name].values()]
+        assert result["summary"][name]["parts"] == {"pixel branch": {"mean": pytest.approx(sum(pixels) / 2, abs=0.01),
+                                                                     "min": min(pixels), "max": max(pixels)}}
+        (finding,) = [v for claim, v in result["findings"] if f"({name})" in claim]
+        assert f"its pixel branch alone {sum(pixels) / 2:.2f}" in finding
     assert result["summary"]["gss"]["segmentor_mIoU"] is None and result["summary"]["ddps"]["prior_mIoU"] is None
+    assert result["summary"]["ddps"]["parts"] == {}
     claims = [claim for claim, _ in result["findings"]]
     assert len(claims) == 7 and all(v.startswith(("reproduced", "not reproduced", "+", "-"))
                                     for _, v in result["findings"])

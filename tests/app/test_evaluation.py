@@ -188,3 +188,42 @@ def test_low_precision_eval_reports_the_fp32_run_and_the_label_agreement(dtype):
     assert report["ddps"]["agreement_with_fp32"] == pytest.approx(100 * agree / total)
     text = evaluation.table(report)
     assert f"ddps final {dtype}" in text and "ddps final fp32" in text and "equal to the fp32 run's" in text
+
+
+def test_a_head_s_parts_are_scored_beside_it():
+    # GSS's pixel branch: its logits resized to the image as the final scores are, and its own row
+    from ddps import maskige
+    from ddps.app import evaluation
+    from ddps.app.config import Config
+    from ddps.nn.gss import FrozenFeatureConditioning, GSSHead
+    from ddps.nn.vq import MaskigeVQ
+
+    cfg = Config()
+    cfg.data.scale = [32, 32]
+    torch.manual_seed(0)
+    segmentor = _TinySegmentor(5).eval()
+    head = GSSHead(5, MaskigeVQ(codes=16, dim=8, channels=16), maskige.palette(5),
+                   FrozenFeatureConditioning(4, 16, 5, dim=8)).eval()
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    out = evaluation._forward(segmentor, head, image, 5)
+    assert sorted(out) == ["base", "final", "part pixel branch"]
+    pixels = head.conditioning.aux(segmentor(image)[0])
+    expected = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["part pixel branch"], expected)
+    data = _TinySet()
+    report = evaluation.evaluate(cfg, segmentor, head, data)
+    metrics = Metrics(5, 255, cfg.eval.boundary_dilation)
+    for image, gt in data.items:
+        metrics.update(evaluation.predict(segmentor, head, image, cfg, 5)["part pixel branch"].argmax(0), gt)
+    assert report["gss"]["parts"] == {"pixel branch": metrics.result()}
+    assert report["gss"]["parts"]["pixel branch"] != report["gss"]["final"]
+    assert "gss pixel branch" in evaluation.table(report)
+    # a head without parts reports none
+    ddps = _small_ddps_head()
+    assert "parts" not in evaluation.evaluate(cfg, segmentor, ddps, data)["ddps"]
+
+
+def _small_ddps_head():
+    from ddps.nn import DDPSHead
+    return DDPSHead(num_classes=5, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4, num_timesteps=10,
+                    inference_steps=2, collect_timesteps=(0, 9)).eval()

@@ -259,6 +259,20 @@ def test_published_sample_and_reconstruct_at_twice_the_labels():
     assert torch.equal(head.reconstruct(labels), expected)
 
 
+@pytest.mark.parametrize("published", [True, False])
+def test_parts_are_the_pixel_branch_alone(published):
+    head = (_published() if published else _head()).eval()
+    cond = _levels() if published else torch.randn(2, 8, 4, 6)
+    pixels = head.conditioning.pixel_classifier if published else head.conditioning.aux
+    captured = []
+    pixels.register_forward_hook(lambda module, args, out: captured.append(out))
+    parts = head.parts(cond)
+    assert list(parts) == ["pixel branch"] and torch.equal(parts["pixel branch"], captured[0])
+    assert parts["pixel branch"].shape == (2, K, 4, 6)
+    with pytest.raises(ValueError, match="cond must be"):
+        head.parts(torch.randn(2, 8, 4, 6) if published else _levels())
+
+
 def test_ftw_decoder_is_gss_ftw():
     dec = FTWDecoder(19)
     assert dec.projection[0].bias is None and dec.projection[0].out_channels == 128

@@ -22,10 +22,11 @@ from . import checkpoint, config as config_mod, evaluation, trainer
 from .data import build_dataset
 from .model import load_run
 
-# GSS's conditioning network cut down to the demo's size (GSS's: 384/512/2048 wide, 16 heads), and
-# the demo's VQ prior (as configs/synthetic-gss.yaml; its length is the config's prior.iters)
+# GSS's conditioning network and FT-W's decoder cut down to the demo's size (GSS's: 384/512/2048
+# wide, 16 heads; FT-W 128 wide, 4 heads), and the demo's VQ prior (as configs/synthetic-gss.yaml;
+# the lengths and batches of the prior and decoder stages are the config's)
 GSS_DEMO = ["head.kind=gss", "head.gss.fusion_channels=[64,128,256]", "head.gss.swin=[4,2,7]", "head.gss.codes=512",
-            "head.gss.channels=16"]
+            "head.gss.channels=16", "head.gss.decoder_swin=[32,2,1,7]"]
 # name -> (what it changes, training overrides); every one is a config a user can rerun
 TRAINED = {
     "ddps": ("the original recipe: first-prediction noise, uniform transition, free re-noising", []),

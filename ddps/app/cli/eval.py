@@ -13,8 +13,9 @@ from .common import TRAINED_RUN_OVERRIDES, add_overrides, add_run, positive, wei
 
 NAME = "eval"
 HELP = "evaluate a trained run on its held-out split"
-DESCRIPTION = ("mIoU, mBIoU and aAcc of the segmentor and of the head at every collected step, into RUN/eval.json "
-               "(or --json); eval.mode=single|ms-flip|slide picks the inference.")
+DESCRIPTION = ("mIoU, mBIoU and aAcc of the segmentor and of the head at every collected step (GSS: also its pixel "
+               "branch alone, and its prior's round trip of the true masks), into RUN/eval.json (or --json); "
+               "eval.mode=single|ms-flip|slide picks the inference.")
 
 
 def add_arguments(p) -> None:

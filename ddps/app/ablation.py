@@ -238,7 +238,7 @@ def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", m
     chosen = [v for v in VARIANTS if not only or v in only]
     start = time.perf_counter()
     _same_config(cfg, out)
-    done = sum((out / n / f"seed-{s}" / "eval.json").exists() for n in chosen for s in seeds)
+    done = sum(map(len, finished(out).values()))  # the report covers every run in the folder, chosen or not
     weights = _segmentor(cfg, out)
     # every variant and seed: the same segmentor, and the same images (the seed varies the rest)
     images = cfg.seed if cfg.data.synthetic.seed is None else cfg.data.synthetic.seed

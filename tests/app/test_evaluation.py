@@ -227,3 +227,21 @@ def _small_ddps_head():
     from ddps.nn import DDPSHead
     return DDPSHead(num_classes=5, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4, num_timesteps=10,
                     inference_steps=2, collect_timesteps=(0, 9)).eval()
+
+
+def test_rows_and_panel_columns_come_in_reading_order():
+    from ddps.app import evaluation
+    names = ["final", "part pixel branch", "step 10", "step 0", "base"]
+    ordered = sorted(names, key=evaluation._order)
+    assert ordered == ["base", "step 0", "step 10", "part pixel branch", "final"]
+    assert [evaluation._title(n) for n in ordered] == ["segmentor", "step 0", "step 10", "pixel branch", "final"]
+    r = {"mIoU": 1.0, "mBIoU": 2.0, "aAcc": 3.0}
+    ddps = {"base": r, "ddps": {"final": r, "steps": {"0": r, "9": r}}}
+    gss = {"gss": {"final": r, "steps": {}, "parts": {"pixel branch": r}}, "prior": {"reconstruction": r}}
+    labels = lambda report: [line[:16].strip() for line in evaluation.table(report).splitlines()[1:]]  # noqa: E731
+    assert labels(ddps) == ["segmentor", "ddps step 0", "ddps step 9", "ddps final"]
+    assert labels(gss) == ["gss pixel branch", "gss final", "gss prior"]
+    assert evaluation.table(gss).splitlines()[1].split()[-3:] == ["1.00", "2.00", "3.00"]
+    # the segmentor alone (eval --base-only): its row under the header, nothing else
+    assert evaluation.table({"base": r}).splitlines() == [" " * 16 + "    mIoU   mBIoU    aAcc",
+                                                          "segmentor           1.00    2.00    3.00"]

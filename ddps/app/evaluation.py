@@ -68,8 +68,9 @@ class Metrics:
 @torch.no_grad()
 def _forward(segmentor, head, images: torch.Tensor, num_classes: int, dtype: str = "fp32") -> dict:
     """Logits at the images' resolution: "base" (the segmentor, if it has a classifier), "final",
-    "step <i>" (DDPS) and "part <name>" (``head.parts``: GSS's pixel branch). A head's scores come at the features' resolution or a multiple of it
-    (GSS: the image's). ``dtype``: eval.dtype, the head's sampling under torch.autocast."""
+    "step <i>" (DDPS) and "part <name>" (``head.parts``: GSS's pixel branch). A head's scores come
+    at the features' resolution or a multiple of it (GSS: the image's). ``dtype``: eval.dtype, the
+    head's sampling under torch.autocast."""
     size = images.shape[-2:]
     # a head that trained the backbone (GSS's) takes its levels (the first at the features' size) and
     # leaves the segmentor's classifier behind: no baseline, and no second pass through the backbone

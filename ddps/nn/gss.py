@@ -70,10 +70,15 @@ class GSSConditioning(nn.Module):
         return fusion(torch.cat([F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False)
                                  for conv, x in zip(convs, levels)], 1))
 
-    def forward(self, levels: list[torch.Tensor]):
+    def token_logits(self, levels: list[torch.Tensor]) -> torch.Tensor:
         x = self.before_classifier(self.swin(self._fuse(levels, self.convs, self.fusion)))
-        return self.classifier(self.dropout(x)), self.pixel_classifier(self._fuse(levels, self.pixel_convs,
-                                                                                   self.pixel_fusion))
+        return self.classifier(self.dropout(x))
+
+    def pixel_logits(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return self.pixel_classifier(self._fuse(levels, self.pixel_convs, self.pixel_fusion))
+
+    def forward(self, levels: list[torch.Tensor]):
+        return self.token_logits(levels), self.pixel_logits(levels)
 
 
 class FrozenFeatureConditioning(nn.Module):
@@ -90,8 +95,14 @@ class FrozenFeatureConditioning(nn.Module):
                                     nn.Conv2d(dim, codes, 1))
         self.aux = nn.Conv2d(cond_channels, num_classes, 1)
 
+    def token_logits(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.tokens(cond)
+
+    def pixel_logits(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.aux(cond)
+
     def forward(self, cond: torch.Tensor):
-        return self.tokens(cond), self.aux(cond)
+        return self.token_logits(cond), self.pixel_logits(cond)
 
 
 class FTWDecoder(nn.Module):
@@ -169,7 +180,7 @@ class GSSHead(MaskHead):
         return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
 
     def _predicted_maskige(self, cond) -> torch.Tensor:
-        return self.vq.decode(self.conditioning(cond)[0].argmax(1))  # the argmax token of each block, decoded
+        return self.vq.decode(self.conditioning.token_logits(cond).argmax(1))  # the argmax token of each block
 
     def _first(self, cond) -> torch.Tensor:
         return cond[0] if self.takes_levels else cond
@@ -215,7 +226,7 @@ class GSSHead(MaskHead):
         size}: what the conditioning network predicts per pixel without the prior, so that an
         evaluation tells the prior's gain from the network's."""
         self._check(cond)
-        return {"pixel branch": self.conditioning(cond)[1]}
+        return {"pixel branch": self.conditioning.pixel_logits(cond)}
 
     def _nearest_class(self, reconstruction: torch.Tensor) -> torch.Tensor:
         # the class colours only: a prediction never says "ignore"

@@ -264,10 +264,15 @@ def test_parts_are_the_pixel_branch_alone(published):
     head = (_published() if published else _head()).eval()
     cond = _levels() if published else torch.randn(2, 8, 4, 6)
     pixels = head.conditioning.pixel_classifier if published else head.conditioning.aux
-    captured = []
+    tokens = head.conditioning.classifier if published else head.conditioning.tokens
+    captured, token_runs = [], []
     pixels.register_forward_hook(lambda module, args, out: captured.append(out))
+    tokens.register_forward_hook(lambda module, args, out: token_runs.append(out))
     parts = head.parts(cond)
     assert list(parts) == ["pixel branch"] and torch.equal(parts["pixel branch"], captured[0])
+    # each branch runs only where its output is used: an evaluation calls both, once each
+    head.sample(cond)
+    assert len(captured) == 1 and len(token_runs) == 1
     assert parts["pixel branch"].shape == (2, K, 4, 6)
     with pytest.raises(ValueError, match="cond must be"):
         head.parts(torch.randn(2, 8, 4, 6) if published else _levels())

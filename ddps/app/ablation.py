@@ -133,7 +133,8 @@ def _summary(reports: dict) -> dict:
            "mIoU": stats([h["final"]["mIoU"] for h in heads]),
            "mBIoU": stats([h["final"]["mBIoU"] for h in heads]),
            "prior_mIoU": stats([r["prior"]["reconstruction"]["mIoU"] for r in runs]) if "prior" in runs[0] else None,
-           "parts": {p: stats([h["parts"][p]["mIoU"] for h in heads]) for p in heads[0].get("parts", {})}}
+           "parts": {p: stats([h["parts"][p]["mIoU"] for h in heads])
+                     for p in heads[0].get("parts", {}) if all(p in h.get("parts", {}) for h in heads)}}
     out["steps"] = {s: stats([h["steps"][s]["mIoU"] for h in heads]) for s in heads[0]["steps"]}
     return out
 
@@ -169,11 +170,12 @@ def findings(summary: dict) -> list[tuple[str, str]]:
                     f"{spread('renoise-g1', 'posterior-g1'):.2f})"))
     for name in ("gss", "gss-ftw", "gss-frozen"):
         if "ddps" in summary and name in summary:
+            pixels = summary[name]["parts"].get("pixel branch")  # none in runs evaluated before parts existed
             out.append((f"GSS ({name}) against DDPS, from the same segmentor",
                         f"{m(name) - m('ddps'):+.2f} mIoU ({name} {m(name):.2f}, ddps {m('ddps'):.2f}; seed spread "
                         f"{spread('ddps', name):.2f}); its prior's round trip of the true masks scores "
-                        f"{m(name, 'prior_mIoU'):.2f}, its pixel branch alone "
-                        f"{summary[name]['parts']['pixel branch']['mean']:.2f}"))
+                        f"{m(name, 'prior_mIoU'):.2f}" + (f", its pixel branch alone {pixels['mean']:.2f}"
+                                                          if pixels else "")))
     if "ddps" in summary and "refine" in summary:
         gain = m("ddps") - m("refine")
         out.append(("The mask prior beyond its capacity (DDPS minus the refinement control)",

@@ -87,6 +87,20 @@ def test_one_run_reads_in_the_singular(ablated):
     assert rows[1][:3] == ["ddps", ablation.DESCRIPTIONS["ddps"], "1"]
 
 
+def test_gss_runs_evaluated_before_parts_existed_still_summarise(ablated):
+    # a folder may hold GSS runs whose eval.json has no "parts": the summary keeps only the parts
+    # every seed has, and the finding leaves the pixel branch out instead of failing
+    result = json.loads((ablated / "ablation.json").read_text())
+    runs = {"ddps": result["runs"]["ddps"], "gss": json.loads(json.dumps(result["runs"]["gss"]))}
+    del runs["gss"]["0"]["gss"]["parts"]
+    summary = {name: ablation._summary(r) for name, r in runs.items()}
+    assert summary["gss"]["parts"] == {}
+    (finding,) = [v for claim, v in ablation.findings(summary) if "(gss)" in claim]
+    assert finding.endswith(f"round trip of the true masks scores {summary['gss']['prior_mIoU']['mean']:.2f}")
+    del runs["gss"]["1"]["gss"]["parts"]
+    assert ablation._summary(runs["gss"])["parts"] == {}
+
+
 @pytest.mark.parametrize("seconds,text", [(0.04, "0.0 s"), (0.4, "0.4 s"), (42.4, "42 s"), (210, "3.5 min"),
                                           (4320, "1.2 h")])
 def test_durations_read_as_written(seconds, text):

@@ -163,7 +163,7 @@ def test_the_config_offers_what_the_registries_hold():
                 "(", r"\(").replace(")", r"\)")):
             config.load(None, [f"{key}=nope"], reads_data=False)
     # each plug-in's own keys are in its kind's section, with their defaults
-    assert cfg.data.synthetic.num_train == 512 and cfg.segmentor.diff.eta == 0.0 and cfg.head.gss.codes == 256
+    assert cfg.data.synthetic.num_train == 512 and cfg.segmentor.diff.eta == 1.0 and cfg.head.gss.codes == 256
     assert (cfg.segmentor.variant, cfg.head.transition, cfg.data.num_classes) == ("b2", "uniform", None)
 
 

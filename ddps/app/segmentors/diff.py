@@ -3,26 +3,30 @@ segmentor protocol: a frozen Stable-Diffusion UNet, VAE and text encoder (diffus
 as the backbone, a trainable aggregation and top-down fusion of its features, and a decode head.
 
 What DIFF computes, and where this module differs:
-- the image in [-1, 1] is VAE-encoded and scaled by the VAE's scaling factor (0.18215 for SD 2.1);
-  DIFF samples the latent posterior, here its mean is taken, so the features are a function of the
-  image (same image, same features; they can be cached);
+- the image in [-1, 1] is VAE-encoded and scaled by the VAE's scaling factor (0.18215 for SD 2.1):
+  a draw from the posterior, as DIFF (``latent=mean``, a deviation, takes its mean);
 - DDIM inversion with an empty prompt over a fixed timestep list (DIFF's 37 for SD 2.1): step i
   runs the UNet at t_(i-1) (t_(-1) = 0) and moves the latent to t_i; at the chosen steps the
   residual branch of each captured up-block ResNet (``conv2``'s output, before the skip is added)
-  and each captured up-block transformer block's output are kept (forward hooks). Steps after the
-  last kept one change no feature and are not run. ``eta`` > 0 adds DIFF's stochastic term (drawn
-  from the global RNG) for ``eta_range[0] < t < eta_range[1]``;
+  and each captured up-block transformer block's output are kept (forward hooks), the latter
+  summed over the prompts the UNet ran with, the empty prompt twice: DIFF runs the UNet on two
+  copies of it, so even without IPKL its transformer maps are twice one run's
+  (``prompt_features=mean``, a deviation, averages over the prompts once each). Steps after the
+  last kept one change no feature and are not run. ``eta`` (DIFF's: 1) adds DIFF's stochastic term
+  (drawn from the global RNG) for ``eta_range[0] < t < eta_range[1]``; with ``latent=mean`` and
+  ``eta=0`` the features are a function of the image (same image, same features; they can be cached);
 - per output stride the kept maps are concatenated over channels and projected by a bottleneck
   block with GroupNorm; the strides are fused top-down (deconvolution, add, residual block) into a
   pyramid from 1/4 to the coarsest stride. DIFF aggregates the UNet's 1/64 maps and then drops them:
   the default layer selection here skips them, and a selection that includes them fuses them;
-- the decode head is an all-MLP head (per level 1x1 conv, upsampling to 1/4, concatenation, fusion)
-  in place of DIFF's DAFormer head; its fused 1/4 features are the DDPS head's condition;
+- the decode head is DAFormer's as DIFF configures it (per level a linear embedding, upsampling to
+  1/4, concatenation, depthwise-separable ASPP with dilations 1, 6, 12, 18 and BN, a 3x3
+  bottleneck; dropout 0.1 before the classifier) or, as an option, ddps's lighter all-MLP head
+  (a 1x1 fusion with GroupNorm, no dropout); its fused 1/4 features are the DDPS head's condition;
 - IPKL (training only): a conditional branch runs the inversion with the empty prompt plus one
   prompt per ground-truth class present (classifier-free guidance, each class's latent update
-  applied under its mask, the updates averaged), and the transformer features are averaged over
-  the prompts (DIFF sums them, over a duplicated empty prompt too). The loss is the cross-entropy of
-  both branches plus a weighted MSE between their logits.
+  applied under its mask, the updates averaged). The loss is the cross-entropy of both branches
+  plus a weighted MSE between their logits.
 """
 from __future__ import annotations
 
@@ -96,15 +100,48 @@ class Fusion(nn.Module):
         return [x, *levels]
 
 
-class MLPHead(nn.Module):
-    """Per level a 1x1 convolution to ``channels``, bilinear upsampling to the finest level,
-    concatenation and a fusing 1x1 convolution with GroupNorm and ReLU: the 1/4 features."""
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1, groups: int = 1) -> nn.Sequential:
+    """mmcv's ConvModule with BN and ReLU (no bias: the norm has one)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, groups=groups,
+                                   bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
-    def __init__(self, in_channels: list[int], channels: int):
+
+class SeparableASPP(nn.Module):
+    """DAFormer's fusion as DIFF configures it: depthwise-separable ASPP without image pooling (per
+    dilation d a branch: for d = 1 a 1x1 convolution, else a 3x3 depthwise convolution dilated by d
+    then a 1x1 one, each with BN and ReLU), the branches concatenated, then a 3x3 bottleneck with
+    BN and ReLU."""
+
+    def __init__(self, cin: int, channels: int, dilations):
+        super().__init__()
+        self.dilations = tuple(dilations)
+        self.branches = nn.ModuleList(
+            _conv_bn_relu(cin, channels) if d == 1
+            else nn.Sequential(_conv_bn_relu(cin, cin, 3, d, groups=cin), _conv_bn_relu(cin, channels))
+            for d in self.dilations)
+        self.bottleneck = _conv_bn_relu(channels * len(self.dilations), channels, 3)
+
+    def forward(self, x):
+        return self.bottleneck(torch.cat([branch(x) for branch in self.branches], 1))
+
+
+class DecodeHead(nn.Module):
+    """Per level a 1x1 projection to ``channels`` (DAFormer's and SegFormer's linear embedding),
+    bilinear upsampling to the finest level, concatenation, then ``fuse``: the 1/4 features.
+
+    ``kind``: ``daformer`` (DIFF's: :class:`SeparableASPP` over the concatenation) or ``mlp``
+    (ddps's lighter deviation: a 1x1 convolution with GroupNorm and ReLU)."""
+
+    def __init__(self, in_channels: list[int], channels: int, kind: str = "daformer", dilations=(1, 6, 12, 18)):
         super().__init__()
         self.proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
-        self.fuse = nn.Sequential(nn.Conv2d(channels * len(in_channels), channels, 1, bias=False), _gn(channels, 8),
-                                  nn.ReLU(inplace=True))
+        cat = channels * len(in_channels)
+        if kind == "daformer":
+            self.fuse = SeparableASPP(cat, channels, dilations)
+        elif kind == "mlp":
+            self.fuse = nn.Sequential(nn.Conv2d(cat, channels, 1, bias=False), _gn(channels, 8), nn.ReLU(inplace=True))
+        else:
+            raise ValueError(f"segmentor.diff.head: {kind!r}: expected daformer or mlp")
 
     def forward(self, levels):
         size = levels[0].shape[-2:]
@@ -115,7 +152,7 @@ class MLPHead(nn.Module):
 
 class DIFFSegmentor(Segmentor):
     """The DIFF segmentor: the frozen :class:`DiffusionBackbone`, a bottleneck per stride, the
-    top-down fusion and an all-MLP decode head (``channels``: the features' width, the DDPS head's
+    top-down fusion and a :class:`DecodeHead` (``channels``: the features' width, the DDPS head's
     condition) with a 1x1 classifier. Images of any size are padded (bottom, right) to the UNet's
     multiple and the outputs cropped back to ceil(H/4) x ceil(W/4).
 
@@ -128,7 +165,8 @@ class DIFFSegmentor(Segmentor):
         models = pretrained_models(pretrained, dtype) if pretrained else tiny_models(dtype)
         self.pretrained = pretrained
         self.backbone = DiffusionBackbone(models, diff.timesteps, diff.save_steps, diff.resnets, diff.attentions,
-                                          diff.eta, diff.eta_range, diff.guidance_scale, diff.class_prompts)
+                                          diff.eta, diff.eta_range, diff.guidance_scale, diff.class_prompts,
+                                          diff.latent, diff.prompt_features)
         widths = self.backbone.channels()
         if len(diff.projection) < len(widths):
             raise ValueError(f"segmentor.diff.projection: {diff.projection} gives {len(diff.projection)} widths for "
@@ -136,7 +174,9 @@ class DIFFSegmentor(Segmentor):
         proj = list(diff.projection[:len(widths)])
         self.aggregate = nn.ModuleList(Bottleneck(c, p) for c, p in zip(widths, proj))
         self.fusion = Fusion(proj, diff.projection_x4)
-        self.decode = MLPHead([diff.projection_x4, *proj], channels)
+        self.decode = DecodeHead([diff.projection_x4, *proj], channels, diff.head, diff.dilations)
+        # mmseg's decode heads drop channels before their classifier (DIFF: 0.1); ddps's MLP head never did
+        self.dropout = nn.Dropout2d(0.1) if diff.head == "daformer" else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.num_classes, self.feature_channels = num_classes, channels
         self.ipkl, self.ipkl_weight = diff.ipkl, diff.ipkl_weight
@@ -162,7 +202,7 @@ class DIFFSegmentor(Segmentor):
     def _decode(self, levels, size):
         levels = [agg(x) for agg, x in zip(self.aggregate, levels)]
         features = self.decode(self.fusion(levels))[..., :(size[0] + 3) // 4, :(size[1] + 3) // 4]
-        return features, self.classifier(features)
+        return features, self.classifier(self.dropout(features))
 
     def forward(self, images: torch.Tensor):
         x = self._pad(check_images(images))
@@ -200,7 +240,9 @@ class DiffOptions:
     # widths per captured stride, fine to coarse
     projection: list[int] = option([512, 1024, 2048, 2048], minimum=1)
     projection_x4: int = option(256, minimum=1)  # the 1/4 level of the fused pyramid
-    eta: float = option(0.0, minimum=0)  # DDIM inversion noise (DIFF's config: 1.0), for eta_range[0] < t < eta_range[1]
+    head: str = option("daformer", choices=("daformer", "mlp"))  # decode head: DIFF's DAFormer head | ddps's MLP
+    dilations: list[int] = option([1, 6, 12, 18], minimum=1)  # the DAFormer head's ASPP branches
+    eta: float = option(1.0, minimum=0)  # DDIM inversion noise for eta_range[0] < t < eta_range[1] (0: ddps's deviation)
     eta_range: list[float] = option([10.0, 250.0], length=2, unbounded=True)
     # the frozen model's: auto (float16 on cuda, else float32) | float32 | float16 | bfloat16
     dtype: str = option("auto", choices=("auto", "float32", "float16", "bfloat16"))
@@ -208,6 +250,9 @@ class DiffOptions:
     ipkl_weight: float = option(1.0, minimum=0)  # IPKL: weight of the MSE between the two branches' logits
     guidance_scale: float = option(5.0, unbounded=True)  # IPKL: the class prompts' classifier-free guidance
     class_prompts: list[str] = option([])  # IPKL: one per class ("": none)
+    latent: str = option("sample", choices=("sample", "mean"))  # the VAE posterior's draw | its mean (a deviation)
+    # the transformer features over the prompts: DIFF's sum (the empty prompt twice) | their mean (a deviation)
+    prompt_features: str = option("sum", choices=("sum", "mean"))
 
 
 @dataclass
@@ -222,6 +267,10 @@ def _check(cfg) -> None:
         pairs = getattr(d, key)
         if pairs is not None and any(len(p) != 2 for p in pairs):
             raise ConfigError(f"segmentor.diff.{key}: {pairs}: expected [up block, index] pairs")
+    if cfg.train.cache_features and (d.latent == "sample" or d.eta > 0):
+        raise ConfigError("train.cache_features: the cache keeps one output per image, but these features are random "
+                          f"(segmentor.diff.latent={d.latent}, segmentor.diff.eta={d.eta}): set "
+                          "segmentor.diff.latent=mean and segmentor.diff.eta=0 (ddps's deviations), or leave the cache off")
     if d.ipkl:
         k, _ = DATASETS[cfg.data.dataset].classes(cfg)
         if len(d.class_prompts) != k or not any(d.class_prompts):

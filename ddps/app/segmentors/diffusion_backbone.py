@@ -81,8 +81,9 @@ class DiffusionBackbone(nn.Module):
     the first, the maps that reach DIFF's decode head). The captured up blocks must be consecutive
     and include the finest, so that their strides form a pyramid down to 1/8 of the latent's."""
 
-    def __init__(self, models, timesteps, save_steps, resnets=None, attentions=None, eta: float = 0.0,
-                 eta_range=(10, 250), guidance_scale: float = 5.0, prompts=()):
+    def __init__(self, models, timesteps, save_steps, resnets=None, attentions=None, eta: float = 1.0,
+                 eta_range=(10, 250), guidance_scale: float = 5.0, prompts=(), latent: str = "sample",
+                 prompt_features: str = "sum"):
         super().__init__()
         self.unet, self.vae, text_encoder, tokenizer, alphas = models
         self.register_buffer("alphas", torch.as_tensor(alphas, dtype=torch.float32), persistent=False)
@@ -98,6 +99,10 @@ class DiffusionBackbone(nn.Module):
         self.steps = list(zip([0] + ts[:-1], ts))
         self.save_steps = sorted(set(save_steps))
         self.eta, self.eta_range, self.guidance_scale = eta, tuple(eta_range), guidance_scale
+        if latent not in ("sample", "mean") or prompt_features not in ("sum", "mean"):
+            raise ValueError(f"segmentor.diff.latent / prompt_features: {latent!r} / {prompt_features!r}: expected "
+                             "sample or mean / sum or mean")
+        self.latent, self.prompt_features = latent, prompt_features
         blocks = self.unet.up_blocks
         last = len(blocks) - 1
         if resnets is None:
@@ -153,11 +158,13 @@ class DiffusionBackbone(nn.Module):
                 for block in self.blocks]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents (the posterior mean, scaled) of images in [0, 255], [B, 3, H, W] with H, W
-        multiples of ``multiple``."""
+        """Latents (scaled) of images in [0, 255], [B, 3, H, W] with H, W multiples of
+        ``multiple``: a draw from the VAE's posterior (global RNG; DIFF's) or its mean."""
         dtype = self.unet.dtype
         x = (images.float() / 127.5 - 1).to(dtype)
-        return self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
+        posterior = self.vae.encode(x).latent_dist
+        latents = posterior.sample() if self.latent == "sample" else posterior.mean
+        return latents.float() * self.vae.config.scaling_factor
 
     def _ddim(self, x, e, t: int, nt: int):
         """DIFF's DDIM step from t to nt (eta > 0: its stochastic term)."""
@@ -168,6 +175,21 @@ class DiffusionBackbone(nn.Module):
         x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
         out = an.sqrt() * x0 + c2 * e
         return out + c1 * torch.randn_like(e) if eta else out
+
+    def _step(self, x, e, t: int, nt: int, masks):
+        """The inversion's move from t to nt: the DDIM step on the unconditional noise e[:B]; under
+        IPKL (``masks``: one per prompted class, its noise e[gB:(g+1)B]) each class's guided step
+        under its mask, averaged with the unconditional one."""
+        b = x.shape[0]
+        eu = e[:b]
+        x_next = self._ddim(x, eu, t, nt)
+        if not masks:
+            return x_next
+        value, count = x_next, torch.ones_like(masks[0])
+        for g, m in enumerate(masks, 1):
+            guided = eu + self.guidance_scale * (e[g * b:(g + 1) * b] - eu)
+            value, count = value + m * self._ddim(x, guided, t, nt), count + m
+        return value / count
 
     def features(self, latents: torch.Tensor, labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per captured stride, fine to coarse, the kept maps concatenated over channels (float32).
@@ -191,15 +213,7 @@ class DiffusionBackbone(nn.Module):
                 self._kept = None
             if i == self.save_steps[-1]:
                 break
-            eu = e[:b]
-            x_next = self._ddim(x, eu, t, nt)
-            if masks:  # each class's guided update under its mask, averaged with the unconditional one
-                value, count = x_next, torch.ones_like(masks[0])
-                for g, m in enumerate(masks, 1):
-                    guided = eu + self.guidance_scale * (e[g * b:(g + 1) * b] - eu)
-                    value, count = value + m * self._ddim(x, guided, t, nt), count + m
-                x_next = value / count
-            x = x_next
+            x = self._step(x, e, t, nt, masks)
         return self._assemble(kept, b, latents.shape[-2:], len(groups))
 
     def _assemble(self, kept: dict, b: int, size, groups: int) -> list[torch.Tensor]:
@@ -213,8 +227,10 @@ class DiffusionBackbone(nn.Module):
                 for y in kept[(kind, i, j)]:
                     if kind == "resnet":
                         maps.append(y[:b].float())
-                    else:  # [groups * B, h * w, C], averaged over the prompts
-                        y = y.float().view(groups, b, h, w, -1).mean(0)
+                    else:  # [groups * B, h * w, C], over the prompts
+                        y = y.float().view(groups, b, h, w, -1)
+                        # DIFF sums them, its empty prompt twice (it runs the UNet on two copies of it)
+                        y = y.sum(0) + y[0] if self.prompt_features == "sum" else y.mean(0)
                         maps.append(y.permute(0, 3, 1, 2))
             out.append(torch.cat(maps, 1))
         return out

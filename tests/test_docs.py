@@ -78,8 +78,11 @@ COMMANDS = {
              {"8": "2", "runs/ade20k": "runs/ade20k-ddp", "data.root=...": "data.root={ade}"},
              [*ADE_SHRUNK, "segmentor.pretrained={segformer}"], ["runs/ade20k-ddp/eval.json"]),
         line("ddps train --config ade20k --out runs/ade20k-diff data.root=/data/ADEChallengeData2016 "
-             f"segmentor.type=diffusion-features {SD} segmentor.channels=256 segmentor.iters=40000",
-             {ADE_ROOT: "data.root={ade}", SD: "segmentor.pretrained={sd}", "segmentor.iters=40000": "segmentor.iters=2"},
+             f"segmentor.type=diffusion-features {SD} segmentor.channels=256 segmentor.iters=40000 segmentor.lr=6e-5 "
+             "segmentor.weight_decay=0.01 segmentor.head_lr_mult=10 segmentor.lr_policy=poly segmentor.warmup_iters=1500 "
+             "segmentor.warmup_ratio=1e-6",
+             {ADE_ROOT: "data.root={ade}", SD: "segmentor.pretrained={sd}", "segmentor.iters=40000": "segmentor.iters=2",
+              "segmentor.warmup_iters=1500": "segmentor.warmup_iters=1"},
              [*ADE_SHRUNK, *DIFF_SHRUNK], ["runs/ade20k-diff/eval.json"]),
         line("ddps convert iter_160000.pth --config ade20k --out runs/ddps-ade20k", extra=ADE_SHRUNK,
              expect=["runs/ddps-ade20k/model.safetensors"]),

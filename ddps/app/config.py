@@ -49,7 +49,8 @@ class DataBase:
 class StageConfig:
     """What a training stage reads: its length, its batch (over ``accumulate`` micro-steps),
     AdamW's settings, and its LR schedule: a linear warm-up from lr * warmup_ratio over
-    warmup_iters steps (null: min(50, iters // 10)), then x lr_gamma at each of lr_steps."""
+    warmup_iters steps (null: min(50, iters // 10)) of the policy's LR: ``step``, x lr_gamma at
+    each of lr_steps; ``poly``, lr * (1 - step / iters) ** lr_power (mmcv's, min_lr 0)."""
     iters: int = option(1000, minimum=1)
     batch_size: int = option(8, minimum=1)
     accumulate: int = option(1, minimum=1)
@@ -61,6 +62,8 @@ class StageConfig:
     warmup_ratio: float = option(0.1, minimum=0, maximum=1)
     lr_steps: list[int] = option([], minimum=1)
     lr_gamma: float = option(0.1, above=0)
+    lr_policy: str = option("step", choices=("step", "poly"))
+    lr_power: float = option(1.0, above=0)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class SegmentorBase(StageConfig):
     iters: int = option(300, minimum=0)  # 0: keep the initial / pretrained weights
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    head_lr_mult: float = option(1.0, above=0)  # x lr for the segmentor's decode head and classifier (DIFF: 10)
     type: str = option("compact", choices=SEGMENTORS.names())
     channels: int = option(32, minimum=1)  # the features' width (compact, segformer-mmseg, diffusion-features)
     pretrained: str | None = None  # segformer: local directory or hub id; diffusion-features: a diffusers
@@ -213,6 +217,11 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
     d = cfg.data
     if d.ratio_range[0] > d.ratio_range[-1]:
         problems.append(f"data.ratio_range: [low, high] with low <= high, got {d.ratio_range}")
+    for name in ("segmentor", "prior", "train", "decoder"):
+        section = getattr(cfg, name)
+        if section.lr_policy == "poly" and section.lr_steps:
+            problems.append(f"{name}.lr_steps: {section.lr_steps}: steps of the LR belong to {name}.lr_policy=step, "
+                            "not poly (set one or the other)")
     if cfg.train.cache_features and (d.ratio_range != [1.0, 1.0] or d.flip_prob > 0 or d.photometric):
         problems.append("train.cache_features: the cache keeps one output per training image, so the images must "
                         "repeat: set data.ratio_range=[1.0,1.0], data.flip_prob=0 and data.photometric=false (got "

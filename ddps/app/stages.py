@@ -27,10 +27,14 @@ STAGES = ("segmentor", "prior", "head", "decoder", "done")
 
 
 def lr_at(step: int, section) -> float:
-    """The LR of ``step`` of a stage: linear warm-up from lr * warmup_ratio over warmup_iters
-    (null: min(50, iters // 10)), then x lr_gamma at each of lr_steps (mmcv's 'step' policy)."""
+    """The LR of ``step`` of a stage (of a parameter group without an ``lr_mult``): mmcv's linear
+    warm-up from lr * warmup_ratio over warmup_iters (null: min(50, iters // 10)) of its policy's
+    LR, 'step' (x lr_gamma at each of lr_steps) or 'poly' (x (1 - step / iters) ** lr_power)."""
     warmup = section.warmup_iters if section.warmup_iters is not None else min(50, section.iters // 10)
-    lr = section.lr * section.lr_gamma ** sum(step >= s for s in section.lr_steps)
+    if section.lr_policy == "poly":
+        lr = section.lr * (1 - step / section.iters) ** section.lr_power
+    else:
+        lr = section.lr * section.lr_gamma ** sum(step >= s for s in section.lr_steps)
     if step < warmup:
         lr *= 1 - (1 - step / warmup) * (1 - section.warmup_ratio)
     return lr
@@ -48,7 +52,7 @@ class Stage:
 
     def __init__(self, trainer, section):
         self.trainer, self.section = trainer, section
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=section.lr, betas=tuple(section.betas),
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=section.lr, betas=tuple(section.betas),
                                            weight_decay=section.weight_decay) if self.active else None
 
     @property
@@ -58,6 +62,10 @@ class Stage:
 
     def parameters(self) -> list:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's groups; a group's ``lr_mult`` scales the schedule's LR for it."""
+        return [{"params": self.parameters()}]
 
     def start(self) -> nn.Module:
         """Set the model up for the stage; the module whose forward is the loss (DDP wraps it)."""
@@ -103,6 +111,17 @@ class SegmentorStage(Stage):
     def parameters(self) -> list:
         # a frozen backbone (diffusion-features) never trains
         return [p for p in self.trainer.segmentor.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict]:
+        """segmentor.head_lr_mult != 1: the decode head and classifier in a group of their own
+        (mmseg's paramwise lr_mult; DIFF's 10)."""
+        mult, segmentor = self.section.head_lr_mult, self.trainer.segmentor
+        if mult == 1:
+            return super().param_groups()
+        named = [(n, p) for n, p in segmentor.named_parameters() if p.requires_grad]
+        head = [p for n, p in named if n.startswith(segmentor.decode_head_prefixes)]
+        return [{"params": [p for n, p in named if not n.startswith(segmentor.decode_head_prefixes)]},
+                {"params": head, "lr_mult": mult}]
 
     def start(self) -> nn.Module:
         segmentor, ignore = self.trainer.segmentor, self.trainer.ignore

@@ -158,8 +158,9 @@ class Trainer:
             if not last:
                 continue
             micro = 0
+            lr = stages_mod.lr_at(self.step, section)
             for group in stage.optimizer.param_groups:
-                group["lr"] = stages_mod.lr_at(self.step, section)
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             stage.optimizer.step()
             stage.optimizer.zero_grad(set_to_none=True)
             self.step += 1

@@ -9,7 +9,8 @@ from ddps.app import config, stages, trainer
 
 
 def _section(**values):
-    defaults = dict(iters=300, lr=1.0, warmup_iters=None, warmup_ratio=0.1, lr_steps=[], lr_gamma=0.1)
+    defaults = dict(iters=300, lr=1.0, warmup_iters=None, warmup_ratio=0.1, lr_steps=[], lr_gamma=0.1,
+                    lr_policy="step", lr_power=1.0)
     return types.SimpleNamespace(**{**defaults, **values})
 
 
@@ -23,6 +24,46 @@ def test_lr_warms_up_linearly_then_steps(step, expected):
 def test_a_null_warm_up_is_a_tenth_of_the_stage_up_to_50_steps():
     assert stages.lr_at(15, _section(iters=300)) == pytest.approx(1 - 0.5 * 0.9)  # 30 warm-up steps
     assert stages.lr_at(49, _section(iters=4500)) < 1 and stages.lr_at(50, _section(iters=4500)) == 1
+
+
+@pytest.mark.parametrize("step", [0, 5, 9, 10, 37, 99])
+@pytest.mark.parametrize("power", [1.0, 0.9])
+def test_poly_lr_after_the_warm_up(step, power):
+    """mmcv's poly policy, min_lr 0: lr (1 - step / iters) ** power, the warm-up's factor
+    1 - (1 - step / warmup)(1 - ratio) over its first steps (DIFF: 1500 steps from 1e-6)."""
+    section = _section(iters=100, lr=2.0, warmup_iters=10, warmup_ratio=1e-6, lr_policy="poly", lr_power=power)
+    poly = 2.0 * (1 - step / 100) ** power
+    warm = 1 - (1 - step / 10) * (1 - 1e-6) if step < 10 else 1.0
+    assert stages.lr_at(step, section) == pytest.approx(poly * warm, rel=1e-12)
+
+
+def test_poly_and_lr_steps_are_one_or_the_other():
+    with pytest.raises(config.ConfigError, match=r"segmentor.lr_steps: \[5\]: steps of the LR belong to "
+                                                 r"segmentor.lr_policy=step"):
+        config.load(config.find("synthetic-smoke"), ["segmentor.lr_policy=poly", "segmentor.lr_steps=[5]"])
+
+
+def test_the_decode_head_trains_at_head_lr_mult(tmp_path):
+    """segmentor.head_lr_mult: the segmentor's decode head and classifier in a group of their own,
+    at that multiple of the schedule's LR at every step; 1 keeps one group."""
+    t = _trainer(tmp_path, "segmentor.head_lr_mult=10", "segmentor.iters=3", "segmentor.lr_policy=poly",
+                 "segmentor.warmup_iters=0", "train.iters=1")
+    rest, head = t.stages[0].optimizer.param_groups
+    assert [id(p) for p in head["params"]] == [id(p) for p in t.segmentor.classifier.parameters()]
+    assert head["lr_mult"] == 10 and "lr_mult" not in rest
+    assert len(rest["params"]) + 2 == len(list(t.segmentor.parameters()))
+    seen = []
+    step = t.stages[0].optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append([g["lr"] for g in t.stages[0].optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    t.stages[0].optimizer.step = record
+    t.run(until="head")
+    lr = t.cfg.segmentor.lr
+    assert seen == [pytest.approx([lr * (1 - s / 3), 10 * lr * (1 - s / 3)]) for s in range(3)]
+    assert len(_trainer(tmp_path / "plain").stages[0].optimizer.param_groups) == 1
 
 
 def _trainer(tmp_path, *overrides):

@@ -36,6 +36,8 @@ class Segmentor(nn.Module):
     # the backbone's levels (a head that fuses them, GSS's): their channels, () where the
     # segmentor does not give them
     level_channels: tuple[int, ...] = ()
+    # the parameters (by name) of its decode head and classifier: segmentor.head_lr_mult's
+    decode_head_prefixes: tuple[str, ...] = ("classifier.",)
 
     def levels(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's feature maps for images [B, 3, H, W], the first at 1/4 of the image."""

@@ -160,6 +160,8 @@ class DIFFSegmentor(Segmentor):
     frozen models when they come from ``pretrained`` (reloaded from there), and holds them when
     they are the random tiny ones."""
 
+    decode_head_prefixes = ("decode.", "classifier.")
+
     def __init__(self, num_classes: int, channels: int, diff, pretrained: str | None = None, dtype=torch.float32):
         super().__init__()
         models = pretrained_models(pretrained, dtype) if pretrained else tiny_models(dtype)

@@ -20,6 +20,8 @@ class SegFormerSegmentor(Segmentor):
     ``num_classes`` (the 150 ADE20K classes, for the original's 151 with 0 = other) keeps its
     classifier, and class 0 gets a constant low logit; any other label count gets a new classifier."""
 
+    decode_head_prefixes = ("model.decode_head.",)
+
     def __init__(self, num_classes: int, pretrained: str | None = None, config=None):
         super().__init__()
         try:
@@ -110,6 +112,8 @@ class MMSegSegFormer(Segmentor):
     fused features are the condition. ``classifier_classes``: the output classes of the original
     SegFormer's classifier (``conv_seg``), None for none; ``num_classes - 1`` gets class 0 as
     :class:`SegFormerSegmentor` does."""
+
+    decode_head_prefixes = ("decode.", "classifier.")
 
     def __init__(self, num_classes: int, variant: str, channels: int, classifier_classes: int | None = None):
         super().__init__()

@@ -43,6 +43,13 @@ class DataBase:
     flip_prob: float = option(0.5, minimum=0, maximum=1)
     photometric: bool = True
     workers: int = option(0, minimum=0)
+    # rare-class sampling (DAFormer's, DIFF's recipe; ddps/app/data/rcs.py): a class drawn by its
+    # rarity (softmax((1 - pixel share) / rcs_class_temp)), an image with > rcs_min_pixels of it,
+    # crops redrawn until > rcs_min_pixels * rcs_min_crop_ratio of them are in it
+    rcs: bool = False
+    rcs_class_temp: float = option(0.01, above=0)
+    rcs_min_pixels: int = option(3000, minimum=0)
+    rcs_min_crop_ratio: float = option(0.5, minimum=0, maximum=1)
 
 
 @dataclass
@@ -116,8 +123,8 @@ class TrainConfig(StageConfig):
     ema_momentum: float = option(0.01, minimum=0, maximum=1)  # the EMA's weight of the new value
     ema_interval: int = option(25, minimum=1)
     amp: str = option("none", choices=("none", "bf16"))  # bf16: the head's forward and backward under autocast
-    cache_features: bool = False   # keep the frozen segmentor's outputs per training image (needs images that
-                                   # repeat: no augmentation)
+    cache_features: bool = False   # keep the frozen segmentor's outputs per training image: the head stage's
+                                   # images then go without augmentation (the segmentor stage keeps it)
     checkpoint_interval: int = option(200, minimum=1)
     keep_last: int = option(2, minimum=1)
     log_interval: int = option(20, minimum=1)
@@ -222,10 +229,6 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
         if section.lr_policy == "poly" and section.lr_steps:
             problems.append(f"{name}.lr_steps: {section.lr_steps}: steps of the LR belong to {name}.lr_policy=step, "
                             "not poly (set one or the other)")
-    if cfg.train.cache_features and (d.ratio_range != [1.0, 1.0] or d.flip_prob > 0 or d.photometric):
-        problems.append("train.cache_features: the cache keeps one output per training image, so the images must "
-                        "repeat: set data.ratio_range=[1.0,1.0], data.flip_prob=0 and data.photometric=false (got "
-                        f"{d.ratio_range}, {d.flip_prob}, {d.photometric})")
     if problems:
         raise ConfigError(*problems)
     for entry in (dataset, SEGMENTORS[cfg.segmentor.type], HEADS[cfg.head.kind]):

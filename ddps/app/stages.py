@@ -15,6 +15,7 @@ The trainer (``ddps.app.trainer``) drives them without knowing which it drives.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -74,6 +75,10 @@ class Stage:
     def inputs(self, host_images, images, labels) -> tuple:
         """The loss module's arguments for a batch (outside autocast)."""
         raise NotImplementedError
+
+    def data(self, data):
+        """The data section its training batches are drawn with (the config's ``data``)."""
+        return data
 
     def after_step(self, step: int) -> bool:
         """After optimiser step ``step``; True ends the stage there."""
@@ -211,6 +216,13 @@ class HeadStage(_HeadStages):
         for p in t.segmentor.backbone_parameters():
             p.requires_grad_(True)
         return _Loss(nn.ModuleList([t.segmentor, t.head]), self.loss_end_to_end)
+
+    def data(self, data):
+        """With train.cache_features, the images without augmentation, so that they repeat (one
+        output per image); the segmentor stage keeps data's augmentation."""
+        if not self.section.cache_features:
+            return data
+        return dataclasses.replace(data, ratio_range=[1.0, 1.0], flip_prob=0.0, photometric=False)
 
     def loss(self, features, labels, base):
         return self.trainer.head.loss(features, labels, base, self.trainer.ignore)

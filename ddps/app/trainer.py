@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint, evaluation, stages as stages_mod
-from .data import build_dataset, mix_seed, train_batches
+from .data import build_dataset, mix_seed, rare_class_sampling, train_batches
 from .model import build_head, build_segmentor, dataset_classes, save_run
 from .stages import STAGES
 
@@ -60,6 +60,7 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "val")
+        self.rcs = rare_class_sampling(self.train_set, cfg.data)
         self.k, self.ignore = dataset_classes(cfg)
         torch.manual_seed(cfg.seed)  # initial weights
         self.segmentor = build_segmentor(cfg).to(self.device)
@@ -135,8 +136,8 @@ class Trainer:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         accumulate = section.accumulate
-        loader = train_batches(self.train_set, cfg.data, mix_seed(cfg.seed, stage.stream), section.batch_size,
-                               self.step * accumulate, section.iters * accumulate, self.rank, self.world)
+        loader = train_batches(self.train_set, stage.data(cfg.data), mix_seed(cfg.seed, stage.stream), section.batch_size,
+                               self.step * accumulate, section.iters * accumulate, self.rank, self.world, self.rcs)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=stage.amp)
         progress = None
         if self.rank == 0 and cfg.train.progress:

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from ddps.app import config
-from ddps.app.data import DataError, build_dataset, train_batches
+from ddps.app.data import DataError, build_dataset, rare_class_sampling, train_batches
 from ddps.app.data.files import ade20k, cityscapes, folder
 from ddps.app.data.synthetic import SyntheticShapes, generate
 from ddps.app.data.transforms import hsv_to_rgb, photometric, random_crop, rescale_size, rgb_to_hsv
@@ -125,6 +125,7 @@ def test_folder_dataset(tmp_path):
     ds = folder(str(_folder(tmp_path, (0, 1, 2, 255))), "train", 3, 255)
     image, labels = ds[0]
     assert image.shape == (3, 8, 6) and set(labels.unique().tolist()) == {0, 1, 2, 255}
+    assert torch.equal(ds.labels(0), labels)  # the mask alone, as rare-class sampling reads it
 
 
 def test_mask_label_out_of_range_names_the_file(tmp_path):
@@ -187,3 +188,108 @@ def test_cityscapes_labels(tmp_path):
     ds = cityscapes(str(tmp_path), "train")
     assert (ds.num_classes, ds.ignore_index) == (20, 0)
     assert set(ds[0][1].unique().tolist()) == {1, 19, 0}
+
+
+class _Labels(torch.utils.data.Dataset):
+    """Images of zeros with the given label maps (3 classes, ignore 255)."""
+    num_classes, ignore_index, class_names = 3, 255, ("a", "b", "c")
+
+    def __init__(self, maps):
+        self.maps = [torch.as_tensor(m) for m in maps]
+
+    def __len__(self):
+        return len(self.maps)
+
+    def labels(self, index):
+        return self.maps[index]
+
+    def __getitem__(self, index):
+        m = self.maps[index]
+        return torch.zeros(3, *m.shape, dtype=torch.uint8), m
+
+
+def _map(counts, size=(10, 10)):
+    """A label map with counts[c] pixels of class c, the rest ignored."""
+    flat = torch.full((size[0] * size[1],), 255)
+    start = 0
+    for c, n in enumerate(counts):
+        flat[start:start + n] = c
+        start += n
+    return flat.view(size)
+
+
+def test_rare_class_probabilities_and_pools_by_their_formula():
+    """DAFormer's: p_c = softmax_c((1 - n_c / N) / T) over the classes present (N: the labelled
+    pixels of the training set; ignore and absent classes not counted); the pool of c: the images
+    with more than min_pixels pixels of c."""
+    from ddps.app.data.rcs import RareClassSampling
+    ds = _Labels([_map((60, 5, 0)), _map((30, 0, 0)), _map((10, 2, 0))])
+    rcs = RareClassSampling(ds, 0.05, 4, 0.5)
+    assert rcs.classes.tolist() == [0, 1]
+    n = torch.tensor([100.0, 7.0], dtype=torch.float64)
+    logits = (1 - n / 107) / 0.05
+    torch.testing.assert_close(rcs.probs, logits.exp() / logits.exp().sum())
+    assert [p.tolist() for p in rcs.images] == [[0, 1, 2], [0]] and rcs.threshold == 2.0
+    with pytest.raises(DataError, match=r"data.rcs_min_pixels: 5: no training image has more pixels than that of "
+                                        r"class b; lower it, or turn data.rcs off"):
+        RareClassSampling(ds, 0.05, 5, 0.5)
+
+
+def test_rare_class_draws_follow_their_distribution():
+    """10000 draws from a fixed seed: each class's count within 4.5 standard deviations of its
+    binomial mean, and the image uniform over the class's pool (a chi-square bound)."""
+    from ddps.app.data.rcs import RareClassSampling
+    ds = _Labels([_map((60, 5, 20)), _map((30, 0, 40)), _map((10, 6, 30)), _map((80, 0, 0))])
+    rcs = RareClassSampling(ds, 0.2, 4, 0.5)
+    g = torch.Generator().manual_seed(0)
+    draws = [rcs.draw(g) for _ in range(10000)]
+    classes = torch.tensor([c for c, _ in draws])
+    for j, c in enumerate(rcs.classes.tolist()):
+        p = float(rcs.probs[j])
+        count = int((classes == c).sum())
+        assert abs(count - 10000 * p) < 4.5 * (10000 * p * (1 - p)) ** 0.5, (c, count, p)
+        images = torch.tensor([i for k, i in draws if k == c])
+        pool = rcs.images[j].tolist()
+        assert set(images.tolist()) == set(pool)
+        observed = torch.bincount(images, minlength=4)[pool].double()
+        expected = count / len(pool)
+        assert ((observed - expected) ** 2 / expected).sum() < 20  # chi-square, <= 3 dof: p < 2e-4
+
+
+def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
+    """The drawn image's augmentation is redrawn, at most 10 more times, until the crop holds
+    more than min_pixels * min_crop_ratio pixels of the class; the stream stays a function of
+    (seed, position)."""
+    from ddps.app.data.rcs import RareClassSampling
+    label = torch.zeros(32, 32, dtype=torch.long)
+    label[:12, :12] = 1  # 144 pixels of class 1 in a corner
+    ds = _Labels([label])
+    rcs = RareClassSampling(ds, 1e-3, 30, 0.5)  # class 1 is rare: drawn nearly always
+    calls = []
+
+    def crop(image, labels, g):  # an 8x8 crop at a random place
+        y, x = (int(v) for v in torch.randint(0, 25, (2,), generator=g))
+        calls.append((y, x))
+        return image[:, y:y + 8, x:x + 8], labels[y:y + 8, x:x + 8]
+
+    got = []
+    for seed in range(40):
+        calls.clear()
+        g = torch.Generator().manual_seed(seed)
+        c, _ = rcs.draw(torch.Generator().manual_seed(seed))
+        _, labels = rcs.sample(ds, crop, g)
+        assert 1 <= len(calls) <= 11
+        enough = int((labels == c).sum()) > 15
+        assert enough or len(calls) == 11  # stopped at the first crop with enough, or ran out
+        if len(calls) < 11:
+            assert all(int((ds.maps[0][y:y + 8, x:x + 8] == c).sum()) <= 15 for y, x in calls[:-1])
+        got.append(enough)
+    one = sum(int((label[y:y + 8, x:x + 8] == 1).sum()) > 15 for y in range(25) for x in range(25)) / 625
+    assert sum(got) / 40 > 3 * one  # re-cropping finds the corner far more often than one crop does
+    cfg = smoke("data.rcs=true", "data.rcs_min_pixels=10")
+    whole = build_dataset(cfg, "train")
+    sampling = rare_class_sampling(whole, cfg.data)
+    assert rare_class_sampling(whole, smoke().data) is None and sampling.threshold == 5.0
+    a = list(train_batches(whole, cfg.data, 7, 4, 0, 3, rcs=sampling))
+    b = list(train_batches(whole, cfg.data, 7, 4, 1, 3, rcs=sampling))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a[1:], b))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ddps.app import config, stages, trainer
+from ddps.app.data import train_batches
 
 
 def _section(**values):
@@ -66,6 +67,35 @@ def test_the_decode_head_trains_at_head_lr_mult(tmp_path):
     assert len(_trainer(tmp_path / "plain").stages[0].optimizer.param_groups) == 1
 
 
+class _OneImage(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset, self.ignore_index = dataset, dataset.ignore_index
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.dataset[0]
+
+
+def test_a_cached_head_stage_takes_its_images_without_augmentation(tmp_path):
+    """train.cache_features: the head stage's batches drawn without augmentation (the same image
+    every epoch), the segmentor stage's with data's; without the cache both take data's."""
+    t = _trainer(tmp_path, "train.cache_features=true", "data.flip_prob=0.5", "data.photometric=true")
+    seg, head = t.stages
+    d = t.cfg.data
+    assert seg.data(d) is d and d.ratio_range == [0.75, 1.25] and d.flip_prob == 0.5 and d.photometric
+    plain = head.data(d)
+    assert (plain.ratio_range, plain.flip_prob, plain.photometric) == ([1.0, 1.0], 0.0, False)
+    assert {k: v for k, v in vars(plain).items() if k not in ("ratio_range", "flip_prob", "photometric")} == \
+        {k: v for k, v in vars(d).items() if k not in ("ratio_range", "flip_prob", "photometric")}
+    one = _OneImage(t.train_set)
+    batches = [next(iter(train_batches(one, section, 5, 1, step, step + 1))) for step in (0, 1)
+               for section in (plain, d)]  # the same image at steps 0 and 1, with other random draws
+    assert torch.equal(batches[0][0], batches[2][0]) and not torch.equal(batches[1][0], batches[3][0])
+    assert _trainer(tmp_path / "live", "data.flip_prob=0.5").stages[1].data(d) is d
+
+
 def _trainer(tmp_path, *overrides):
     cfg = config.load(config.find("synthetic-smoke"), ["data.synthetic.num_train=4", "data.synthetic.num_val=1",
                                                        *overrides])
@@ -115,3 +145,15 @@ def test_the_head_gives_the_trainer_its_average_and_weights(tmp_path):
     sampling.load_trained(t.ema)
     assert all(torch.equal(sampling.state_dict()[k], v) for k, v in t.ema.items())
     assert sampling.reconstruct(torch.zeros(1, 8, 8, dtype=torch.long)) is None  # DDPS has no prior to report
+
+
+def test_rare_class_sampling_feeds_every_stage(tmp_path, monkeypatch):
+    """data.rcs: the trainer reads the training labels once and every stage's batches draw through
+    that sampler; without it, none."""
+    t = _trainer(tmp_path, "data.rcs=true", "data.rcs_min_pixels=10", "segmentor.iters=1", "train.iters=1")
+    assert t.rcs is not None and _trainer(tmp_path / "plain").rcs is None
+    used = []
+    sample = t.rcs.sample
+    monkeypatch.setattr(t.rcs, "sample", lambda *args: used.append(1) or sample(*args))
+    t.run(until="done")
+    assert len(used) == 2 * 4  # two stages of one step of 4 images

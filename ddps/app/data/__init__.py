@@ -14,9 +14,11 @@ import torch
 from ..schema import DATASETS
 from . import synthetic, files  # noqa: F401  (each registers its datasets, in this order)
 from .files import DataError, read_image
+from .rcs import RareClassSampling
 from .transforms import TrainTransform, rescale_size, resize
 
-__all__ = ["DataError", "build_dataset", "mix_seed", "read_image", "rescale_size", "resize", "train_batches"]
+__all__ = ["DataError", "build_dataset", "mix_seed", "rare_class_sampling", "read_image", "rescale_size", "resize",
+           "train_batches"]
 
 
 def build_dataset(cfg, split: str):
@@ -35,16 +37,18 @@ def mix_seed(*values: int) -> int:
 
 
 class _Samples(torch.utils.data.Dataset):
-    def __init__(self, dataset, transform, seed: int):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset, transform, seed: int, rcs: RareClassSampling | None):
+        self.dataset, self.transform, self.seed, self.rcs = dataset, transform, seed, rcs
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
         index, position = key
-        image, labels = self.dataset[index]
         g = torch.Generator().manual_seed(mix_seed(self.seed, position))
+        if self.rcs is not None:  # the image is drawn by its classes instead
+            return self.rcs.sample(self.dataset, self.transform, g)
+        image, labels = self.dataset[index]
         return self.transform(image, labels, g)
 
 
@@ -69,10 +73,19 @@ class _Positions(torch.utils.data.Sampler):
             yield [(self._index(p), p) for p in positions]
 
 
-def train_batches(dataset, data_cfg, seed: int, batch: int, start: int, stop: int, rank: int = 0, world: int = 1):
-    """Batches (images uint8 [b, 3, h, w], labels [b, h, w]) of steps start..stop-1; b = batch / world."""
+def rare_class_sampling(dataset, data_cfg) -> RareClassSampling | None:
+    """data.rcs's sampling of ``dataset`` (its labels read once), or None."""
+    if not data_cfg.rcs:
+        return None
+    return RareClassSampling(dataset, data_cfg.rcs_class_temp, data_cfg.rcs_min_pixels, data_cfg.rcs_min_crop_ratio)
+
+
+def train_batches(dataset, data_cfg, seed: int, batch: int, start: int, stop: int, rank: int = 0, world: int = 1,
+                  rcs: RareClassSampling | None = None):
+    """Batches (images uint8 [b, 3, h, w], labels [b, h, w]) of steps start..stop-1; b = batch / world.
+    ``rcs``: each sample drawn by rare-class sampling instead of the epoch's permutation."""
     if batch % world:
         raise ValueError(f"batch size {batch} is not divisible by the {world} processes")
-    samples = _Samples(dataset, TrainTransform(data_cfg, dataset.ignore_index), seed)
+    samples = _Samples(dataset, TrainTransform(data_cfg, dataset.ignore_index), seed, rcs)
     return torch.utils.data.DataLoader(samples, batch_sampler=_Positions(len(dataset), seed, batch, start, stop, rank, world),
                                        num_workers=data_cfg.workers)

@@ -106,18 +106,25 @@ class FileDataset(torch.utils.data.Dataset):
                 problems.append(_size_problem(mask_path, mask[0], image_path, image[0]))
         return problems
 
+    def labels(self, index: int) -> torch.Tensor:
+        """The training labels of ``index`` alone (its mask read, its image not)."""
+        return torch.from_numpy(self._labels(read_mask(self.pairs[index][1]), self.pairs[index][1]))
+
+    def _labels(self, raw: np.ndarray, mask_path: Path) -> np.ndarray:
+        bad = ~self.valid(raw)
+        if bad.any():
+            values = np.unique(raw[bad])[:5].tolist()
+            raise DataError(f"{mask_path}: label values {values} are not valid for this dataset "
+                            f"({self.num_classes} classes, ignore value {self.ignore_index})")
+        return self.label_map(raw)
+
     def __getitem__(self, index: int):
         image_path, mask_path = self.pairs[index]
         image = read_image(image_path)
         raw = read_mask(mask_path)
         if raw.shape != tuple(image.shape[1:]):
             raise DataError(_size_problem(mask_path, raw.shape[::-1], image_path, image.shape[:0:-1]))
-        bad = ~self.valid(raw)
-        if bad.any():
-            values = np.unique(raw[bad])[:5].tolist()
-            raise DataError(f"{mask_path}: label values {values} are not valid for this dataset "
-                            f"({self.num_classes} classes, ignore value {self.ignore_index})")
-        return image, torch.from_numpy(self.label_map(raw))
+        return image, torch.from_numpy(self._labels(raw, mask_path))
 
 
 def _pair_by_stem(images: list[Path], masks: list[Path], mask_suffix: str, image_suffix: str = "") -> list:

@@ -86,6 +86,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def name(self, index: int) -> str:
         return f"synthetic-{self.split}-{index:05d}"
 
+    def labels(self, index: int) -> torch.Tensor:
+        return self[index][1]
+
     def __getitem__(self, index: int):
         sample = None if self._cache is None else self._cache.get(index)
         if sample is None:

@@ -230,9 +230,11 @@ def test_rare_class_probabilities_and_pools_by_their_formula():
     logits = (1 - n / 107) / 0.05
     torch.testing.assert_close(rcs.probs, logits.exp() / logits.exp().sum())
     assert [p.tolist() for p in rcs.images] == [[0, 1, 2], [0]] and rcs.threshold == 2.0
-    with pytest.raises(DataError, match=r"data.rcs_min_pixels: 5: no training image has more pixels than that of "
-                                        r"class b; lower it, or turn data.rcs off"):
+    with pytest.raises(DataError, match=r"data.rcs_min_pixels: 5: no training image has more than that many "
+                                        r"pixels of class b; lower it, or turn data.rcs off"):
         RareClassSampling(ds, 0.05, 5, 0.5)
+    with pytest.raises(DataError, match=r"pixels of classes a, b; lower it"):
+        RareClassSampling(ds, 0.05, 60, 0.5)
 
 
 def test_rare_class_draws_follow_their_distribution():

@@ -24,8 +24,8 @@ class RareClassSampling:
         empty = [c for c, pool in zip(self.classes.tolist(), self.images) if not len(pool)]
         if empty:
             names = ", ".join(dataset.class_names[c] for c in empty)
-            raise DataError(f"data.rcs_min_pixels: {min_pixels}: no training image has more pixels than that of "
-                            f"class {names}; lower it, or turn data.rcs off")
+            raise DataError(f"data.rcs_min_pixels: {min_pixels}: no training image has more than that many pixels "
+                            f"of class{'es' if len(empty) > 1 else ''} {names}; lower it, or turn data.rcs off")
         self.threshold = min_pixels * min_crop_ratio
 
     def draw(self, g: torch.Generator) -> tuple[int, int]:

@@ -230,6 +230,10 @@ def test_rare_class_probabilities_and_pools_by_their_formula():
     logits = (1 - n / 107) / 0.05
     torch.testing.assert_close(rcs.probs, logits.exp() / logits.exp().sum())
     assert [p.tolist() for p in rcs.images] == [[0, 1, 2], [0]] and rcs.threshold == 2.0
+    ignore_is_k = _Labels([_map((50, 5, 0))])  # a dataset whose ignore value is K = 3 (ade20k-150's kind)
+    ignore_is_k.ignore_index = 3
+    ignore_is_k.maps[0][ignore_is_k.maps[0] == 255] = 3
+    assert RareClassSampling(ignore_is_k, 0.05, 4, 0.5).classes.tolist() == [0, 1]
     with pytest.raises(DataError, match=r"data.rcs_min_pixels: 5: no training image has more than that many "
                                         r"pixels of class b; lower it, or turn data.rcs off"):
         RareClassSampling(ds, 0.05, 5, 0.5)
@@ -286,6 +290,12 @@ def test_rare_class_sampling_recrops_until_the_class_is_in_the_crop():
         if len(calls) < 11:
             assert all(int((ds.maps[0][y:y + 8, x:x + 8] == c).sum()) <= 15 for y, x in calls[:-1])
         got.append(enough)
+    # a function of its generator alone: the global RNG moved in between changes nothing
+    for seed in range(20):
+        torch.manual_seed(seed)
+        first = rcs.sample(ds, crop, torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed + 100)
+        assert torch.equal(first[1], rcs.sample(ds, crop, torch.Generator().manual_seed(seed))[1])
     one = sum(int((label[y:y + 8, x:x + 8] == 1).sum()) > 15 for y in range(25) for x in range(25)) / 625
     assert sum(got) / 40 > 3 * one  # re-cropping finds the corner far more often than one crop does
     cfg = smoke("data.rcs=true", "data.rcs_min_pixels=10")

@@ -359,6 +359,7 @@ def test_decode_head_default_is_diffs_and_mlp_stays_an_option():
     assert [c.groups for c in convs] == [1, 64, 64, 64]  # 4 levels of 16 channels, depthwise
     assert all(c.bias is None for c in convs)
     assert isinstance(seg.dropout, torch.nn.Dropout2d) and seg.dropout.p == 0.1
+    assert [n.num_groups for n in seg.fusion.norms] == [16, 16, 32]  # DIFF's GroupNorm: gcd(width, 32)
     mlp = build("segmentor.diff.head=mlp").eval()
     assert isinstance(mlp.dropout, torch.nn.Identity) and not hasattr(mlp.decode.fuse, "branches")
     with torch.no_grad():
@@ -371,6 +372,43 @@ def test_decode_head_default_is_diffs_and_mlp_stays_an_option():
         torch.manual_seed(1)
         b = seg(images())[1]
     assert not torch.allclose(a, b)  # dropout draws in training
+
+
+def test_mlp_head_computes_its_formula():
+    """ddps's MLP head (segmentor.diff.head=mlp), recomputed: the same embedding and upsampling as
+    DAFormer's, then a 1x1 convolution without bias, GroupNorm (gcd(channels, 8) groups), ReLU."""
+    from ddps.app.segmentors.diff import DecodeHead
+    torch.manual_seed(0)
+    head = DecodeHead([4, 6], 12, "mlp", ()).eval()
+    _randomise_norms(head)
+    g = torch.Generator().manual_seed(1)
+    levels = [torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 4, 4, generator=g)]
+    x = torch.cat([F.conv2d(levels[0], head.proj[0].weight, head.proj[0].bias),
+                   F.interpolate(F.conv2d(levels[1], head.proj[1].weight, head.proj[1].bias), size=(8, 8),
+                                 mode="bilinear", align_corners=False)], 1)
+    conv, norm, _ = head.fuse
+    assert conv.bias is None and norm.num_groups == 4
+    expected = F.group_norm(F.conv2d(x, conv.weight), 4, norm.weight, norm.bias, norm.eps).relu()
+    with torch.no_grad():
+        torch.testing.assert_close(head(levels), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"segmentor.diff.head: 'aspp': expected daformer or mlp"):
+        DecodeHead([4], 4, "aspp", ())
+
+
+def test_encode_is_the_vae_latent_scaled():
+    """Images in [0, 255] to [-1, 1], the VAE's posterior (a draw from the global RNG, or its mean
+    with latent=mean), times the VAE's scaling factor."""
+    drawn = build().backbone
+    mean = build("segmentor.diff.latent=mean").backbone
+    x = images()
+    with torch.no_grad():
+        posterior = drawn.vae.encode(x.float() / 127.5 - 1).latent_dist
+        torch.manual_seed(3)
+        expected = posterior.sample() * drawn.vae.config.scaling_factor
+        torch.manual_seed(3)
+        torch.testing.assert_close(drawn.encode(x), expected)
+        torch.testing.assert_close(mean.encode(x), posterior.mean * mean.vae.config.scaling_factor)
+    assert drawn.vae.config.scaling_factor != 1
 
 
 def test_top_down_fusion_computes_its_formula():
@@ -421,6 +459,7 @@ def _ddim_by_formula(x, e, a, an, eta, noise):
     (0.7, [10, 250], 105, 121),
     (1.0, [10, 250], 10, 25),     # the range is open: t = 10 takes no noise
     (1.0, [10, 250], 0, 10),
+    (1.0, [10, 100], 100, 105),   # and at its top: t = 100 takes none
 ])
 def test_inversion_step_computes_diffs_formula(eta, eta_range, t, nt):
     bb = build(f"segmentor.diff.eta={eta}", f"segmentor.diff.eta_range={eta_range}").backbone
@@ -430,7 +469,11 @@ def test_inversion_step_computes_diffs_formula(eta, eta_range, t, nt):
     noise = torch.randn_like(e)
     torch.manual_seed(7)
     out = bb._ddim(x, e, t, nt)
+    after = torch.randn(1)
     noisy = eta_range[0] < t < eta_range[1]
+    if not (eta and noisy):  # no noise, no draw: the global RNG is where it was
+        torch.manual_seed(7)
+        assert torch.equal(after, torch.randn(1))
     expected = _ddim_by_formula(x, e, bb.alphas[t], bb.alphas[nt], eta if noisy else 0.0, noise)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if eta and noisy:  # the noise term is there and matters
@@ -457,6 +500,7 @@ def test_class_masked_guided_step_computes_its_formula():
     expected = (plain + m1 * step1 + m2 * step2) / (1 + m1 + m2)
     torch.testing.assert_close(bb._step(x, e, 25, 50, [m1, m2]), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bb._step(x, e[:2], 25, 50, []), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bb._step(x, e[:4], 25, 50, [m1]), (plain + m1 * step1) / (1 + m1), rtol=1e-5, atol=1e-5)
     outside = (m1 + m2) == 0
     assert outside.any() and torch.allclose(expected.masked_select(outside.expand_as(x)),
                                             plain.masked_select(outside.expand_as(x)))

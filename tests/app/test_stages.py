@@ -25,6 +25,7 @@ def test_lr_warms_up_linearly_then_steps(step, expected):
 def test_a_null_warm_up_is_a_tenth_of_the_stage_up_to_50_steps():
     assert stages.lr_at(15, _section(iters=300)) == pytest.approx(1 - 0.5 * 0.9)  # 30 warm-up steps
     assert stages.lr_at(49, _section(iters=4500)) < 1 and stages.lr_at(50, _section(iters=4500)) == 1
+    assert stages.lr_at(15, _section(iters=305)) == pytest.approx(1 - 0.5 * 0.9)  # 305 // 10 = 30 steps
 
 
 @pytest.mark.parametrize("step", [0, 5, 9, 10, 37, 99])

@@ -132,7 +132,7 @@ class DecodeHead(nn.Module):
     ``kind``: ``daformer`` (DIFF's: :class:`SeparableASPP` over the concatenation) or ``mlp``
     (ddps's lighter deviation: a 1x1 convolution with GroupNorm and ReLU)."""
 
-    def __init__(self, in_channels: list[int], channels: int, kind: str = "daformer", dilations=(1, 6, 12, 18)):
+    def __init__(self, in_channels: list[int], channels: int, kind: str, dilations):
         super().__init__()
         self.proj = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         cat = channels * len(in_channels)

@@ -99,9 +99,6 @@ class DiffusionBackbone(nn.Module):
         self.steps = list(zip([0] + ts[:-1], ts))
         self.save_steps = sorted(set(save_steps))
         self.eta, self.eta_range, self.guidance_scale = eta, tuple(eta_range), guidance_scale
-        if latent not in ("sample", "mean") or prompt_features not in ("sum", "mean"):
-            raise ValueError(f"segmentor.diff.latent / prompt_features: {latent!r} / {prompt_features!r}: expected "
-                             "sample or mean / sum or mean")
         self.latent, self.prompt_features = latent, prompt_features
         blocks = self.unet.up_blocks
         last = len(blocks) - 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import doctest
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,12 @@ COMMANDS = {
              expect=["runs/gss/eval.json"]),
         line("ddps train --config synthetic-diff --out runs/synthetic-diff",
              extra=[*SYNTHETIC_SHRUNK, "data.synthetic.max_shapes=2"], expect=["runs/synthetic-diff/eval.json"]),
+        line("ddps train --config synthetic-diff --out runs/synthetic-compact segmentor.type=compact "
+             "segmentor.iters=2000 segmentor.lr_steps=[1500]", {"segmentor.lr_steps=[1500]": "segmentor.lr_steps=[1]"},
+             extra=SYNTHETIC_SHRUNK, expect=["runs/synthetic-compact/eval.json"]),
         line("ddps eval --run runs/synthetic eval.mode=ms-flip", extra=["--limit", "1", "eval.scales=[1.0]"]),
+        line("ddps eval --run runs/synthetic 'eval.datasets=[{name: shifted, synthetic: {domain: 1}}]'",
+             extra=["--limit", "1"], expect=["runs/synthetic/eval.json"]),
         line("ddps segment --run runs/synthetic --out masks/ --steps --labels photo1.jpg photo2.png "
              "eval.inference_steps=4", expect=["masks/photo1.png", "masks/photo2_segmentor.png",
                                                "masks/photo1_step0.png", "masks/photo2_labels.png", "masks/legend.png"]),
@@ -222,6 +228,13 @@ def scratch(d: Path) -> None:
     torch.save({"state_dict": state}, d / "iter_160000.pth")
 
 
+def _place(word: str, scratch_dir: Path) -> str:
+    # the scratch folders in place of {ade}, {segformer}, {sd} (str.format would read YAML's braces)
+    for name in ("ade", "segformer", "sd"):
+        word = word.replace(f"{{{name}}}", str(scratch_dir / name))
+    return word
+
+
 @pytest.mark.parametrize("group", list(COMMANDS))
 def test_documented_commands(group, tmp_path, monkeypatch):
     if group == "gpu" and not torch.cuda.is_available():
@@ -231,8 +244,7 @@ def test_documented_commands(group, tmp_path, monkeypatch):
     scratch(tmp_path)
     monkeypatch.chdir(tmp_path)
     for text, subs, extra, expect in COMMANDS[group]:
-        words = [subs.get(w, w).format(ade=tmp_path / "ade", segformer=tmp_path / "segformer", sd=tmp_path / "sd")
-                 for w in [*text.split(), *extra]]
+        words = [_place(subs.get(w, w), tmp_path) for w in [*shlex.split(text), *extra]]
         if words[0] == "ddps":  # the command line's own entry, in this process (tests/app runs `python -m ddps`)
             assert main(words[1:]) == 0, " ".join(words)
         else:  # torchrun: processes of their own

@@ -27,7 +27,7 @@ from .heads import HEADS
 from .schema import ConfigError, check_constraints, option
 from .segmentors import SEGMENTORS
 
-__all__ = ["Config", "ConfigError", "changes", "find", "flatten", "load"]
+__all__ = ["Config", "ConfigError", "changes", "eval_datasets", "find", "flatten", "load"]
 
 
 @dataclass
@@ -147,6 +147,10 @@ class EvalConfig:
     boundary_dilation: float = option(0.02, minimum=0)  # boundary band width as a fraction of the image diagonal
     use_ema: bool = True
     panels: int = option(4, minimum=0)  # PNG panels written by `ddps train`'s final evaluation
+    # more held-out sets to evaluate beside data's (cross-domain evaluation): each a mapping of
+    # data.* keys over the run's own (a nested section, such as synthetic, merged key by key) and
+    # an optional name (default: its dataset); each needs the classes and ignore value of data's
+    datasets: list[dict] = option([])
 
 
 DataConfig = DATASETS.section(DataBase)
@@ -239,6 +243,49 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
                 problems += e.problems
     if problems:
         raise ConfigError(*problems)
+    problems += _eval_dataset_problems(cfg, reads_data)
+    if problems:
+        raise ConfigError(*problems)
+
+
+def eval_datasets(cfg: Config) -> list[tuple[str, Config]]:
+    """(name, the run's config with that data section) of each of ``eval.datasets``."""
+    base, out = dataclasses.asdict(cfg.data), []
+    for i, entry in enumerate(cfg.eval.datasets):
+        values = dict(entry)
+        name = values.pop("name", values.get("dataset", cfg.data.dataset))
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"eval.datasets[{i}].name: expected a non-empty string, got {name!r}")
+        out.append((name, dataclasses.replace(cfg, data=_build(DataConfig, _merge(base, values), f"eval.datasets[{i}]."))))
+    return out
+
+
+def _eval_dataset_problems(cfg: Config, reads_data: bool) -> list[str]:
+    try:
+        entries = eval_datasets(cfg)
+    except ConfigError as e:
+        return list(e.problems)
+    classes = DATASETS[cfg.data.dataset].classes(cfg)
+    problems, names = [], set()
+    for i, (name, sub) in enumerate(entries):
+        key, dataset = f"eval.datasets[{i}]", DATASETS[sub.data.dataset]
+        if name in names:
+            problems.append(f"{key}.name: {name!r} names another of eval.datasets too")
+        names.add(name)
+        own = check_constraints(sub.data, f"{key}.")
+        if reads_data and dataset.needs_root and sub.data.root is None:
+            own.append(f"{key}.root: dataset {sub.data.dataset!r} needs its directory")
+        if not own and dataset.check is not None:
+            try:
+                dataset.check(sub)
+            except ConfigError as e:
+                own += [p.replace("data.", f"{key}.", 1) for p in e.problems]
+        theirs = None if own else dataset.classes(sub)
+        if theirs is not None and theirs != classes:
+            own.append(f"{key}: {sub.data.dataset!r} has {theirs[0]} classes with ignore value {theirs[1]}, the "
+                       f"run's data {classes[0]} with {classes[1]}: a model predicts the classes it was trained on")
+        problems += own
+    return problems
 
 
 def changes(old: Config, new: Config) -> dict:

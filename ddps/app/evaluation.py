@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data import rescale_size, resize
+from . import config
+from .data import build_dataset, rescale_size, resize
 from ..ops._common import DTYPES
 
 
@@ -197,7 +198,22 @@ def panel(tiles, titles) -> Image.Image:
 
 
 def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels_dir: Path | None = None,
-             panels: int = 0, limit: int | None = None) -> dict:
+             panels: int = 0, limit: int | None = None, others: bool = True) -> dict:
+    """The report of ``dataset`` (below) and, with ``others``, for each of ``eval.datasets`` the
+    same of its held-out split under ``"datasets": {name: report}`` (its panels in ``panels_dir /
+    name``), each evaluated from the same random state."""
+    report = _evaluate(cfg, segmentor, head, dataset, panels_dir, panels, limit)
+    extra = config.eval_datasets(cfg) if others else []
+    if extra:
+        report["datasets"] = {name: _evaluate(sub, segmentor, head, build_dataset(sub, "val"),
+                                              None if panels_dir is None else panels_dir / name, panels, limit)
+                              for name, sub in extra}
+    if out_json is not None:
+        out_json.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _evaluate(cfg, segmentor, head, dataset, panels_dir: Path | None, panels: int, limit: int | None) -> dict:
     """The metrics of ``dataset`` as ``{"base": {...}, NAME: {"final": {...}, "steps": {"<i>": {...}}}}``:
     "base" where the segmentor has a classifier, NAME (the head's ``metrics_name``: ddps, refine,
     gss) where a head is given, and ``"prior": {"reconstruction": {...}}`` for a head with a mask
@@ -252,8 +268,6 @@ def evaluate(cfg, segmentor, head, dataset, out_json: Path | None = None, panels
         if compare:
             section.update(dtype=cfg.eval.dtype, fp32_final=results["fp32 final"],
                            agreement_with_fp32=100 * agree / max(pixels, 1))
-    if out_json is not None:
-        out_json.write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -269,17 +283,48 @@ def _panel(image, gt, preds: dict, k: int, ignore: int) -> Image.Image:
     return panel(tiles, ["image", *map(_title, names), "truth"])
 
 
+def data_name(cfg) -> str:
+    """The run's own held-out split, as ``table`` names it."""
+    return f"{cfg.data.dataset} {cfg.data.val_split}"
+
+
+NOT_HEADS = ("base", "prior", "datasets")  # a report's keys other than its head's
+
+
 def head_report(report: dict) -> tuple[str, dict]:
     """(the head's name, its section) of an evaluation report with a head."""
-    name = next(n for n in report if n not in ("base", "prior"))
+    name = next(n for n in report if n not in NOT_HEADS)
     return name, report[name]
 
 
-def table(report: dict) -> str:
-    """The report as text, the head's rows under its name."""
+def table(report: dict, held_out: str = "held-out split") -> str:
+    """The report as text, the head's rows under its name; with "datasets", a row per dataset
+    (``held_out`` names the report's own) of the segmentor's and the head's final mIoU / mBIoU."""
+    text = _rows(report)
+    if "datasets" in report:
+        text += "\n\n" + _domains({held_out: report, **report["datasets"]})
+    return text
+
+
+def _domains(reports: dict) -> str:
+    columns = [("segmentor", lambda r: r.get("base"))]
+    first = next(iter(reports.values()))
+    if set(first) - set(NOT_HEADS):
+        name = head_report(first)[0]
+        columns.append((f"{name} final", lambda r: head_report(r)[1]["final"]))
+    width = max(len(n) for n in ["mIoU / mBIoU", *reports])
+    lines = [f"{'mIoU / mBIoU':{width}s}" + "".join(f" {title:>15s}" for title, _ in columns)]
+    for name, r in reports.items():
+        cells = [get(r) for _, get in columns]
+        lines.append(f"{name:{width}s}" + "".join(f" {'-':>15s}" if c is None else f" {c['mIoU']:6.2f} / {c['mBIoU']:6.2f}"
+                                               for c in cells))
+    return "\n".join(lines)
+
+
+def _rows(report: dict) -> str:
     rows = [("segmentor", report["base"])] if "base" in report else []
     name = None
-    if set(report) - {"base", "prior"}:
+    if set(report) - set(NOT_HEADS):
         name, section = head_report(report)
         rows += [(f"{name} step {s}", r) for s, r in section["steps"].items()]
         dtype = section.get("dtype")

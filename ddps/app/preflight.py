@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .config import eval_datasets
 from .data import DataError, build_dataset
 from .schema import HEADS, SEGMENTORS, ConfigError
 
@@ -20,7 +21,7 @@ __all__ = ["check", "device_problems", "output_problems", "source_problems", "sp
 
 def check(cfg, *, splits=(), outputs=(), inputs=(), training: bool = False) -> None:
     """Every problem of ``cfg``'s device and sources, of the files of ``splits`` ("train",
-    "val"), of ``outputs`` ((what, path, "dir" | "file"), ...) and of the weights files
+    "val"; "val" includes eval.datasets'), of ``outputs`` ((what, path, "dir" | "file"), ...) and of the weights files
     ``inputs`` ((what, path), ...), as one ConfigError. ``training``: the run trains, so
     segmentor.checkpoint is read too."""
     problems = device_problems(cfg.device) + source_problems(cfg, training)
@@ -28,6 +29,9 @@ def check(cfg, *, splits=(), outputs=(), inputs=(), training: bool = False) -> N
         problems += _weights_problems(Path(path), what)
     for split in splits:
         problems += split_problems(cfg, split)
+    if "val" in splits:  # the held-out splits of eval.datasets too
+        for i, (name, sub) in enumerate(eval_datasets(cfg)):
+            problems += [f"eval.datasets[{i}] ({name}): {p}" for p in split_problems(sub, "val")]
     for what, path, kind in outputs:
         problems += output_problems(Path(path), what, kind)
     if problems:

@@ -143,7 +143,7 @@ class SegmentorStage(Stage):
         s, t = self.section, self.trainer
         if not s.eval_interval or step % s.eval_interval:
             return False
-        report = evaluation.evaluate(t.cfg, t.segmentor.eval(), None, t.val_set)
+        report = evaluation.evaluate(t.cfg, t.segmentor.eval(), None, t.val_set, others=False)
         t.segmentor.train()
         t.val_history.append(report["base"]["mIoU"])
         t.log({"stage": self.name, "step": step, "val_mIoU": t.val_history[-1]})

@@ -226,7 +226,7 @@ class Trainer:
         head.load_trained(self.ema if cfg.eval.use_ema else self.head.state_dict())
         report = evaluation.evaluate(cfg, self.segmentor.eval(), head.eval(), self.val_set, self.out / "eval.json",
                                      self.out / "panels", cfg.eval.panels)
-        print(evaluation.table(report))
+        print(evaluation.table(report, evaluation.data_name(cfg)))
         return report
 
 

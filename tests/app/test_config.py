@@ -81,10 +81,37 @@ def test_overrides_are_typed():
     ("prior.batch_size=0", "prior.batch_size: must be >= 1"),
     ("train", "is not key=value"),
     ("train=3", "train: expected a mapping"),
+    # eval.datasets: each entry's keys named by its index
+    ("eval.datasets=[3]", "eval.datasets[0]: expected dict, got int 3"),
+    ("eval.datasets=[{name: ''}]", "eval.datasets[0].name: expected a non-empty string, got ''"),
+    ("eval.datasets=[{bogus: 1}]", "unknown config key eval.datasets[0].bogus (known keys of eval.datasets[0]:"),
+    ("eval.datasets=[{}, {synthetic: {domain: 2}}]", "eval.datasets[1].synthetic.domain: 2 is not one of (0, 1)"),
+    ("eval.datasets=[{scale: [0, 8]}]", "eval.datasets[0].scale[0]: must be >= 1, got 0"),
+    ("eval.datasets=[{dataset: gta5}]", "eval.datasets[0].root: dataset 'gta5' needs its directory"),
+    ("eval.datasets=[{dataset: folder, root: x}]", "eval.datasets[0].num_classes: the folder dataset needs its number"),
+    ("eval.datasets=[{dataset: bdd100k, root: x}]", "eval.datasets[0]: 'bdd100k' has 20 classes with ignore value 0, "
+                                                    "the run's data 6 with 255"),
+    ("eval.datasets=[{dataset: folder, root: x, num_classes: 6, ignore_index: 0}]",
+     "eval.datasets[0]: 'folder' has 6 classes with ignore value 0, the run's data 6 with 255"),
+    ("eval.datasets=[{name: a}, {name: a, synthetic: {domain: 1}}]", "eval.datasets[1].name: 'a' names another"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.load(config.find("synthetic"), [override])
+
+
+def test_eval_datasets_must_have_the_run_s_classes(tmp_path):
+    run = ["data.dataset=folder", f"data.root={tmp_path}", "data.num_classes=3"]
+    other = lambda keys: f"eval.datasets=[{{dataset: folder, root: {tmp_path}, {keys}}}]"  # noqa: E731
+    cfg = config.load(None, [*run, other("num_classes: 3")])
+    assert [(name, sub.data.num_classes) for name, sub in config.eval_datasets(cfg)] == [("folder", 3)]
+    with pytest.raises(config.ConfigError) as e:
+        config.load(None, [*run, other("num_classes: 4")])
+    assert e.value.problems == ["eval.datasets[0]: 'folder' has 4 classes with ignore value 255, the run's data 3 "
+                                "with 255: a model predicts the classes it was trained on"]
+    with pytest.raises(config.ConfigError) as e:  # its own problem alone, not a class count of None besides
+        config.load(None, [*run, other("num_classes: null")])
+    assert e.value.problems == ["eval.datasets[0].num_classes: the folder dataset needs its number of classes"]
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -1,3 +1,7 @@
+import hashlib
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -5,8 +9,8 @@ from PIL import Image
 
 from ddps.app import config
 from ddps.app.data import DataError, build_dataset, rare_class_sampling, train_batches
-from ddps.app.data.files import ade20k, cityscapes, folder
-from ddps.app.data.synthetic import SyntheticShapes, generate
+from ddps.app.data.files import ade20k, bdd100k, cityscapes, folder, gta5, mapillary
+from ddps.app.data.synthetic import SyntheticShapes, _stripes, generate
 from ddps.app.data.transforms import hsv_to_rgb, photometric, random_crop, rescale_size, rgb_to_hsv
 
 
@@ -188,6 +192,138 @@ def test_cityscapes_labels(tmp_path):
     ds = cityscapes(str(tmp_path), "train")
     assert (ds.num_classes, ds.ignore_index) == (20, 0)
     assert set(ds[0][1].unique().tolist()) == {1, 19, 0}
+    _png(tmp_path / "gtFine" / "train" / "aachen" / "aachen_0_0_gtFine_labelTrainIds.png", np.full((4, 4), 19))
+    with pytest.raises(DataError, match=r"aachen_0_0_gtFine_labelTrainIds.png: label values \[19\]"):
+        ds[0]
+
+
+# Cityscapes' 19 classes by (label ID, train ID), and Mapillary Vistas v1.2's IDs of each, written
+# out here as the domain-generalisation literature's conversion scripts list them
+CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+              27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+MAPILLARY = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8, 29: 9, 27: 10,
+             19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18}
+
+
+def _palette_png(path, array):
+    # a palette PNG, as GTA5's and Mapillary's labels are: the pixel values are palette indices
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8))
+    image.putpalette(list(range(256)) * 3)
+    image.save(path)
+
+
+def _expected(raw, table):
+    # ddps's Cityscapes convention: train ID + 1, 0 for everything ignored
+    return np.vectorize(lambda v: table[v] + 1 if v in table else 0)(raw)
+
+
+def test_gta5_maps_cityscapes_label_ids_to_train_ids(tmp_path):
+    raw = np.arange(256).reshape(16, 16)
+    _png(tmp_path / "images" / "00001.png", np.zeros((16, 16, 3)))
+    _palette_png(tmp_path / "labels" / "00001.png", raw)
+    for split in ("train", "val"):  # GTA5 has no split: each is all of it
+        ds = build_dataset(config.load(None, ["data.dataset=gta5", f"data.root={tmp_path}"]), split)
+        assert (ds.num_classes, ds.ignore_index, len(ds)) == (20, 0, 1)
+        assert ds[0][1].dtype == torch.int64
+        np.testing.assert_array_equal(ds[0][1].numpy(), _expected(raw, CITYSCAPES))
+    assert ds.check_files() == []
+    Image.fromarray(np.full((16, 16), 256, np.uint16)).save(tmp_path / "labels" / "00001.png")  # 16-bit
+    with pytest.raises(DataError, match=r"labels/00001.png: label values \[256\] are not valid"):
+        ds[0]
+    _png(tmp_path / "images" / "00002.png", np.zeros((16, 16, 3)))
+    with pytest.raises(DataError, match="images/00002.png: no mask 00002.png for this image"):
+        gta5(str(tmp_path))
+    with pytest.raises(DataError, match="GTA5 label directory .*/nowhere/labels does not exist"):
+        (tmp_path / "nowhere" / "images").mkdir(parents=True)
+        gta5(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("labels", ["validation/v1.2/labels", "validation/labels"])  # the v2.0 and v1.x downloads
+def test_mapillary_maps_its_v1_2_classes_to_cityscapes(tmp_path, labels):
+    raw = np.arange(66).reshape(6, 11)
+    _png(tmp_path / "validation" / "images" / "x1.jpg", np.zeros((6, 11, 3)))
+    _palette_png(tmp_path / labels / "x1.png", raw)
+    ds = mapillary(str(tmp_path), "validation")
+    assert (ds.num_classes, ds.ignore_index) == (20, 0)
+    assert ds[0][1].dtype == torch.int64
+    np.testing.assert_array_equal(ds[0][1].numpy(), _expected(raw, MAPILLARY))
+    _palette_png(tmp_path / labels / "x1.png", np.full((6, 11), 66))  # a v2.0 label (124 classes)
+    with pytest.raises(DataError, match=r"x1.png: label values \[66\] are not valid"):
+        ds[0]
+
+
+def test_bdd100k_reads_train_ids(tmp_path):
+    raw = np.resize(np.array([0, 5, 18, 255]), (4, 4))
+    _png(tmp_path / "images" / "val" / "7d2f.jpg", np.zeros((4, 4, 3)))
+    _png(tmp_path / "labels" / "val" / "7d2f_train_id.png", raw)
+    ds = bdd100k(str(tmp_path), "val")
+    assert (ds.num_classes, ds.ignore_index) == (20, 0)
+    np.testing.assert_array_equal(ds[0][1].numpy(), _expected(raw, {i: i for i in range(19)}))
+    _png(tmp_path / "labels" / "val" / "7d2f_train_id.png", np.full((4, 4), 19))
+    with pytest.raises(DataError, match=r"7d2f_train_id.png: label values \[19\]"):
+        ds[0]
+    (tmp_path / "labels" / "val" / "7d2f_train_id.png").rename(tmp_path / "labels" / "val" / "7d2f.png")
+    with pytest.raises(DataError, match="7d2f.jpg: no mask 7d2f_train_id.png"):
+        bdd100k(str(tmp_path), "val")
+
+
+@pytest.mark.parametrize("dataset,split,missing", [
+    ("gta5", "val", ["GTA5 image directory {root}/images", "GTA5 label directory {root}/labels"]),
+    ("mapillary", "validation", ["Mapillary image directory {root}/validation/images",
+                                 "Mapillary label directory {root}/validation/labels"]),
+    ("bdd100k", "val", ["BDD100K image directory {root}/images/val", "BDD100K label directory {root}/labels/val"]),
+    ("cityscapes", "val", ["Cityscapes image directory {root}/leftImg8bit/val",
+                           "Cityscapes annotation directory {root}/gtFine/val"]),
+])
+def test_a_missing_folder_of_a_published_layout_is_named(tmp_path, dataset, split, missing):
+    cfg = config.load(None, [f"data.dataset={dataset}", f"data.root={tmp_path}", f"data.val_split={split}"])
+    for i, message in enumerate(missing):  # the images' folder, then (with it made) the labels'
+        with pytest.raises(DataError, match=re.escape(message.format(root=tmp_path) + " does not exist")):
+            build_dataset(cfg, "val")
+        Path(message.format(root=tmp_path).split(" directory ")[1]).mkdir(parents=True)
+
+
+@pytest.mark.parametrize("domain,digest", [
+    (0, "e2c3492856761d0dbd6600e36a44bd14456008bf073126fb68976f618b2fd31d"),
+    (1, "b5aec0dea814ec5b13f14e2e21f4db68c4774cb72e41239382f7957d32b02e77")])
+def test_synthetic_images_stay_those_the_published_figures_were_computed_on(domain, digest):
+    # every figure of the docs and benchmarks/ came from these images: a change to the generator
+    # (its draws, their order, a range) changes the data, not only these bytes
+    h = hashlib.sha256()
+    for index in range(3):
+        for array in generate(0, "validation", index, 48, 4, 0.35, domain):
+            h.update(array.tobytes())
+    assert h.hexdigest() == digest
+
+
+def test_the_shifted_synthetic_domain_keeps_shapes_and_changes_colours_and_texture():
+    for index in range(3):
+        _, mask0 = generate(0, "validation", index, 64, 4, 0.0)
+        image, mask = generate(0, "validation", index, 64, 4, 0.0, domain=1)
+        assert not np.array_equal(mask, mask0)  # its own images
+        assert set(np.unique(mask)) <= set(range(len(SyntheticShapes.class_names))) and len(np.unique(mask)) > 1
+        # without noise, every region is one colour, background and shapes in [0.25, 0.75] (domain
+        # 0: a background in [0.2, 0.8], shapes anywhere in [0, 1])
+        background = image[mask == 0]
+        assert (background == background[0]).all()
+        assert int(0.25 * 255) <= image.min() and image.max() <= 0.75 * 255
+    # the texture: a sine wave of a random direction in [0, pi) and period in [4, 12) pixels, its
+    # gain per channel in [0.5, 1), plus uniform noise of unit variance, both x 0.6 x amplitude
+    for seed in range(3):
+        draws = np.random.default_rng(seed)
+        angle, period, gains = draws.uniform(0, np.pi), draws.uniform(4, 12), draws.uniform(0.5, 1, 3)
+        noise = draws.uniform(-np.sqrt(3), np.sqrt(3), (20, 20, 3))
+        y, x = np.meshgrid(np.arange(20), np.arange(20), indexing="ij")
+        wave = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+        expected = 0.7 * (0.6 * wave[:, :, None] * gains + 0.6 * noise)
+        np.testing.assert_allclose(_stripes(np.random.default_rng(seed), 20, 0.7), expected, rtol=1e-12, atol=1e-12)
+    cfg = config.load(None, ["data.synthetic.domain=1", "data.synthetic.num_val=2", "data.synthetic.size=32"])
+    ds = build_dataset(cfg, "val")
+    assert (ds.split, ds.domain, build_dataset(cfg, "train").split) == ("validation", 1, "training")
+    assert ds.name(1) == "synthetic-validation-00001-domain1"
+    assert SyntheticShapes("validation", 0, 2, 32, 4, 0.35).name(1) == "synthetic-validation-00001"
+    assert torch.equal(ds[0][0], torch.from_numpy(generate(0, "validation", 0, 32, 4, 0.35, 1)[0]).permute(2, 0, 1))
 
 
 class _Labels(torch.utils.data.Dataset):

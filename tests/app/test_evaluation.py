@@ -223,9 +223,9 @@ def test_a_head_s_parts_are_scored_beside_it():
     assert "parts" not in evaluation.evaluate(cfg, segmentor, ddps, data)["ddps"]
 
 
-def _small_ddps_head():
+def _small_ddps_head(k=5):
     from ddps.nn import DDPSHead
-    return DDPSHead(num_classes=5, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4, num_timesteps=10,
+    return DDPSHead(num_classes=k, cond_channels=4, dim=8, out_dim=8, dim_mults=(1, 2), embed_dim=4, num_timesteps=10,
                     inference_steps=2, collect_timesteps=(0, 9)).eval()
 
 
@@ -245,3 +245,67 @@ def test_rows_and_panel_columns_come_in_reading_order():
     # the segmentor alone (eval --base-only): its row under the header, nothing else
     assert evaluation.table({"base": r}).splitlines() == [" " * 16 + "    mIoU   mBIoU    aAcc",
                                                           "segmentor           1.00    2.00    3.00"]
+
+
+def test_eval_datasets_are_each_evaluated_as_a_run_on_that_data_would_be(tmp_path):
+    import json
+
+    from ddps.app import config, evaluation
+    from ddps.app.data import build_dataset
+
+    small = ["data.synthetic.num_val=3", "data.synthetic.size=32", "data.scale=[32,32]"]
+    shifted = ["eval.datasets=[{name: shifted, synthetic: {domain: 1}}, {synthetic: {noise: 0.0}, val_split: other}]"]
+    cfg = config.load(None, [*small, *shifted])
+    torch.manual_seed(0)
+    segmentor, head = _TinySegmentor(6).eval(), _small_ddps_head(6)
+    report = evaluation.evaluate(cfg, segmentor, head, build_dataset(cfg, "val"), tmp_path / "eval.json",
+                                 tmp_path / "panels", panels=1, limit=2)
+    assert json.loads((tmp_path / "eval.json").read_text()) == report
+    assert list(report["datasets"]) == ["shifted", "synthetic-shapes"]  # a name defaults to its dataset
+    # panels of the run's own split, and of each other one in a folder of its name
+    assert sorted(p.relative_to(tmp_path / "panels").as_posix() for p in (tmp_path / "panels").rglob("*.png")) == [
+        "shifted/synthetic-validation-00000-domain1.png", "synthetic-shapes/synthetic-other-00000.png",
+        "synthetic-validation-00000.png"]
+    # each as the run's own held-out split would be with those data keys (its first 2 images), from
+    # the same random state
+    for name, keys in (("shifted", ["data.synthetic.domain=1"]),
+                       ("synthetic-shapes", ["data.synthetic.noise=0.0", "data.val_split=other"])):
+        alone = config.load(None, [*small, *keys])
+        assert report["datasets"][name] == evaluation.evaluate(alone, segmentor, head, build_dataset(alone, "val"),
+                                                               limit=2)
+    plain = config.load(None, small)
+    assert {k: v for k, v in report.items() if k != "datasets"} == evaluation.evaluate(
+        plain, segmentor, head, build_dataset(plain, "val"), limit=2) == evaluation.evaluate(
+        cfg, segmentor, head, build_dataset(cfg, "val"), limit=2, others=False)  # the segmentor stage's plateau check
+    assert report != evaluation.evaluate(cfg, segmentor, head, build_dataset(cfg, "val"))  # all 3 images
+    # no panels unless asked for
+    evaluation.evaluate(cfg, segmentor, head, build_dataset(cfg, "val"), panels_dir=tmp_path / "none", limit=1)
+    assert not list((tmp_path / "none").rglob("*.png"))
+    assert report["datasets"]["shifted"]["ddps"]["final"] != report["ddps"]["final"]
+    # one row per dataset: the segmentor's and the head's final mIoU / mBIoU
+    lines = evaluation.table(report, "mine").splitlines()
+    rows = lines[lines.index("") + 2:]
+    assert [row.split()[0] for row in rows] == ["mine", "shifted", "synthetic-shapes"]
+    for row, r in zip(rows, [report, *report["datasets"].values()]):
+        assert row.split()[1:] == [f"{r['base']['mIoU']:.2f}", "/", f"{r['base']['mBIoU']:.2f}",
+                                   f"{r['ddps']['final']['mIoU']:.2f}", "/", f"{r['ddps']['final']['mBIoU']:.2f}"]
+    # the segmentor alone: its column only
+    alone = evaluation.table(evaluation.evaluate(cfg, segmentor, None, build_dataset(cfg, "val")))
+    assert alone.splitlines()[-4].split() == ["mIoU", "/", "mBIoU", "segmentor"]
+
+
+def test_the_cross_domain_rows_are_laid_out_under_their_columns():
+    from ddps.app import evaluation
+    r = lambda m: {"mIoU": m, "mBIoU": m / 2, "aAcc": 90.0}  # noqa: E731
+    ddps = lambda m: {"ddps": {"final": r(m + 1), "steps": {}}}  # noqa: E731
+    report = {"base": r(40.0), **ddps(40.0), "datasets": {"b": {"base": r(30.0), **ddps(30.0)}}}
+    assert evaluation.table(report, "a").split("\n\n")[1].splitlines() == [
+        "mIoU / mBIoU       segmentor      ddps final",
+        "a             40.00 /  20.00  41.00 /  20.50",
+        "b             30.00 /  15.00  31.00 /  15.50"]
+    # a segmentor without a classifier of its own (GSS's trained backbone): a dash
+    gss = {"gss": {"final": r(50.0), "steps": {}}, "datasets": {"other-domain": {"gss": {"final": r(45.0), "steps": {}}}}}
+    assert evaluation.table(gss).split("\n\n")[1].splitlines() == [
+        "mIoU / mBIoU         segmentor       gss final",
+        "held-out split               -  50.00 /  25.00",
+        "other-domain                 -  45.00 /  22.50"]

@@ -2,6 +2,7 @@
 the device, pretrained sources, every file of the splits it reads and every path it writes. Each
 problem is one line naming the key or the file, exit status 2, no traceback, nothing written; a
 run folder belongs to one process (ddps.app.runlock)."""
+import json
 import os
 import re
 
@@ -133,6 +134,30 @@ def test_every_file_of_every_split_is_checked_first(capsys, tmp_path, nothing_wo
                      f"{masks}/training/a.png: mask size 64x32 differs from image",
                      f"{masks}/training/b.png: a mask must be a single-channel or palette image, got mode RGB")
     assert len(lines) == 4 and not (tmp_path / "r").exists()
+
+
+def test_eval_datasets_files_are_checked_and_each_reported(capsys, tmp_path, run):
+    _folder_dataset(tmp_path / "data")
+    (tmp_path / "data" / "masks" / "validation" / "b.png").write_bytes(b"garbage")
+    bad = f"eval.datasets[0] (folder): {tmp_path}/data/masks/validation/b.png: cannot read mask"
+    other = lambda k: f"eval.datasets=[{{dataset: folder, root: {tmp_path / 'data'}, num_classes: {k}}}]"  # noqa: E731
+    _refused(run_cli(capsys, "eval", "--run", run, other(6)), bad)
+    # with the run's own files' problems: all of them
+    own = _folder_dataset(tmp_path / "own")
+    (tmp_path / "own" / "masks" / "validation" / "a.png").write_bytes(b"garbage")
+    lines = _refused(run_cli(capsys, "train", *SMOKE, "--out", tmp_path / "r", *TINY, *own, other(3)), bad,
+                     f"{tmp_path}/own/masks/validation/a.png: cannot read mask")
+    assert len(lines) == 2 and not (tmp_path / "r").exists()
+    # a run trained without them, evaluated on another domain as well: a row each, and in eval.json
+    out = tmp_path / "eval.json"
+    result = run_cli(capsys, "eval", "--run", run, "--json", out, "--limit", "1",
+                     "eval.datasets=[{name: shifted, synthetic: {domain: 1}}]")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["datasets"]) == {"shifted"} and report["datasets"]["shifted"]["ddps"]["final"]["mIoU"] >= 0
+    rows = result.stdout.split("mIoU / mBIoU")[1].splitlines()[1:3]
+    assert [row.split()[0] for row in rows] == ["synthetic-shapes", "shifted"]
+    assert rows[1].split()[1] == f"{report['datasets']['shifted']['base']['mIoU']:.2f}"
 
 
 def test_output_paths_are_checked_first(capsys, tmp_path, run, nothing_works):

@@ -15,7 +15,9 @@ NAME = "eval"
 HELP = "evaluate a trained run on its held-out split"
 DESCRIPTION = ("mIoU, mBIoU and aAcc of the segmentor and of the head at every collected step (GSS: also its pixel "
                "branch alone, and its prior's round trip of the true masks), into RUN/eval.json (or --json); "
-               "eval.mode=single|ms-flip|slide picks the inference.")
+               "eval.mode=single|ms-flip|slide picks the inference; eval.datasets=[{...}, ...] adds held-out sets "
+               "of other data (data.* keys over the run's, e.g. 'eval.datasets=[{dataset: bdd100k, root: DIR, "
+               "val_split: val}]'), each reported the same and in a row of its own.")
 
 
 def add_arguments(p) -> None:
@@ -45,7 +47,7 @@ def run(args) -> int:
         report = evaluation.evaluate(cfg, segmentor, None if args.base_only else head, build_dataset(cfg, "val"),
                                      limit=args.limit, panels_dir=Path(args.panels) if args.panels else None,
                                      panels=cfg.eval.panels)
-        print(evaluation.table(report))
+        print(evaluation.table(report, evaluation.data_name(cfg)))
         out.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out, json.dumps(report, indent=1).encode())
     print(f"wrote {out}")

@@ -1,11 +1,12 @@
 """Datasets and the training batch stream.
 
 Each dataset is a plug-in (``ddps.app.schema.DATASETS``): ``synthetic.py`` the synthetic shapes,
-``files.py`` ADE20K, Cityscapes and a generic folder. Every dataset yields ``(image uint8 [3, H,
-W], labels int64 [H, W])`` and knows its ``num_classes`` K and ``ignore_index``. The batch stream is a function of (seed, step): the global
-batch of step s takes positions s*B .. s*B+B-1 of a sequence of per-epoch permutations, and each
-sample's augmentation draws from a generator seeded by (seed, position). So a resumed run sees
-exactly the batches an uninterrupted one would, and rank r of W takes every W-th sample of the
+``files.py`` ADE20K, Cityscapes, GTA5, Mapillary Vistas, BDD100K and a generic folder. Every
+dataset yields ``(image uint8 [3, H, W], labels int64 [H, W])`` and knows its ``num_classes`` K
+and ``ignore_index``. The batch stream is a function of (seed, step): the global batch of step s
+takes positions s*B .. s*B+B-1 of a sequence of per-epoch permutations, and each sample's
+augmentation draws from a generator seeded by (seed, position). So a resumed run sees exactly the
+batches an uninterrupted one would, and rank r of W takes every W-th sample of the
 global batch (DistributedSampler's interleaving)."""
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Datasets read from image/mask files: ADE20K (ADEChallengeData2016), Cityscapes and a generic
-folder layout. Every read error names the file."""
+"""Datasets read from image/mask files: ADE20K (ADEChallengeData2016), Cityscapes, the
+domain-generalisation sets mapped to Cityscapes' classes (GTA5, Mapillary Vistas, BDD100K) and a
+generic folder layout. Every read error names the file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -162,7 +163,62 @@ def cityscapes(root: str, split: str) -> FileDataset:
              if p.name.endswith("_gtFine_labelTrainIds.png")]
     pairs = _pair_by_stem(images, masks, "_gtFine_labelTrainIds.png", "_leftImg8bit.png")
     valid = lambda raw: (raw <= 18) | (raw == 255)  # noqa: E731
-    return FileDataset(pairs, 20, 0, valid, lambda raw: np.where(raw == 255, 0, raw + 1))
+    return FileDataset(pairs, 20, 0, valid, _cityscapes_labels)
+
+
+# Cityscapes' label IDs of its 19 training classes, in train ID order (cityscapesScripts' labels.py)
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+# Mapillary Vistas v1.2's class IDs that the domain-generalisation literature maps to each of
+# Cityscapes' train IDs (road: road, lane marking, manhole; sidewalk: curb, sidewalk; rider: the
+# three rider classes); its other classes are ignored
+MAPILLARY_IDS = ((13, 24, 41), (2, 15), (17,), (6,), (3,), (45, 47), (48,), (50,), (30,), (29,), (27,), (19,),
+                 (20, 21, 22), (55,), (61,), (54,), (58,), (57,), (52,))
+MAPILLARY_CLASSES = 66
+
+
+def _cityscapes_labels(train_ids: np.ndarray) -> np.ndarray:
+    """Train IDs (0..18, anything else ignored) as ddps's Cityscapes labels: train ID + 1, 0 ignored
+    (the original's convention, K = 20)."""
+    return np.where(train_ids <= 18, train_ids + 1, 0)
+
+
+def _lookup(table: dict[int, int], size: int):
+    """raw label -> Cityscapes label (0 = ignored for every raw value the table does not list)."""
+    lut = np.zeros(size, np.int64)
+    for raw, train_id in table.items():
+        lut[raw] = train_id + 1
+    return lambda raw: lut[raw]
+
+
+def gta5(root: str) -> FileDataset:
+    """GTA5 as published: images/*.png with labels/*.png holding Cityscapes' label IDs, mapped to
+    its 19 train IDs (as ``cityscapes``: + 1, 0 ignored). GTA5 has no split: every split is all
+    of it."""
+    base = Path(root)
+    pairs = _pair_by_stem(_files(base / "images", "GTA5 image"), _files(base / "labels", "GTA5 label"), "")
+    to_train = _lookup(dict(zip(CITYSCAPES_LABEL_IDS, range(19))), 256)
+    return FileDataset(pairs, 20, 0, lambda raw: raw <= 255, to_train)
+
+
+def mapillary(root: str, split: str) -> FileDataset:
+    """Mapillary Vistas as published: <split>/images/*.jpg with <split>/v1.2/labels/*.png (the v2.0
+    download; the v1.x one has them in <split>/labels), v1.2's 66 class IDs mapped to Cityscapes'
+    19 classes (as ``cityscapes``: train ID + 1, 0 ignored)."""
+    base = Path(root) / split
+    labels = base / "v1.2" / "labels"
+    pairs = _pair_by_stem(_files(base / "images", "Mapillary image"),
+                          _files(labels if labels.is_dir() else base / "labels", "Mapillary label"), "")
+    to_train = _lookup({raw: train_id for train_id, ids in enumerate(MAPILLARY_IDS) for raw in ids}, MAPILLARY_CLASSES)
+    return FileDataset(pairs, 20, 0, lambda raw: raw < MAPILLARY_CLASSES, to_train)
+
+
+def bdd100k(root: str, split: str) -> FileDataset:
+    """BDD100K's segmentation set as published (bdd100k/seg): images/<split>/*.jpg with
+    labels/<split>/*_train_id.png holding Cityscapes' train IDs (as ``cityscapes``: + 1, 255 -> 0)."""
+    base = Path(root)
+    pairs = _pair_by_stem(_files(base / "images" / split, "BDD100K image"),
+                          _files(base / "labels" / split, "BDD100K label"), "_train_id.png")
+    return FileDataset(pairs, 20, 0, lambda raw: (raw <= 18) | (raw == 255), _cityscapes_labels)
 
 
 def folder(root: str, split: str, num_classes: int, ignore_index: int | None) -> FileDataset:
@@ -202,6 +258,11 @@ DATASETS.register("ade20k", lambda cfg, split: ade20k(cfg.data.root, _split(cfg,
 DATASETS.register("ade20k-150", lambda cfg, split: ade20k(cfg.data.root, _split(cfg, split), reduce_zero_label=True),
                   classes=lambda cfg: (150, 255), needs_root=True)
 DATASETS.register("cityscapes", lambda cfg, split: cityscapes(cfg.data.root, _split(cfg, split)),
+                  classes=lambda cfg: (20, 0), needs_root=True)
+DATASETS.register("gta5", lambda cfg, split: gta5(cfg.data.root), classes=lambda cfg: (20, 0), needs_root=True)
+DATASETS.register("mapillary", lambda cfg, split: mapillary(cfg.data.root, _split(cfg, split)),
+                  classes=lambda cfg: (20, 0), needs_root=True)
+DATASETS.register("bdd100k", lambda cfg, split: bdd100k(cfg.data.root, _split(cfg, split)),
                   classes=lambda cfg: (20, 0), needs_root=True)
 DATASETS.register("folder", lambda cfg, split: folder(cfg.data.root, _split(cfg, split), *_folder_classes(cfg)),
                   FolderOptions, _check_folder, classes=_folder_classes, needs_root=True)

@@ -5,6 +5,12 @@ cross) on a textured background. A shape's colour is drawn independently of its 
 pixel's class follows only from the geometry of the region around it: a segmentor with a small
 receptive field confuses the classes inside a shape, and a mask prior that has learnt the shapes'
 regularity (straight edges, corners, one class per connected region) can correct it.
+
+``domain: 1`` renders the same shapes and classes in another domain, to measure how a segmentor
+trained on domain 0 carries over (the cross-domain evaluation, ``eval.datasets``): the background
+and shape colours drawn from [0.25, 0.75] per channel (domain 0: [0.2, 0.8] and [0, 1]), so
+that shapes stand out less, textured by oriented stripes under uniform noise (domain 0: a smooth
+field under Gaussian noise).
 """
 from __future__ import annotations
 
@@ -52,19 +58,34 @@ def _texture(rng, size: int, amplitude: float):
     return amplitude * (0.6 * smooth + 0.6 * rng.normal(size=(size, size, 3)))
 
 
-def generate(seed: int, split: str, index: int, size: int, max_shapes: int, noise: float):
+def _stripes(rng, size: int, amplitude: float):
+    """Stripes of a random direction and period (4 to 12 pixels) plus uniform pixel noise of
+    _texture's spread, [size, size, 3] in [-amplitude, amplitude]-ish."""
+    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 12)
+    yy, xx = np.mgrid[0:size, 0:size]
+    wave = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)[:, :, None]
+    return amplitude * (0.6 * wave * rng.uniform(0.5, 1, size=3) + 0.6 * rng.uniform(-3 ** 0.5, 3 ** 0.5, size=(size, size, 3)))
+
+
+# domain -> (the background's colour range, the shapes' colour range, the texture)
+DOMAINS = {0: ((0.2, 0.8), (0, 1), _texture), 1: ((0.25, 0.75), (0.25, 0.75), _stripes)}
+
+
+def generate(seed: int, split: str, index: int, size: int, max_shapes: int, noise: float, domain: int = 0):
     """(image uint8 [size, size, 3], mask uint8 [size, size]) of one sample."""
-    rng = np.random.default_rng([seed, SPLIT_SEEDS.get(split, 3), index])
+    # domain 0's stream is the one every run before domains had
+    rng = np.random.default_rng([seed, SPLIT_SEEDS.get(split, 3), index, *([domain] if domain else [])])
+    background, colours, texture = DOMAINS[domain]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    image = rng.uniform(0.2, 0.8, size=3)[None, None, :] + _texture(rng, size, noise)
+    image = rng.uniform(*background, size=3)[None, None, :] + texture(rng, size, noise)
     mask = np.zeros((size, size), np.uint8)
     for _ in range(rng.integers(1, max_shapes + 1)):
         kind = int(rng.integers(1, len(CLASS_NAMES)))
         r = rng.uniform(0.12, 0.25) * size
         cy, cx = rng.uniform(r, size - r, size=2)
         inside = _shape_mask(kind, yy, xx, cy, cx, r, rng.uniform(0, np.pi))
-        colour = rng.uniform(0, 1, size=3)
-        image[inside] = colour + _texture(rng, size, noise)[inside]
+        colour = rng.uniform(*colours, size=3)
+        image[inside] = colour + texture(rng, size, noise)[inside]
         mask[inside] = kind
     image = np.clip(image * 255, 0, 255).astype(np.uint8)
     return image, mask
@@ -75,16 +96,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
     ignore_index = 255  # never present: every pixel has a class
     class_names = CLASS_NAMES
 
-    def __init__(self, split: str, seed: int, num: int, size: int, max_shapes: int, noise: float):
+    def __init__(self, split: str, seed: int, num: int, size: int, max_shapes: int, noise: float, domain: int = 0):
         self.split, self.seed, self.num, self.size = split, seed, num, size
-        self.max_shapes, self.noise = max_shapes, noise
+        self.max_shapes, self.noise, self.domain = max_shapes, noise, domain
         self._cache = {} if num * size * size * 4 <= CACHE_BYTES else None
 
     def __len__(self):
         return self.num
 
     def name(self, index: int) -> str:
-        return f"synthetic-{self.split}-{index:05d}"
+        return f"synthetic-{self.split}-{index:05d}" + (f"-domain{self.domain}" if self.domain else "")
 
     def labels(self, index: int) -> torch.Tensor:
         return self[index][1]
@@ -92,7 +113,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         sample = None if self._cache is None else self._cache.get(index)
         if sample is None:
-            sample = generate(self.seed, self.split, index, self.size, self.max_shapes, self.noise)
+            sample = generate(self.seed, self.split, index, self.size, self.max_shapes, self.noise, self.domain)
             if self._cache is not None:
                 self._cache[index] = sample
         image, mask = sample
@@ -109,6 +130,9 @@ class SyntheticOptions:
     noise: float = option(0.35, minimum=0)    # amplitude of the background and shape texture noise
     # the images' seed (null: the run's seed), fixed to compare runs of other seeds
     seed: int | None = option(None, minimum=-2 ** 63, maximum=2 ** 64 - 1)
+    # 0: the images every run trains on; 1: the same shapes in another domain (other colours,
+    # textures and noise), for eval.datasets
+    domain: int = option(0, choices=tuple(DOMAINS))
 
 
 @dataclass
@@ -120,7 +144,7 @@ def build(cfg, split: str) -> SyntheticShapes:
     syn = cfg.data.synthetic
     name = cfg.data.train_split if split == "train" else cfg.data.val_split
     return SyntheticShapes(name, cfg.seed if syn.seed is None else syn.seed,
-                           syn.num_train if split == "train" else syn.num_val, syn.size, syn.max_shapes, syn.noise)
+                           syn.num_train if split == "train" else syn.num_val, syn.size, syn.max_shapes, syn.noise, syn.domain)
 
 
 DATASETS.register("synthetic-shapes", build, Options, classes=lambda cfg: (len(CLASS_NAMES), 255), needs_root=False)

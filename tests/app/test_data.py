@@ -321,7 +321,9 @@ def test_the_shifted_synthetic_domain_keeps_shapes_and_changes_colours_and_textu
         np.testing.assert_allclose(_stripes(np.random.default_rng(seed), 20, 0.7), expected, rtol=1e-12, atol=1e-12)
     cfg = config.load(None, ["data.synthetic.domain=1", "data.synthetic.num_val=2", "data.synthetic.size=32"])
     ds = build_dataset(cfg, "val")
-    assert (ds.split, ds.domain, build_dataset(cfg, "train").split) == ("validation", 1, "training")
+    train = build_dataset(cfg, "train")
+    assert (ds.split, ds.domain, len(ds), train.split, len(train)) == ("validation", 1, 2, "training", 512)
+    assert (ds.seed, build_dataset(config.load(None, ["data.synthetic.seed=5"]), "val").seed) == (0, 5)
     assert ds.name(1) == "synthetic-validation-00001-domain1"
     assert SyntheticShapes("validation", 0, 2, 32, 4, 0.35).name(1) == "synthetic-validation-00001"
     assert torch.equal(ds[0][0], torch.from_numpy(generate(0, "validation", 0, 32, 4, 0.35, 1)[0]).permute(2, 0, 1))

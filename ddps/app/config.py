@@ -221,10 +221,8 @@ def _build(cls, values: dict, prefix: str):
 def _validate(cfg: Config, reads_data: bool = True) -> None:
     """Every problem of the config at once (a ConfigError with one line each); the plug-ins' own
     rules once each value is in its range."""
-    problems = check_constraints(cfg)
+    problems = check_constraints(cfg) + _root_problems(cfg.data, "data", reads_data)
     dataset = DATASETS[cfg.data.dataset]
-    if reads_data and dataset.needs_root and cfg.data.root is None:
-        problems.append(f"data.root: dataset {cfg.data.dataset!r} needs its directory")
     d = cfg.data
     if d.ratio_range[0] > d.ratio_range[-1]:
         problems.append(f"data.ratio_range: [low, high] with low <= high, got {d.ratio_range}")
@@ -246,6 +244,13 @@ def _validate(cfg: Config, reads_data: bool = True) -> None:
     problems += _eval_dataset_problems(cfg, reads_data)
     if problems:
         raise ConfigError(*problems)
+
+
+def _root_problems(data, key: str, reads_data: bool) -> list[str]:
+    """A data section (named ``key``) of a dataset read from files, without its directory."""
+    if reads_data and DATASETS[data.dataset].needs_root and data.root is None:
+        return [f"{key}.root: dataset {data.dataset!r} needs its directory"]
+    return []
 
 
 def eval_datasets(cfg: Config) -> list[tuple[str, Config]]:
@@ -272,9 +277,7 @@ def _eval_dataset_problems(cfg: Config, reads_data: bool) -> list[str]:
         if name in names:
             problems.append(f"{key}.name: {name!r} names another of eval.datasets too")
         names.add(name)
-        own = check_constraints(sub.data, f"{key}.")
-        if reads_data and dataset.needs_root and sub.data.root is None:
-            own.append(f"{key}.root: dataset {sub.data.dataset!r} needs its directory")
+        own = check_constraints(sub.data, f"{key}.") + _root_problems(sub.data, key, reads_data)
         if not own and dataset.check is not None:
             try:
                 dataset.check(sub)

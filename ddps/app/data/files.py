@@ -162,8 +162,7 @@ def cityscapes(root: str, split: str) -> FileDataset:
     masks = [p for p in _files(base / "gtFine" / split, "Cityscapes annotation")
              if p.name.endswith("_gtFine_labelTrainIds.png")]
     pairs = _pair_by_stem(images, masks, "_gtFine_labelTrainIds.png", "_leftImg8bit.png")
-    valid = lambda raw: (raw <= 18) | (raw == 255)  # noqa: E731
-    return FileDataset(pairs, 20, 0, valid, _cityscapes_labels)
+    return FileDataset(pairs, 20, 0, _train_ids, _cityscapes_labels)
 
 
 # Cityscapes' label IDs of its 19 training classes, in train ID order (cityscapesScripts' labels.py)
@@ -174,6 +173,12 @@ CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27
 MAPILLARY_IDS = ((13, 24, 41), (2, 15), (17,), (6,), (3,), (45, 47), (48,), (50,), (30,), (29,), (27,), (19,),
                  (20, 21, 22), (55,), (61,), (54,), (58,), (57,), (52,))
 MAPILLARY_CLASSES = 66
+
+
+def _train_ids(raw: np.ndarray) -> np.ndarray:
+    """Which raw values are Cityscapes train IDs (0..18, 255 = ignored): the masks of ``cityscapes``
+    and ``bdd100k``."""
+    return (raw <= 18) | (raw == 255)
 
 
 def _cityscapes_labels(train_ids: np.ndarray) -> np.ndarray:
@@ -218,7 +223,7 @@ def bdd100k(root: str, split: str) -> FileDataset:
     base = Path(root)
     pairs = _pair_by_stem(_files(base / "images" / split, "BDD100K image"),
                           _files(base / "labels" / split, "BDD100K label"), "_train_id.png")
-    return FileDataset(pairs, 20, 0, lambda raw: (raw <= 18) | (raw == 255), _cityscapes_labels)
+    return FileDataset(pairs, 20, 0, _train_ids, _cityscapes_labels)
 
 
 def folder(root: str, split: str, num_classes: int, ignore_index: int | None) -> FileDataset:

@@ -72,6 +72,9 @@ COMMANDS = {
         line("ddps segment --run runs/synthetic --out masks/ --steps --labels photo1.jpg photo2.png "
              "eval.inference_steps=4", expect=["masks/photo1.png", "masks/photo2_segmentor.png",
                                                "masks/photo1_step0.png", "masks/photo2_labels.png", "masks/legend.png"]),
+        line("ddps frontier --run runs/synthetic --markdown benchmarks/FRONTIER.md",
+             extra=["--limit", "1", "--steps", "1", "2", "--stop-below", "0.5"],
+             expect=["benchmarks/FRONTIER.md", "runs/synthetic/frontier.json"]),
         line("ddps ablate --out runs/ablation --markdown benchmarks/ABLATIONS.md",
              extra=[*SYNTHETIC_SHRUNK, "--seeds", "1", "--only", "ddps"],
              expect=["runs/ablation/ablation.json", "benchmarks/ABLATIONS.md"]),

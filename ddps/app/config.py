@@ -139,6 +139,9 @@ class EvalConfig:
     collect_timesteps: list[int] = option([0, 10, 19], minimum=0)
     # renoise (free re-noising, the original's) | posterior (guidance_scale 1)
     sampling: str = option("renoise", choices=MODES)
+    # stop sampling an image once fewer than this fraction of its pixels changed label in a step
+    # (0: never, the original's loop; benchmarks/FRONTIER.md gives what it saves and costs)
+    stop_below: float = option(0.0, library=True)
     mode: str = option("single", choices=("single", "ms-flip", "slide"))
     dtype: str = option("fp32", choices=tuple(DTYPES))  # the head samples under torch.autocast at this dtype
     scales: list[float] = option([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], above=0)

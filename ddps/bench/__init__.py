@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .. import _backend
-from . import cases as cases_mod
+from . import breakdown, cases as cases_mod
 from .profiles import FULL, QUICK, select
 from .measure import copy_gbps, machine, measure, profiled_call, summary
 
@@ -97,6 +97,8 @@ def run(cases, device: torch.device, profile: str = QUICK, repeats: int | None =
             except Exception as exc:  # reported in the table; the run goes on and exits non-zero
                 row = dict(row, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             else:
+                if case.breakdown and name not in cases_mod.PLAIN:
+                    row["op_ms"] = breakdown.op_times(fn, device)
                 row["check"] = _check(case, out, expected)
                 expected = out if expected is None else expected
                 del out
@@ -126,6 +128,9 @@ def _measure(row: dict, case, name: str, fn, device, profile: str, repeats: int 
     row.update(summary(measure(fn, reps, device, 0.0 if case.heavy else 0.3)))
     if case.flops and not compiled:
         row["gflops"] = counter.get_total_flops() / row["median_ms"] / 1e6
+        conv3x3 = counter.get_flop_counts()["Global"].get(getattr(torch.ops.ddps, "conv3x3", None), 0)
+        if conv3x3:
+            row["conv3x3_gflop"] = conv3x3 / 1e9
     return out
 
 
@@ -143,9 +148,15 @@ def peak_conv_gflops(device: torch.device) -> float:
     return best
 
 
+# Winograd's products per output of a 3x3 convolution: F(2x2, 3x3), conv3x3's today, multiplies 16
+# times per 2x2 tile, F(4x4, 3x3) 36 times per 4x4 tile
+PRODUCTS_F2, PRODUCTS_F4 = 16 / 4, 36 / 16
+
+
 def add_floor(result: dict, device: torch.device) -> None:
     """The FLOP floor of each ddps head row: its FLOPs (after the head-level savings) at the
-    measured peak convolution throughput."""
+    measured peak convolution throughput; and the floor with conv3x3's multiply stage at
+    F(4x4, 3x3)'s products, the next bound."""
     rows = [r for r in result["rows"] if r["provider"] == "ddps" and "gflops" in r]
     if not rows:
         return
@@ -154,6 +165,9 @@ def add_floor(result: dict, device: torch.device) -> None:
     for r in rows:
         gflop = r["gflops"] * r["median_ms"] / 1e3
         r["floor_ms"] = gflop / peak * 1e3
+        if "conv3x3_gflop" in r:
+            saved = r["conv3x3_gflop"] * (1 - PRODUCTS_F4 / PRODUCTS_F2)
+            r["floor_f4_ms"] = (gflop - saved) / peak * 1e3
 
 
 def main(args) -> int:

@@ -57,6 +57,7 @@ class Case:
     nbytes: int | None = None  # bytes the op must move: its inputs read once, its output written once
     flops: bool = False  # report GFLOP/s (matmul and convolution FLOPs of each provider's call)
     heavy: bool = False  # seconds per call: fewer repeats, no torch.compile provider in the quick profile
+    breakdown: bool = False  # report the ddps providers' time by kind of op (ddps.bench.breakdown)
 
     def provider_names(self, device: torch.device) -> list[str]:
         """The keys of ``build(device)``, known without building anything."""

@@ -77,7 +77,7 @@ def machine_line(m: dict) -> str:
             f"({m['commit']}) | torch threads {m['threads']} | python {m['python']}")
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -87,10 +87,10 @@ def measure(fn, repeats: int, device: torch.device, min_time: float = 0.0) -> li
     so that short calls get enough samples for stable quantiles. The caller has warmed ``fn`` up."""
     times, start = [], time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50 * repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 

@@ -120,6 +120,6 @@ def head_cases(size: int) -> list[Case]:
         Case("head.step", group, f"{shape}, B=1, guidance 0.4", "fwd", step, HEAD, flops=True, heavy=True),
         # The noise is drawn differently on the two heads (dense Gumbel vs Philox): shapes are compared.
         Case("head.sample", group, f"{shape}, B=1, T={T}, 3 steps", "fwd", sample, HEAD, compare="shape", flops=True,
-             heavy=True),
+             heavy=True, breakdown=True),
         Case("head.train_step", group, f"{shape}, B=2", "fwd+bwd", train, HEAD, compare="shape", heavy=True),
     ]

@@ -77,7 +77,11 @@ def summary_lines(result: dict, headline, written=()) -> str:
     for r in result["rows"]:
         if "floor_ms" in r:
             lines.append(f"{r['case']}: ddps {r['median_ms']:.0f} ms, FLOP floor {r['floor_ms']:.0f} ms "
-                         f"(its FLOPs at the peak convolution throughput)")
+                         f"(its FLOPs at the peak convolution throughput)"
+                         + (f", {r['floor_f4_ms']:.0f} ms with conv3x3 at F(4x4, 3x3)" if "floor_f4_ms" in r else ""))
+    for r in result["rows"]:
+        if "op_ms" in r:
+            lines.append(f"{r['case']} {r['provider']}, time by op (one profiled call): " + op_shares(r["op_ms"]))
     errors = [r for r in result["rows"] if "error" in r]
     if errors:
         lines.append(f"{len(errors)} provider(s) failed: " + ", ".join(f"{r['case']}/{r['provider']}" for r in errors))
@@ -85,6 +89,12 @@ def summary_lines(result: dict, headline, written=()) -> str:
     lines.append("results: " + (", ".join(written) if written else "printed above only (--json, --csv, --plot, "
                                 "--markdown write them to files)"))
     return "\n".join(lines)
+
+
+def op_shares(op_ms: dict) -> str:
+    """'conv3x3 66.7%, 1x1 convolutions 12.6%, ...' in ``op_ms``'s order."""
+    total = sum(op_ms.values()) or 1.0
+    return ", ".join(f"{kind} {100 * ms / total:.1f}%" for kind, ms in op_ms.items())
 
 
 def _atomic_write(path: str, write) -> None:
@@ -178,6 +188,21 @@ def markdown(result: dict) -> str:
                     "|" + " --- |" * (len(COLUMNS) + 5)]
         out.append(f"| {row['case']} | {row['mode']} | {row['shape']} | {row['provider']} | "
                    + " | ".join(cells(row)) + " |")
+    broken_down = [r for r in result["rows"] if "op_ms" in r]
+    if broken_down:
+        out += ["", "## Where the time goes", "",
+                "Each kind of op's own time in one call under torch's profiler (its overhead included), and its "
+                "share of their sum.", "",
+                "| case | provider | " + " | ".join(broken_down[0]["op_ms"]) + " |",
+                "|" + " --- |" * (len(broken_down[0]["op_ms"]) + 2)]
+        for r in broken_down:
+            total = sum(r["op_ms"].values()) or 1.0
+            out.append(f"| {r['case']} | {r['provider']} | "
+                       + " | ".join(f"{ms:.0f} ms ({100 * ms / total:.1f}%)" for ms in r["op_ms"].values()) + " |")
+        floors = [r for r in broken_down if "floor_f4_ms" in r]
+        out += [""] + [f"{r['case']} ({r['provider']}): FLOP floor {r['floor_ms']:.0f} ms; with conv3x3's multiply "
+                       f"stage at F(4x4, 3x3)'s products (36 per 16 outputs, against 16 per 4), "
+                       f"{r['floor_f4_ms']:.0f} ms." for r in floors]
     return "\n".join(out) + "\n"
 
 

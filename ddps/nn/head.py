@@ -43,7 +43,7 @@ def unvisited(collect_timesteps, num_timesteps: int, inference_steps: int | None
 def check_arguments(num_timesteps: int, inference_steps: int | None = None, collect_timesteps=(),
                     guidance_scale: float = 1.0, mode: str = "renoise", dropout_ratio: float = 0.1,
                     cond_dropout: float = 0.0, backend: str = "reference",
-                    noise_source: str = "first_prediction") -> None:
+                    noise_source: str = "first_prediction", stop_below: float = 0.0) -> None:
     """DDPSHead's rules for its arguments, without building it; a broken one is an
     ``ArgumentError`` naming it."""
     _backend.check_module_backend(backend)
@@ -59,6 +59,9 @@ def check_arguments(num_timesteps: int, inference_steps: int | None = None, coll
         raise _checks.ArgumentError("dropout_ratio", f"dropout_ratio={dropout_ratio} must lie in [0, 1)")
     if not 0 <= cond_dropout <= 1:
         raise _checks.ArgumentError("cond_dropout", f"cond_dropout={cond_dropout} must lie in [0, 1]")
+    if not 0 <= stop_below <= 1:
+        raise _checks.ArgumentError("stop_below", f"stop_below={stop_below} must lie in [0, 1] (a fraction of an "
+                                    "image's pixels; 0 never stops)")
     bad = [c for c in collect_timesteps if not 0 <= c < num_timesteps]
     if bad:
         raise _checks.ArgumentError("collect_timesteps", f"collect_timesteps {bad} are outside [0, "
@@ -85,7 +88,10 @@ class DDPSHead(MaskHead):
     add a [MASK] state, index K, to the embedding and start inference from the noisiest level).
     ``backend``: "reference" runs the original's dense sampling ops, UNet and loop, bitwise; any
     other (see ``ddps.backends()``) the fused ``ddps.ops`` on it, the fused UNet, and init_conv
-    computed in two shares (see ``_step``).
+    computed in two shares (see ``_step``). ``stop_below``: an image stops sampling once fewer
+    than this fraction of its pixels changed label in a step (its later collected steps and its
+    final logits are those of that step; 0, the original's loop, never stops); ``steps_run`` holds
+    each image's number of steps in the last ``sample``.
     """
 
     metrics_name = "ddps"
@@ -95,10 +101,11 @@ class DDPSHead(MaskHead):
                  embed_dim: int, num_timesteps: int, inference_steps: int | None = None,
                  collect_timesteps=(), guidance_scale: float = 1.0, schedule: str = "linear",
                  mode: str = "renoise", dropout_ratio: float = 0.1, cond_dropout: float = 0.0,
-                 backend: str = "reference", noise_source: str = "first_prediction", transition: str = "uniform"):
+                 backend: str = "reference", noise_source: str = "first_prediction", transition: str = "uniform",
+                 stop_below: float = 0.0):
         super().__init__()
         check_arguments(num_timesteps, inference_steps, collect_timesteps, guidance_scale, mode, dropout_ratio,
-                        cond_dropout, backend, noise_source)
+                        cond_dropout, backend, noise_source, stop_below)
         self.backend = backend
         self.num_classes = num_classes
         self.cond_channels = cond_channels
@@ -109,6 +116,8 @@ class DDPSHead(MaskHead):
         self.mode = mode
         self.cond_dropout = cond_dropout
         self.noise_source = noise_source
+        self.stop_below = stop_below
+        self.steps_run = None  # per image, the steps the last ``sample`` ran
         # Fused heads only: the guided and the unguided denoiser call of a step as one call on a
         # doubled batch. Off by default: on the reference CPU two B = 1 calls are faster (its
         # convolutions run slower per sample at B = 2); not measured on a GPU.
@@ -246,15 +255,30 @@ class DDPSHead(MaskHead):
         step = self._step(cond)
         collected = {}
         out = None
+        # With stop_below, an image leaves the batch once fewer than that fraction of its pixels
+        # changed label in a step: ``live`` indexes the images still sampling, and ``frozen`` holds
+        # every image's latest logits.
+        live, frozen = torch.arange(b, device=cond.device), None
+        self.steps_run = torch.zeros(b, dtype=torch.long, device=cond.device)
         for i in inference_timesteps(T, self.inference_steps):
-            t = (torch.ones([b], device=cond.device) * i).long()
-            noise_level = (torch.ones([b], device=cond.device) * (T - i - 1)).long()
-            if i != 0:
-                mask = self._next_mask(out, mask, noise_level)
-            out = step(mask, t)
+            if len(live):
+                t = (torch.ones([len(live)], device=cond.device) * i).long()
+                noise_level = (torch.ones([len(live)], device=cond.device) * (T - i - 1)).long()
+                if i != 0:
+                    mask = self._next_mask(out, mask, noise_level)
+                previous, out = out, step(mask, t)
+                self.steps_run[live] += 1
+                if self.stop_below > 0:
+                    frozen = out.clone() if frozen is None else frozen.index_copy_(0, live, out)
+                    if previous is not None:
+                        changed = (out.argmax(1) != previous.argmax(1)).flatten(1).float().mean(1)
+                        going = changed >= self.stop_below
+                        if not going.all():
+                            live, out, mask, cond = live[going], out[going], mask[going], cond[going]
+                            step = self._step(cond)
             if i in self.collect_timesteps:
-                collected[i] = out
-        return out, collected
+                collected[i] = out if frozen is None else frozen.clone()
+        return (out if frozen is None else frozen), collected
 
     def _next_mask(self, logits, mask, noise_level):
         """The next step's noisy mask from the previous step's logits (SPEC §5)."""

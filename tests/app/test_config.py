@@ -147,7 +147,7 @@ def test_bad_yaml_file(tmp_path):
         config.load(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("command", ["bench", "train", "eval", "segment", "convert", "ablate", "demo"])
+@pytest.mark.parametrize("command", ["bench", "train", "eval", "frontier", "segment", "convert", "ablate", "demo"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main([command, "--help"])
@@ -165,7 +165,7 @@ def test_help_is_plain_text():
     # The top-level description is the module docstring, written in reST; --help shows no markup.
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"bench", "train", "eval", "segment", "convert", "ablate", "demo"}
+    assert set(commands) == {"bench", "train", "eval", "frontier", "segment", "convert", "ablate", "demo"}
     for p in (parser, *commands.values()):
         assert "``" not in p.format_help()
 

@@ -13,7 +13,7 @@ import torch
 import ddps
 from ddps import bench
 from ddps.app import cli
-from ddps.bench import cases as registry
+from ddps.bench import breakdown, cases as registry
 from ddps.bench.measure import measure, profiled_call, summary
 
 from helpers import ROOT  # noqa: E402
@@ -95,6 +95,14 @@ def test_bench_end_to_end_outputs(tmp_path, capsys):
     assert [r["gbps"] > 0 and r["copy_gbps"] > 0 for r in rows if r["case"] == "q_sample"] == [True] * 3
     sample = [r for r in rows if r["case"] == "head.sample" and r["provider"] == "ddps"][0]
     assert sample["gflops"] > 0 and sample["floor_ms"] > 0 and result["peak_conv_gflops"] > 0
+    # where the fused head's time goes, and its floor with conv3x3's products at F(4x4, 3x3): 36 per 16
+    # outputs where F(2x2, 3x3) does 16 per 4
+    assert list(sample["op_ms"]) == list(breakdown.KINDS) and sample["op_ms"]["conv3x3"] > 0
+    assert sample["op_ms"]["1x1 convolutions"] > 0 and sample["op_ms"]["norms"] > 0
+    saved_ms = sample["conv3x3_gflop"] * (1 - (36 / 16) / (16 / 4)) / result["peak_conv_gflops"] * 1e3
+    assert sample["floor_f4_ms"] == pytest.approx(sample["floor_ms"] - saved_ms, rel=1e-9)
+    assert 0 < sample["conv3x3_gflop"] < sample["gflops"] * sample["median_ms"] / 1e3
+    assert "op_ms" not in [r for r in rows if r["case"] == "head.sample" and r["provider"] == "reference"][0]
     assert result["machine"]["torch"] == torch.__version__
 
     # the run ends with the summary: each case's best ddps speedup, the machine, the files
@@ -104,6 +112,8 @@ def test_bench_end_to_end_outputs(tmp_path, capsys):
         best = max(r["speedup"] for r in group if r["provider"] in ("cpu", "fused", "ddps"))
         assert f"{best:7.2f}x" in summary and shape in summary
     assert f"device: {result['machine']['device']}" in summary
+    assert "head.sample ddps, time by op (one profiled call): conv3x3 " in summary
+    assert f"{sample['floor_f4_ms']:.0f} ms with conv3x3 at F(4x4, 3x3)" in summary
     assert f"results: {out['json']}, {out['csv']}, {out['png']}, {out['md']}" in summary
 
     with open(out["csv"], newline="") as f:
@@ -113,7 +123,7 @@ def test_bench_end_to_end_outputs(tmp_path, capsys):
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out["md"].read_text()
     assert md.startswith("# ddps benchmark results") and "| Attention | fwd |" in md
-    assert result["machine"]["device"] in md and "## end-to-end" in md
+    assert result["machine"]["device"] in md and "## end-to-end" in md and "## Where the time goes" in md
     # every row of every table one row of its header's columns, each measured row in one of them
     assert sum(len(t) - 1 for t in tables(md)) >= len(rows)
 
@@ -217,3 +227,36 @@ def test_report_files_are_readable_as_the_umask_allows(tmp_path):
             assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+@pytest.mark.parametrize("name,weight,stride,expected", [
+    ("ddps::conv3x3", None, None, "conv3x3"),
+    ("ddps_triton::attention_fwd", None, None, "attention"),
+    ("ddps_triton::linear_attention_bwd", None, None, "attention"),
+    ("ddps::group_norm_film_silu", None, None, "norms"),
+    ("ddps_triton::channel_layer_norm_fwd", None, None, "norms"),
+    ("aten::layer_norm", None, None, "norms"),
+    ("ddps::renoise", None, None, "sampling"),
+    ("aten::randint", None, None, "sampling"),
+    ("aten::convolution", [384, 256, 1, 1], [1, 1], "1x1 convolutions"),
+    ("aten::convolution", [256, 256, 4, 4], [2, 2], "strided convolutions"),
+    ("aten::convolution", [256, 16, 7, 7], [1, 1], "other convolutions"),
+    ("aten::add", None, None, None),
+    ("ddps::no_such_op", None, None, None),
+])
+def test_op_kinds(name, weight, stride, expected):
+    assert breakdown.kind(name, weight, stride) == expected
+
+
+def test_op_times_count_each_op_under_its_kind():
+    x, w1, w4 = torch.randn(1, 8, 32, 32), torch.randn(8, 8, 1, 1), torch.randn(8, 8, 4, 4)
+
+    def call():
+        y = torch.nn.functional.conv2d(x, w1)  # its GEMM inside counts as the convolution
+        y = torch.nn.functional.conv2d(y, w4, stride=2, padding=1)
+        return torch.nn.functional.layer_norm(y, y.shape[-1:]) + 1
+
+    times = breakdown.op_times(call, torch.device("cpu"))
+    assert list(times) == list(breakdown.KINDS)
+    used = {"1x1 convolutions", "strided convolutions", "norms", "other"}
+    assert all(times[k] > 0 for k in used) and all(times[k] == 0 for k in set(times) - used)

@@ -87,6 +87,8 @@ BASE = {"K": 5, "cond_ch": 3, "dim": 8, "out_dim": 8, "dim_mults": [1], "emb_dim
     ({"inference_steps": 0}, "inference_steps=0"),
     ({"dropout_ratio": 1.0}, "dropout_ratio=1.0"),
     ({"backend": "fused"}, "backend='fused'"),
+    ({"stop_below": 1.5}, "stop_below=1.5 must lie in"),
+    ({"stop_below": -0.1}, "stop_below=-0.1 must lie in"),
 ])
 def test_bad_head_arguments(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -322,3 +324,59 @@ def test_triton_reaches_every_op_of_the_loop():
     assert (collected[0] - collected_cpu[0]).abs().max() <= 1e-4 and final.shape == final_cpu.shape
     torch.manual_seed(0)
     assert torch.equal(heads["triton"].sample(cond)[0], final)
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image, the fraction of pixels whose label differs between two steps' logits."""
+    return (a.argmax(1) != b.argmax(1)).flatten(1).double().mean(1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mode,guidance", [("renoise", 0.4), ("posterior", 1.0)])
+def test_stop_below_ends_sampling_at_the_first_quiet_step(backend, mode, guidance):
+    # One image: until it stops, the early-stopping run draws what the full run draws, so its
+    # final logits are the full run's at the first step where fewer than stop_below of its pixels
+    # changed label, and every later collected step holds them too.
+    steps = inference_timesteps(10, None)
+    torch.manual_seed(0)  # weights whose changes per step fall to new lows several times
+    head = small_head(backend=backend, mode=mode, guidance_scale=guidance, inference_steps=None,
+                      collect_timesteps=steps).eval()
+    cond = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    _, full = head.sample(cond)
+    assert head.steps_run.tolist() == [len(steps)]
+    changes = [float(_changed(full[steps[k]], full[steps[k - 1]])) for k in range(1, len(steps))]
+    thresholds = sorted({*changes, 1.0})
+    stops_seen = set()
+    for threshold in thresholds:  # stop_below = an observed change: that step does not stop
+        head.stop_below = threshold
+        torch.manual_seed(5)
+        final, collected = head.sample(cond)
+        quiet = next((k for k in range(1, len(steps)) if changes[k - 1] < threshold), len(steps) - 1)
+        stops_seen.add(quiet)
+        assert head.steps_run.tolist() == [quiet + 1], threshold
+        assert torch.equal(final, full[steps[quiet]]), threshold
+        for k, step in enumerate(steps):
+            assert torch.equal(collected[step], full[steps[min(k, quiet)]]), (threshold, step)
+    assert len(stops_seen) >= 3  # the thresholds stopped the loop at several steps
+
+
+def test_stop_below_stops_each_image_of_a_batch_on_its_own():
+    steps = inference_timesteps(10, None)
+    torch.manual_seed(0)
+    head = small_head(backend="cpu", inference_steps=None, collect_timesteps=steps).eval()
+    cond = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    mixed = 0
+    for threshold in (0.3, 0.35, 0.4, 0.45, 0.5):
+        head.stop_below = threshold
+        torch.manual_seed(2)
+        final, collected = head.sample(cond)
+        for i in range(4):
+            changes = [float(_changed(collected[steps[k]][i:i + 1], collected[steps[k - 1]][i:i + 1]))
+                       for k in range(1, len(steps))]
+            quiet = next((k for k in range(1, len(steps)) if changes[k - 1] < threshold), len(steps) - 1)
+            assert head.steps_run[i] == quiet + 1, (threshold, i)
+            assert torch.equal(final[i], collected[steps[quiet]][i])
+        mixed += len(set(head.steps_run.tolist())) > 1
+    assert mixed >= 2  # images of one batch stopped at different steps
+

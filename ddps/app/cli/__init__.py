@@ -1,7 +1,8 @@
 """The ddps command line. ddps bench: ddps against the original implementation on this machine
 (the main job). ddps train / eval / segment / convert: the training recipe, its evaluation, masks
 for image files, and original checkpoints into ddps run directories. ddps ablate: the paper's
-findings as one controlled comparison. ddps demo: the DDPS sampling loop on random features, with
+findings as one controlled comparison. ddps frontier: a trained run's mIoU against its sampling
+time per setting. ddps demo: the DDPS sampling loop on random features, with
 the sampling op timed on every available backend.
 
 One module per subcommand: NAME, HELP, DESCRIPTION, add_arguments(parser) and run(args); what
@@ -16,9 +17,9 @@ import sys
 from ... import __version__
 from ..data import DataError
 from ..schema import ConfigError
-from . import ablate, bench, convert, demo, eval as eval_cmd, segment, train
+from . import ablate, bench, convert, demo, eval as eval_cmd, frontier, segment, train
 
-COMMANDS = (bench, train, eval_cmd, segment, convert, ablate, demo)
+COMMANDS = (bench, train, eval_cmd, frontier, segment, convert, ablate, demo)
 # What a command may report as one line (exit status 2) rather than a traceback: a user's input.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, ImportError, ValueError)
 

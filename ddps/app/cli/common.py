@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..model import TRAINED_RUN_FREE_TEXT
+from .. import preflight
+from ..model import TRAINED_RUN_FREE_TEXT, run_config
 
 
 def at_least(low: int):
@@ -42,3 +43,13 @@ def weights_input(args) -> tuple[str, Path]:
 def add_run(p) -> None:
     p.add_argument("--run", required=True, help="run directory written by ddps train")
     p.add_argument("--weights", help="weights file to use instead of RUN/model.safetensors")
+
+
+def checked_run(args, default_json: str, outputs=()):
+    """(config, JSON output) of a command on a trained run: RUN's config under the overrides, and
+    --json or RUN/``default_json``, after ddps.app.preflight's checks of them, of the weights and
+    of ``outputs``."""
+    cfg = run_config(args.run, args.overrides)
+    out = Path(args.json or Path(args.run) / default_json)
+    preflight.check(cfg, splits=("val",), outputs=[("--json", out, "file"), *outputs], inputs=[weights_input(args)])
+    return cfg, out

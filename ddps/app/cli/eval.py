@@ -5,11 +5,11 @@ import contextlib
 import json
 from pathlib import Path
 
-from .. import checkpoint, evaluation, preflight
+from .. import checkpoint, evaluation
 from ..data import build_dataset
-from ..model import load_run, run_config
+from ..model import load_run
 from ..runlock import RunLock
-from .common import TRAINED_RUN_OVERRIDES, add_overrides, add_run, positive, weights_input
+from .common import TRAINED_RUN_OVERRIDES, add_overrides, add_run, checked_run, positive
 
 NAME = "eval"
 HELP = "evaluate a trained run on its held-out split"
@@ -30,10 +30,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    cfg = run_config(args.run, args.overrides)
-    out = Path(args.json or Path(args.run) / "eval.json")
-    outputs = [("--json", out, "file")] + ([("--panels", args.panels, "dir")] if args.panels else [])
-    preflight.check(cfg, splits=("val",), outputs=outputs, inputs=[weights_input(args)])
+    cfg, out = checked_run(args, "eval.json", [("--panels", args.panels, "dir")] if args.panels else [])
     # eval.json next to the run's weights: not while a ddps train (or another eval) writes the run
     inside = out.resolve().parent == Path(args.run).resolve()
     with RunLock(Path(args.run), "ddps eval") if inside else contextlib.nullcontext():

@@ -12,7 +12,7 @@ from ..schema import HEADS, keyed, option
 KEYS = {"num_timesteps": "eval.num_timesteps", "inference_steps": "eval.inference_steps",
         "collect_timesteps": "eval.collect_timesteps", "guidance_scale": "eval.guidance_scale",
         "mode": "eval.sampling", "dropout_ratio": "head.dropout_ratio", "cond_dropout": "head.cond_dropout",
-        "backend": "head.backend", "noise_source": "head.noise_source"}
+        "backend": "head.backend", "noise_source": "head.noise_source", "stop_below": "eval.stop_below"}
 
 
 @dataclass
@@ -46,7 +46,7 @@ def arguments(cfg, num_classes: int, ignore_index: int, cond_channels: int, for_
                 inference_steps=e.inference_steps, collect_timesteps=() if for_training else e.collect_timesteps,
                 guidance_scale=e.guidance_scale, schedule=h.schedule, mode=e.sampling,
                 dropout_ratio=h.dropout_ratio, cond_dropout=h.cond_dropout, backend=h.backend,
-                noise_source=h.noise_source, transition=h.transition)
+                noise_source=h.noise_source, transition=h.transition, stop_below=e.stop_below)
 
 
 def check(cfg) -> None:

@@ -8,6 +8,10 @@
 // The weight's gradient comes from the same transforms run backwards: dU[k] = sum over tiles of
 // (B^T d B)[k]^T (A g A^T)[k], g the output gradient's 2x2 block, and Python takes G^T dU G.
 // Fused multiply-adds in the products: nothing here must match another backend bit for bit.
+// With bfloat16 activations and a bfloat16 transformed weight (on a CPU with AVX512-BF16, which
+// ddps/ops/conv3x3.py asks cpu_bf16_dot about), the products take bfloat16 operands: V is
+// transformed in float and rounded once to bfloat16, and vdpbf16ps sums pairs of input channels
+// into float accumulators, 32 multiply-adds per instruction where an FMA does 16.
 //
 // Tiles (i, j), th x tw = ceil(H/2) x ceil(W/2) per sample, are numbered (b * th + i) * tw + j.
 // A chunk's V and M hold a row of C values per (position k, tile).
@@ -22,8 +26,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -72,11 +80,11 @@ DDPS_INLINE inline void output_1d_adjoint(const FloatV (&z)[2], FloatV (&out)[4]
   out[3] = FloatV{} - z[1];
 }
 
-// v[(k * stride + t) * ld + c] = (B^T d B)[k] for the n tiles first .. first + n - 1 (tile index
+// v[(k * stride + t) * ld + c] = (B^T d B)[k] (float, or rounded once to bfloat16) for the n tiles first .. first + n - 1 (tile index
 // (b * tiles_h + i) * tiles_w + j), c < C: d is the 4 x 4 patch of x at rows 2i-1 .. 2i+2 and
 // columns 2j-1 .. 2j+2, zero outside the image (the padding).
-template <typename scalar_t>
-DDPS_CLONES void input_tiles(const scalar_t* x, float* v, const Dims& d, int64_t C, int64_t ld, int64_t first, int64_t n,
+template <typename scalar_t, typename v_t>
+DDPS_CLONES void input_tiles(const scalar_t* x, v_t* v, const Dims& d, int64_t C, int64_t ld, int64_t first, int64_t n,
                              int64_t stride) {
   for (int64_t t = 0; t < n; ++t) {
     const auto [b, i, j] = d.tile(first + t);
@@ -165,6 +173,53 @@ DDPS_CLONES void products(const float* v, const float* u, float* m, int64_t cin,
         for (int64_t t = 0; t < rows; t += kRows) product_block<kRows, 16>(vk + t * cin, panel, out + t * cout_pad, cin, cout_pad);
       } else {
         for (int64_t t = 0; t < rows; t += 2) product_block<2, 8>(vk + t * cin, panel, out + t * cout_pad, cin, cout_pad);
+      }
+    }
+  }
+}
+
+// Whether this CPU has AVX512-BF16's dot products (cpuid) and DDPS_BF16_DOT is not 0: the bfloat16
+// products' condition, read by Python (ddps/ops/conv3x3.py) and checked again here.
+bool cpu_bf16_dot() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("DDPS_BF16_DOT");
+    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
+}
+
+// products with bfloat16 operands: v as input_tiles writes it in bfloat16, rows of ld = 2 * pairs
+// values (zero beyond Cin); u [16, Cout_pad / 32, pairs, 64], each row of a panel the 32 columns'
+// (channel 2i, channel 2i + 1) pairs side by side, as vdpbf16ps multiplies them: lane j of an
+// accumulator gains v[2i] u[2i][j] + v[2i + 1] u[2i + 1][j] per instruction. A register block of
+// kRows x 32 float accumulators per pass over the pairs, as products' AVX-512 one.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void products_bf16(const c10::BFloat16* v, const c10::BFloat16* u,
+                                                                            float* m, int64_t pairs, int64_t cout_pad,
+                                                                            int64_t rows, int64_t stride) {
+  const int64_t panels = cout_pad / 32, ld = 2 * pairs;
+  for (int k = 0; k < kPositions; ++k) {
+    const c10::BFloat16* vk = v + k * stride * ld;
+    float* mk = m + k * stride * cout_pad;
+    for (int64_t p = 0; p < panels; ++p) {
+      const c10::BFloat16* panel = u + (k * panels + p) * pairs * 64;
+      for (int64_t t = 0; t < rows; t += kRows) {
+        __m512 acc[kRows][2];
+        for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < pairs; ++i) {
+          const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + i * 64);
+          const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + i * 64 + 32);
+          for (int r = 0; r < kRows; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, vk + (t + r) * ld + 2 * i, sizeof pair);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+          }
+        }
+        for (int r = 0; r < kRows; ++r) {
+          _mm512_storeu_ps(mk + (t + r) * cout_pad + p * 32, acc[r][0]);
+          _mm512_storeu_ps(mk + (t + r) * cout_pad + p * 32 + 16, acc[r][1]);
+        }
       }
     }
   }
@@ -266,10 +321,21 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
                        const std::optional<at::Tensor>& bias) {
   const auto cl = at::MemoryFormat::ChannelsLast;
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(cl), "conv3x3: x must be [B, C, H, W] in channels-last memory");
-  const int64_t cin = x.size(1), cout = weight.size(0), cout_pad = (cout + 31) / 32 * 32;
-  TORCH_CHECK(u.dim() == 4 && u.size(0) == kPositions && u.size(1) == cout_pad / 32 && u.size(2) == cin &&
-                  u.size(3) == 32 && u.scalar_type() == at::kFloat && u.is_contiguous(),
-              "conv3x3: the transformed weight must be float32 [16, ceil(Cout / 32), Cin, 32], contiguous");
+  const int64_t cin = x.size(1), cout = weight.size(0), cout_pad = (cout + 31) / 32 * 32, pairs = (cin + 1) / 2;
+  const bool dot = u.scalar_type() == at::kBFloat16;
+  if (dot) {
+    TORCH_CHECK(cpu_bf16_dot(), "conv3x3: a bfloat16 transformed weight needs a CPU with AVX512-BF16 (and "
+                "DDPS_BF16_DOT other than 0); winograd_weight gives float32 otherwise");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "conv3x3: a bfloat16 transformed weight takes bfloat16 x, got ",
+                x.scalar_type());
+    TORCH_CHECK(u.dim() == 4 && u.size(0) == kPositions && u.size(1) == cout_pad / 32 && u.size(2) == pairs &&
+                    u.size(3) == 64 && u.is_contiguous(),
+                "conv3x3: the bfloat16 transformed weight must be [16, ceil(Cout / 32), ceil(Cin / 2), 64], contiguous");
+  } else {
+    TORCH_CHECK(u.dim() == 4 && u.size(0) == kPositions && u.size(1) == cout_pad / 32 && u.size(2) == cin &&
+                    u.size(3) == 32 && u.scalar_type() == at::kFloat && u.is_contiguous(),
+                "conv3x3: the transformed weight must be float32 [16, ceil(Cout / 32), Cin, 32], contiguous");
+  }
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == cout && weight.size(1) == cin && weight.size(2) == 3 &&
                   weight.size(3) == 3,
               "conv3x3: weight must be [Cout, Cin, 3, 3] matching the transformed weight");
@@ -281,18 +347,35 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   if (cin == 0) return bias.has_value() ? out.copy_(bias->view({1, cout, 1, 1})) : out.zero_();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const float* up = u.data_ptr<float>();
+  const int64_t chunks = (d.tiles() + kChunk - 1) / kChunk;
 
   // Each thread takes chunks of kChunk tiles and runs the three stages on one chunk before the
   // next: the chunk's V and M (16 rows per tile) stay in its cache. Transforming the whole image
   // first would stream 4x the activations through memory twice and evict what the rest of the
   // UNet keeps in cache. Half-precision activations are widened on load and rounded once on
   // store: the products sum in float.
+  if (dot) {
+    const auto* xp = x.data_ptr<c10::BFloat16>();
+    const auto* up = u.data_ptr<c10::BFloat16>();
+    auto* op = out.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      // Zero-filled once: an odd Cin's last pair ends in a zero that input_tiles never writes.
+      std::vector<c10::BFloat16> v(kPositions * kChunk * 2 * pairs, c10::BFloat16(0.0f));
+      std::vector<float> m(kPositions * kChunk * cout_pad);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t first = item * kChunk, n = std::min(kChunk, d.tiles() - first);
+        input_tiles(xp, v.data(), d, cin, 2 * pairs, first, n, kChunk);
+        products_bf16(v.data(), up, m.data(), pairs, cout_pad, (n + kRows - 1) / kRows * kRows, kChunk);
+        output_tiles(m.data(), bp, op, d, cout, cout_pad, first, n, kChunk);
+      }
+    });
+    return out;
+  }
+  const float* up = u.data_ptr<float>();
   dispatch_activations(x.scalar_type(), "conv3x3", [&](auto zero) {
     using scalar_t = decltype(zero);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t chunks = (d.tiles() + kChunk - 1) / kChunk;
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> v(kPositions * kChunk * cin, 0.0f), m(kPositions * kChunk * cout_pad);
       for (int64_t item = begin; item < end; ++item) {
@@ -346,6 +429,8 @@ at::Tensor weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x) {
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ddps, m) { m.def("cpu_bf16_dot() -> bool", &cpu_bf16_dot); }
 
 TORCH_LIBRARY_IMPL(ddps, CPU, m) {
   m.impl("conv3x3", &forward_cpu);

@@ -11,9 +11,14 @@ float64 convolution: no larger error than ``F.conv2d``'s own).
 
 Under ``torch.autocast`` it computes as autocast's ``conv2d`` does (``_common.compute_dtype``): x, weight
 and bias in the autocast dtype, output in it; the kernel rounds the weight's transform from the
-rounded weight and sums in float32.
+rounded weight and sums in float32. In bfloat16, on a CPU with AVX512-BF16 (``bf16_dot``), the
+products take bfloat16 operands: both transforms are computed in float32 and rounded once to
+bfloat16, and AVX512-BF16's dot products sum them in float32, twice the multiply-adds per
+instruction; other CPUs keep float32 operands.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +41,39 @@ def _both_axes(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.matmul(m, half)
 
 
+@functools.cache
+def bf16_dot() -> bool:
+    """Whether conv3x3 multiplies bfloat16 operands with AVX512-BF16's dot products (vdpbf16ps):
+    where the compiled extension finds them in this CPU's cpuid, at run time, unless the
+    environment sets DDPS_BF16_DOT=0 (read once, at the first call)."""
+    return _backend.extension() is not None and bool(torch.ops.ddps.cpu_bf16_dot())
+
+
+def winograd_shape(weight: torch.Tensor) -> tuple[int, int, int, int]:
+    """The shape of ``winograd_weight(weight)``."""
+    cout, cin = weight.shape[:2]
+    if weight.dtype == torch.bfloat16 and bf16_dot():
+        return 16, -(-cout // 32), -(-cin // 2), 64
+    return 16, -(-cout // 32), cin, 32
+
+
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     """G w G^T of a [Cout, Cin, 3, 3] weight as the kernel reads it: float32
     [16, ceil(Cout / 32), Cin, 32], 32-column panels of each position's Cin x Cout matrix, Cout
-    padded with zeros. ``conv3x3`` computes it on every call unless given; a caller whose weight
-    does not change (inference) computes it once."""
+    padded with zeros. For a bfloat16 weight where ``bf16_dot()``: rounded to bfloat16, input
+    channels in pairs side by side as the dot products take them, [16, ceil(Cout / 32),
+    ceil(Cin / 2), 64] (Cin padded with a zero channel). ``conv3x3`` computes it on every call
+    unless given; a caller whose weight does not change (inference) computes it once."""
     cout, cin = weight.shape[:2]
     g = weight.new_tensor(_G, dtype=torch.float32)  # made per call: fake tensors (torch.compile) too
     w = weight.detach().to(torch.float32).permute(2, 3, 1, 0).reshape(3, 3, cin * cout)
     u = _both_axes(g, w).reshape(16, cin, cout)
     panels = -(-cout // 32)
     u = F.pad(u, (0, panels * 32 - cout)).reshape(16, cin, panels, 32).transpose(1, 2)
-    return u.contiguous()
+    if winograd_shape(weight)[-1] == 32:
+        return u.contiguous()
+    u = F.pad(u, (0, 0, 0, cin % 2)).reshape(16, panels, -1, 2, 32).transpose(3, 4)
+    return u.reshape(16, panels, -1, 64).to(torch.bfloat16).contiguous()
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -71,9 +97,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     x, weight = x.to(dtype), weight.to(dtype)
     if winograd is None:
         winograd = winograd_weight(weight)
-    elif winograd.shape != (16, -(-weight.shape[0] // 32), weight.shape[1], 32):
-        raise ValueError(f"conv3x3: winograd must be winograd_weight(weight), [16, ceil(Cout / 32), Cin={weight.shape[1]}, "
-                         f"32], got shape {tuple(winograd.shape)}")
+    elif winograd.shape != winograd_shape(weight):
+        raise ValueError(f"conv3x3: winograd must be winograd_weight(weight), of shape {winograd_shape(weight)} here, got "
+                         f"shape {tuple(winograd.shape)}")
     # The bias is added in float32 before the output's one rounding.
     return torch.ops.ddps.conv3x3(x, weight, winograd, None if bias is None else bias.to(dtype).float())
 

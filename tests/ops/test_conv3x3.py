@@ -1,10 +1,14 @@
 """ddps.ops.conv3x3 (Winograd F(2x2, 3x3) on CPU) against F.conv2d, forward and backward."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ddps.ops import conv3x3
-from ddps.ops.conv3x3 import winograd_weight
+from ddps.ops.conv3x3 import bf16_dot, winograd_weight
 from helpers.denoiser import DENOISER, assert_matches_reference
 from helpers.sampling import assert_thread_count_invariant
 
@@ -78,8 +82,10 @@ HALF_TOLERANCE = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "half-inputs"])
 def test_conv3x3_half_precision(dtype, autocast):
     # Autocast's conv2d (x, weight and bias rounded to dtype, output in dtype), or inputs already in
-    # dtype: the kernel loads them as float, sums in float32 and rounds the output once, so against
-    # a float64 convolution of the rounded inputs it is off by that one rounding; the gradients
+    # dtype: the kernel loads them as float, sums in float32 and rounds the output once (with
+    # bfloat16 products, test_bf16_products_round_each_transform_once, the transforms once too,
+    # whose errors average out over the sums), so against a float64 convolution of the rounded
+    # inputs it is off by about that one rounding; the gradients
     # (with respect to the float32 leaves under autocast) within bf16 / fp16 sums' rounding.
     x, weight, bias = _inputs(2, 24, 40, 9, 10)
     leaves = [t.to(dtype=torch.float32 if autocast else dtype).requires_grad_() for t in (x, weight, bias)]
@@ -144,3 +150,105 @@ def test_conv3x3_keeps_its_default_under_a_process_wide_triton_or_cuda(monkeypat
         assert torch.equal(conv3x3(x, weight, bias), default)
     monkeypatch.setenv("DDPS_BACKEND", "reference")
     assert torch.equal(conv3x3(x, weight, bias), _reference(x, weight, bias))
+
+
+# Winograd F(2x2, 3x3)'s transforms, written out here: B^T, G and A^T.
+_BT = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+_GT = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]
+_AT = [[1, 1, 1, 0], [0, 1, -1, -1]]
+
+
+def _winograd_emulated(x, weight, bias, round_v=True, round_u=True):
+    """conv3x3 as the bfloat16 products compute it, in float64 but for the roundings: V = B^T d B
+    and U = G w G^T in float32, each rounded to bfloat16 (unless told not to), their products
+    summed exactly, then A^T M A + bias."""
+    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _GT, _AT))
+    b, c, h, w = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    padded = F.pad(x.float(), (1, 2 * tw - w + 1, 1, 2 * th - h + 1))
+    tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # [B, C, th, tw, 4, 4]
+    v = (bt.float() @ tiles @ bt.float().T)
+    u = g.float() @ weight.float() @ g.float().T  # [Cout, Cin, 4, 4]
+    v, u = (t.bfloat16() if r else t for t, r in ((v, round_v), (u, round_u)))
+    m = torch.einsum("bcijuv,kcuv->bkijuv", v.double(), u.double())
+    y = (at @ m @ at.T).permute(0, 1, 2, 4, 3, 5).reshape(b, -1, 2 * th, 2 * tw)[:, :, :h, :w]
+    return y + bias.double()[None, :, None, None]
+
+
+def _bf16_ulp(y):
+    return 2.0 ** (torch.frexp(y.abs().clamp_min(1e-30))[1].double() - 8)
+
+
+BF16_DOT = pytest.mark.skipif("cpu" not in DENOISER or not bf16_dot(), reason="needs a CPU with AVX512-BF16")
+
+
+@BF16_DOT
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bf16_products_round_each_transform_once(shape):
+    # On a CPU with AVX512-BF16 the products take V and U each rounded once to bfloat16 and sum
+    # them in float32: the output is the exact sum of those rounded operands, rounded to bfloat16,
+    # but where float32's summation moved it across a rounding boundary (within one bfloat16 step).
+    x, weight, bias = (t.bfloat16() for t in _inputs(*shape))
+    out = conv3x3(x.contiguous(memory_format=CL), weight, bias, backend="cpu").double()
+    exact = _winograd_emulated(x, weight, bias)
+    assert (out - exact).abs().max() <= 1.0001 * _bf16_ulp(exact).max()
+    assert ((out - exact).abs() <= _bf16_ulp(exact)).all()
+    assert (out != exact.bfloat16().double()).double().mean() <= 0.01
+    # the same checks tell the roundings apart (but on one pixel, where V is x itself, rounding nothing)
+    for unrounded in (dict(round_v=False), dict(round_u=False)) if min(shape[3:]) > 1 else ():
+        other = _winograd_emulated(x, weight, bias, **unrounded)
+        assert not ((out - other).abs() <= _bf16_ulp(other)).all(), unrounded
+
+
+@BF16_DOT
+def test_bf16_products_same_bits_for_any_thread_count():
+    x, weight, bias = (t.bfloat16() for t in _inputs(2, 32, 40, 30, 26))
+    x = x.contiguous(memory_format=CL)
+    assert_thread_count_invariant(lambda: conv3x3(x, weight, bias, backend="cpu"))
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+
+
+@CPU_KERNEL
+def test_bf16_products_only_on_a_cpu_that_has_them():
+    # Chosen from cpuid at run time: on this CPU as /proc/cpuinfo says; with DDPS_BF16_DOT=0 (how a
+    # CPU without them looks to the choice) winograd_weight keeps float32 operands, and the kernel
+    # refuses bfloat16 ones instead of running instructions the CPU may lack.
+    assert bf16_dot() == ("avx512_bf16" in _cpu_flags())
+    script = (
+        "import torch\n"
+        "from ddps.ops import conv3x3\n"
+        "from ddps.ops.conv3x3 import bf16_dot, winograd_weight\n"
+        "w = torch.randn(8, 6, 3, 3).bfloat16()\n"
+        "x = torch.randn(1, 6, 5, 5).bfloat16().contiguous(memory_format=torch.channels_last)\n"
+        "u = winograd_weight(w)\n"
+        "assert not bf16_dot() and u.dtype == torch.float32 and u.shape == (16, 1, 6, 32), u.shape\n"
+        "conv3x3(x, w, None, backend='cpu')\n"
+        "pairs = torch.zeros(16, 1, 3, 64, dtype=torch.bfloat16)\n"
+        "try:\n"
+        "    torch.ops.ddps.conv3x3(x, w, pairs, None)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'needs a CPU with AVX512-BF16' in str(e), e\n"
+        "    print('refused')\n")
+    env = {**os.environ, "DDPS_BF16_DOT": "0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "refused", out.stderr
+
+
+@BF16_DOT
+def test_bf16_weight_layout():
+    # Input channels in pairs, each 32-column panel's row holding (channel 2i, channel 2i + 1) per column
+    weight = _randn(40, 5, 3, 3).bfloat16()
+    u = winograd_weight(weight)
+    assert u.dtype == torch.bfloat16 and u.shape == (16, 2, 3, 64)
+    full = torch.einsum("pu,kcuv,qv->pqck", torch.tensor(_GT).float(), weight.float(), torch.tensor(_GT).float())
+    full = full.reshape(16, 5, 40).bfloat16()
+    for k, panel, pair, column in [(0, 0, 0, 0), (5, 1, 2, 7), (15, 0, 1, 31), (9, 1, 0, 3)]:
+        cout = 32 * panel + column
+        for half in (0, 1):
+            cin = 2 * pair + half
+            expected = full[k, cin, cout] if cin < 5 and cout < 40 else 0
+            assert u[k, panel, pair, 2 * column + half] == expected, (k, panel, pair, column, half)

@@ -104,6 +104,9 @@ COMMANDS = {
              expect=["r.json", "r.csv", "r.png"]),
         line("ddps bench --markdown", extra=["--cases", "q_sample", *BENCH_SHRUNK], expect=["benchmarks/RESULTS.md"]),
         line("ddps bench --list"),
+        line("python benchmarks/winograd_accuracy.py", {"benchmarks/winograd_accuracy.py": str(ROOT / "benchmarks" /
+                                                                                            "winograd_accuracy.py")},
+             ["--channels", "8", "--size", "8", "--seeds", "1"]),
         # make demo's recipe (the README shows make demo)
         line("ddps demo", extra=["--batch", "1", "--size", "16", "--dim", "16", "--repeats", "1"]),
     ],
@@ -250,8 +253,9 @@ def test_documented_commands(group, tmp_path, monkeypatch):
         words = [_place(subs.get(w, w), tmp_path) for w in [*shlex.split(text), *extra]]
         if words[0] == "ddps":  # the command line's own entry, in this process (tests/app runs `python -m ddps`)
             assert main(words[1:]) == 0, " ".join(words)
-        else:  # torchrun: processes of their own
-            out = subprocess.run([sys.executable, "-m", "torch.distributed.run", *words[1:]], cwd=tmp_path,
+        else:  # torchrun and python scripts: processes of their own
+            runner = ["-m", "torch.distributed.run"] if words[0] == "torchrun" else []
+            out = subprocess.run([sys.executable, *runner, *words[1:]], cwd=tmp_path,
                                  capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, f"{' '.join(words)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
         assert [f for f in expect if not (tmp_path / f).exists()] == [], text

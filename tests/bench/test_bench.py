@@ -260,3 +260,27 @@ def test_op_times_count_each_op_under_its_kind():
     assert list(times) == list(breakdown.KINDS)
     used = {"1x1 convolutions", "strided convolutions", "norms", "other"}
     assert all(times[k] > 0 for k in used) and all(times[k] == 0 for k in set(times) - used)
+
+
+def _winograd_accuracy():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("winograd_accuracy", ROOT / "benchmarks" / "winograd_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_winograd_accuracy_transforms_convolve():
+    # Each variant's Toom-Cook transforms compute the 3-tap correlation y_i = sum_k d_{i+k} g_k, in
+    # one dimension and (emulated in float32) in two, against F.conv2d in float64
+    module = _winograd_accuracy()
+    gen = torch.Generator().manual_seed(0)
+    for _, m, points in module.VARIANTS:
+        a_t, g, b_t = module.transforms(m, points)
+        d, taps = torch.randn(m + 2, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+        expected = torch.stack([(d[i:i + 3] * taps).sum() for i in range(m)])
+        assert torch.allclose(a_t @ ((g @ taps) * (b_t @ d)), expected, atol=1e-12), points
+        x, w = torch.randn(5, 8, 8, generator=gen), torch.randn(6, 5, 3, 3, generator=gen)
+        exact = torch.nn.functional.conv2d(x[None].double(), w.double(), padding=1)[0]
+        for block in (None, 2):
+            assert torch.allclose(module.emulate(x, w, m, points, block).double(), exact, atol=1e-4), (points, block)

@@ -3,6 +3,8 @@ belongs to (an op inside a classified one, such as the GEMM under a convolution,
 one), so that the next bound is visible beside the FLOP floor."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -45,6 +47,9 @@ def op_times(fn, device: torch.device) -> dict[str, float]:
     """Milliseconds of each of KINDS in one profiled call of ``fn`` (on a GPU, the kernels' time,
     counted for the op that launched them)."""
     gpu = device.type == "cuda"
+    # Kineto prints a line per stage of every profile into the live table unless told otherwise
+    # before its first use (a user's own setting wins).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []),
                  record_shapes=True) as prof:
         fn()

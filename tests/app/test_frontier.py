@@ -62,6 +62,8 @@ def test_the_table(swept):
     assert "its setting is 2 inference steps of T = 10, guidance 0.4, stop below 0. 3 held-out images" in md
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| inference")]
     assert len(rows) == len(result["rows"]) == 8
+    assert ("| inference steps | guidance | stop below | mIoU | mBIoU | steps run per image | denoiser calls per image "
+            "| head ms per image | time / the run's setting |") in lines
     assert all(row.endswith("| - |") for row in rows)  # the run's own setting (2 steps) was not swept
     first = result["rows"][4]
     assert rows[4] == (f"| 1 | off | never | {first['mIoU']:.2f} | {first['mBIoU']:.2f} | 2.00 | 2.00 | "
@@ -104,3 +106,26 @@ def test_a_run_of_another_head_is_refused(capsys, smoke_run, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     result = run_cli(capsys, "frontier", "--run", run, "--limit", "1")
     assert result.returncode == 2 and "sweeps DDPS's sampling steps: " in result.stderr and "'refine'" in result.stderr
+
+
+def test_the_head_time_sums_every_sampling_call(monkeypatch):
+    # The sweep's time and steps are the sums over the evaluation's sampling calls, of sample alone
+    import torch
+
+    from ddps.app import frontier
+
+    clock = [100.0]
+    monkeypatch.setattr(frontier.time, "perf_counter", lambda: clock[0])
+
+    class Head:
+        steps_run = torch.tensor([3, 1])
+        name = "stub"
+
+        def sample(self, cond, base=None):
+            clock[0] += 2.5
+            return cond
+
+    timed = frontier._Timed(Head())
+    cond = torch.zeros(2, 1)
+    assert timed.sample(cond) is cond and timed.sample(cond) is cond
+    assert timed.seconds == 5.0 and timed.steps == 8 and timed.name == "stub"

@@ -262,6 +262,18 @@ def test_op_times_count_each_op_under_its_kind():
     assert all(times[k] > 0 for k in used) and all(times[k] == 0 for k in set(times) - used)
 
 
+
+def test_op_times_keep_the_profilers_log_out_of_the_output():
+    # kineto's per-stage lines would land in ddps bench's live table; a user's own level still wins
+    code = ("import torch; from ddps.bench import breakdown; "
+            "breakdown.op_times(lambda: torch.ones(4) + 1, torch.device('cpu'))")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "profiler_start" not in quiet.stdout + quiet.stderr and "Stage" not in quiet.stdout + quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code], env={**env, "KINETO_LOG_LEVEL": "1"}, capture_output=True,
+                          text=True, check=True)
+    assert "Stage" in loud.stdout + loud.stderr
+
 def _winograd_accuracy():
     import importlib.util
     spec = importlib.util.spec_from_file_location("winograd_accuracy", ROOT / "benchmarks" / "winograd_accuracy.py")

@@ -58,7 +58,9 @@ def test_a_row_is_what_ddps_eval_reports_with_its_overrides(smoke_run, swept, tm
 def test_the_table(swept):
     result, md = swept
     lines = md.splitlines()
+    assert lines[:2] == ["# What each sampling setting gains and costs", ""] and lines[3] == ""
     assert lines[2].startswith("`ddps frontier --run ") and " on device: " in lines[2]
+    assert lines[4].startswith("Run `") and lines[5] == ""
     assert "its setting is 2 inference steps of T = 10, guidance 0.4, stop below 0. 3 held-out images" in md
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| inference")]
     assert len(rows) == len(result["rows"]) == 8
@@ -68,6 +70,16 @@ def test_the_table(swept):
     first = result["rows"][4]
     assert rows[4] == (f"| 1 | off | never | {first['mIoU']:.2f} | {first['mBIoU']:.2f} | 2.00 | 2.00 | "
                        f"{first['head_ms_per_image']:.1f} | - |")
+    assert [row.split(" | ")[1:3] for row in rows] == [[g, s] for g in ("0.4", "off") for _ in (1, 3)
+                                                       for s in ("never", "0.3")]
+
+
+def test_without_a_limit_every_held_out_image_is_evaluated(smoke_run, tmp_path):
+    out = tmp_path / "f.json"
+    assert main(["frontier", "--run", str(smoke_run), "--steps", "1", "--stop-below", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 4 and len(result["rows"]) == 2  # synthetic-smoke's num_val
+    assert all(r["steps_per_image"] == 2 for r in result["rows"])
 
 
 def test_times_are_against_the_runs_own_setting(smoke_run, tmp_path):

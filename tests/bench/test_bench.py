@@ -263,6 +263,41 @@ def test_op_times_count_each_op_under_its_kind():
 
 
 
+
+def test_op_times_sum_each_events_own_time_under_its_nearest_classified_caller(monkeypatch):
+    # A profile of known events (times in microseconds, as torch's): each event's own time goes to
+    # the kind of the nearest event up its caller chain that has one, else to "other"; in ms
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, own, parent=None, shapes=(), inputs=()):
+        return SimpleNamespace(name=name, self_cpu_time_total=own, cpu_parent=parent, device_type=DeviceType.CPU,
+                               input_shapes=list(shapes), concrete_inputs=list(inputs))
+
+    conv = event("aten::convolution", 1500.0, shapes=[[1, 8, 4, 4], [8, 8, 1, 1]], inputs=[None, None, None, [1, 1]])
+    strided = event("aten::convolution", 250.0, shapes=[[1, 8, 4, 4], [8, 8, 4, 4]], inputs=[None, None, None, [2, 2]])
+    module = event("ddps::conv3x3", 4000.0)
+    events = [conv, event("aten::mm", 700.0, parent=conv), strided, module,
+              event("aten::empty", 30.0, parent=module), event("aten::add", 20.0),
+              event("ddps_triton::attention_bwd", 125.0)]
+
+    class Profile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return SimpleNamespace(events=lambda: events)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(breakdown, "profile", Profile)
+    times = breakdown.op_times(lambda: None, torch.device("cpu"))
+    assert times == pytest.approx({"conv3x3": 4.03, "1x1 convolutions": 2.2, "strided convolutions": 0.25,
+                                   "other convolutions": 0.0, "attention": 0.125, "norms": 0.0, "sampling": 0.0,
+                                   "other": 0.02}, rel=1e-12)
+
 def test_op_times_keep_the_profilers_log_out_of_the_output():
     # kineto's per-stage lines would land in ddps bench's live table; a user's own level still wins
     code = ("import torch; from ddps.bench import breakdown; "

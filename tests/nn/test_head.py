@@ -80,19 +80,22 @@ BASE = {"K": 5, "cond_ch": 3, "dim": 8, "out_dim": 8, "dim_mults": [1], "emb_dim
         "inference_timesteps": None, "collect": [], "guidance_scale": 1.0, "schedule": "linear", "mode": "q_pred"}
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"mode": "ddim"}, "mode='ddim'"),
-    ({"mode": "posterior", "guidance_scale": 0.4}, "guidance_scale=0.4 needs mode='renoise'"),
-    ({"collect_timesteps": [4]}, r"collect_timesteps \[4\]"),
-    ({"inference_steps": 0}, "inference_steps=0"),
-    ({"dropout_ratio": 1.0}, "dropout_ratio=1.0"),
-    ({"backend": "fused"}, "backend='fused'"),
-    ({"stop_below": 1.5}, "stop_below=1.5 must lie in"),
-    ({"stop_below": -0.1}, "stop_below=-0.1 must lie in"),
+@pytest.mark.parametrize("overrides,match,argument", [
+    ({"mode": "ddim"}, "mode='ddim' is not a sampling mode", "mode"),
+    ({"mode": "posterior", "guidance_scale": 0.4}, "guidance_scale=0.4 needs mode='renoise'", "guidance_scale"),
+    ({"collect_timesteps": [4]}, r"collect_timesteps \[4\]", "collect_timesteps"),
+    ({"inference_steps": 0}, "inference_steps=0", "inference_steps"),
+    ({"dropout_ratio": 1.0}, "dropout_ratio=1.0", "dropout_ratio"),
+    ({"cond_dropout": 1.5}, r"cond_dropout=1.5 must lie in \[0, 1\]", "cond_dropout"),
+    ({"backend": "fused"}, "backend='fused'", "backend"),
+    ({"stop_below": 1.5}, "stop_below=1.5 must lie in", "stop_below"),
+    ({"stop_below": -0.1}, "stop_below=-0.1 must lie in", "stop_below"),
 ])
-def test_bad_head_arguments(overrides, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_head_arguments(overrides, match, argument):
+    # the error names the argument, so that the app can name its own config key
+    with pytest.raises(ValueError, match=match) as error:
         make_head(BASE, **overrides)
+    assert error.value.argument == argument
 
 
 @pytest.mark.parametrize("call,exc,match", [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddps.ops import conv3x3
-from ddps.ops.conv3x3 import bf16_dot, winograd_weight
+from ddps.ops.conv3x3 import bf16_dot, winograd_shape, winograd_weight
 from helpers.denoiser import DENOISER, assert_matches_reference
 from helpers.sampling import assert_thread_count_invariant
 
@@ -237,6 +237,16 @@ def test_bf16_products_only_on_a_cpu_that_has_them():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "refused", out.stderr
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_winograd_shape_is_the_transforms(dtype):
+    # 32-column panels of Cout; under bfloat16 products, Cin in pairs of 64 interleaved columns
+    pairs = dtype == torch.bfloat16 and bf16_dot()
+    for cout, cin in [(1, 1), (32, 2), (33, 5), (65, 4), (64, 3)]:
+        weight = torch.zeros(cout, cin, 3, 3, dtype=dtype)
+        expected = (16, (cout + 31) // 32, (cin + 1) // 2, 64) if pairs else (16, (cout + 31) // 32, cin, 32)
+        assert winograd_shape(weight) == expected == tuple(winograd_weight(weight).shape), (cout, cin)
 
 @BF16_DOT
 def test_bf16_weight_layout():

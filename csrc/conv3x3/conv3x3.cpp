@@ -354,37 +354,31 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
   // first would stream 4x the activations through memory twice and evict what the rest of the
   // UNet keeps in cache. Half-precision activations are widened on load and rounded once on
   // store: the products sum in float.
-  if (dot) {
-    const auto* xp = x.data_ptr<c10::BFloat16>();
-    const auto* up = u.data_ptr<c10::BFloat16>();
-    auto* op = out.data_ptr<c10::BFloat16>();
+  // One thread's chunks: V (v_t, rows of ld values, zero-filled once: an odd Cin's last bfloat16
+  // pair ends in a zero that input_tiles never writes) and M, then the three stages per chunk.
+  auto stages = [&](const auto* xp, auto* op, auto v_zero, int64_t ld, auto products_of) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      // Zero-filled once: an odd Cin's last pair ends in a zero that input_tiles never writes.
-      std::vector<c10::BFloat16> v(kPositions * kChunk * 2 * pairs, c10::BFloat16(0.0f));
+      std::vector<decltype(v_zero)> v(kPositions * kChunk * ld, v_zero);
       std::vector<float> m(kPositions * kChunk * cout_pad);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t first = item * kChunk, n = std::min(kChunk, d.tiles() - first);
-        input_tiles(xp, v.data(), d, cin, 2 * pairs, first, n, kChunk);
-        products_bf16(v.data(), up, m.data(), pairs, cout_pad, (n + kRows - 1) / kRows * kRows, kChunk);
+        input_tiles(xp, v.data(), d, cin, ld, first, n, kChunk);
+        products_of(v.data(), m.data(), (n + kRows - 1) / kRows * kRows);
         output_tiles(m.data(), bp, op, d, cout, cout_pad, first, n, kChunk);
       }
     });
+  };
+  if (dot) {
+    const auto* up = u.data_ptr<c10::BFloat16>();
+    stages(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), c10::BFloat16(0.0f), 2 * pairs,
+           [&](const c10::BFloat16* v, float* m, int64_t rows) { products_bf16(v, up, m, pairs, cout_pad, rows, kChunk); });
     return out;
   }
   const float* up = u.data_ptr<float>();
   dispatch_activations(x.scalar_type(), "conv3x3", [&](auto zero) {
     using scalar_t = decltype(zero);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> v(kPositions * kChunk * cin, 0.0f), m(kPositions * kChunk * cout_pad);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t first = item * kChunk, n = std::min(kChunk, d.tiles() - first);
-        input_tiles(xp, v.data(), d, cin, cin, first, n, kChunk);
-        products(v.data(), up, m.data(), cin, cout_pad, (n + kRows - 1) / kRows * kRows, kChunk);
-        output_tiles(m.data(), bp, op, d, cout, cout_pad, first, n, kChunk);
-      }
-    });
+    stages(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), 0.0f, cin,
+           [&](const float* v, float* m, int64_t rows) { products(v, up, m, cin, cout_pad, rows, kChunk); });
   });
   return out;
 }

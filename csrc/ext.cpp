@@ -46,8 +46,8 @@ TORCH_LIBRARY(ddps, m) {
   // what autograd differentiates, u [16, ceil(Cout / 32), Cin, 32] its Winograd transform in 32-column
   // panels (the kernel's operand, ddps/ops/conv3x3.py's winograd_weight), or for bfloat16 x on a CPU
   // with AVX512-BF16 that transform in bfloat16, [16, ceil(Cout / 32), ceil(Cin / 2), 64], input
-  // channels in pairs. Whether this CPU takes the latter: cpu_bf16_dot() -> bool (defined with its
-  // kernel in csrc/conv3x3/, which reads cpuid).
+  // channels in pairs. Whether this CPU takes the latter: cpu_bf16_dot() -> bool (cpuid, in
+  // csrc/common/vec.h; registered in csrc/conv3x3/).
   m.def("conv3x3(Tensor x, Tensor weight, Tensor u, Tensor? bias) -> Tensor");
   // d(loss)/dU [16, Cin, Cout] of conv3x3 from the gradient of its output and x (the weight's
   // gradient is G^T dU G).

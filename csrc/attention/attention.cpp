@@ -19,10 +19,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/heads.h"
@@ -138,27 +141,13 @@ DDPS_INLINE inline void write_rows(const Shape& s, int64_t token_stride, int64_t
       store_lanes(out + (b * s.n + n0 + r) * token_stride + h * D + j * kLanes, acc[r][j] * f);
 }
 
-// A block of R query rows: scores against every key, softmax in place, out = softmax . v; out and
-// lse of each row.
-template <int V, typename scalar_t>
-DDPS_CLONES void forward_block(const Shape& s, const Heads<scalar_t>& q, const Heads<scalar_t>& v, const float* kt,
-                               float scale, int64_t pair, int64_t n0, float* scores, scalar_t* out, float* lse) {
-  constexpr int D = V * kLanes, R = rows_for(V);
-  const int64_t np = s.padded(), N = s.n;
-  alignas(64) float qs[R][D];
-  load_rows<V, R>(q(pair), n0, N, scale, qs);
-  // Each row's maximum over the whole blocks of keys is taken from the registers (a pass over the
-  // row saved), over the rest from the stored row.
+// Rows of scores (rows of np, N keys) to their softmax's numerators in place, given each row's
+// maximum over the whole blocks of keys (highest, in lanes): top and total are each row's maximum
+// and the sum of its numerators.
+template <int R>
+DDPS_INLINE inline void exp_rows(float* scores, int64_t np, int64_t N, const FloatV (&highest)[R], float (&top)[R],
+                                 float (&total)[R]) {
   const int64_t whole = N / kKeys * kKeys;
-  FloatV highest[R];
-  for (int r = 0; r < R; ++r) highest[r] = FloatV{} - std::numeric_limits<float>::infinity();
-  products<V, R>(qs, kt + pair * D * np, np, N, scores, [&](int r, int64_t m, FloatV x0, FloatV x1) DDPS_INLINE {
-    if (m < whole) {
-      highest[r] = x0 > highest[r] ? x0 : highest[r];
-      highest[r] = x1 > highest[r] ? x1 : highest[r];
-    }
-  });
-  float top[R], total[R];
   for (int r = 0; r < R; ++r) {
     float* row = scores + r * np;
     top[r] = lanes_max(highest[r])[0];
@@ -178,14 +167,129 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads<scalar_t>& q, const H
     });
     total[r] = tail + lanes_sum(sum)[0];
   }
-  FloatV acc[R][V];
-  weighted_rows<V, R>(scores, np, 1, v(pair), N, acc);
+}
+
+// The rows' weighted sums of the values (acc) over their totals into out, and their lse.
+template <int V, int R, typename scalar_t>
+DDPS_INLINE inline void finish_rows(const Shape& s, int64_t pair, int64_t n0, FloatV (&acc)[R][V], const float (&top)[R],
+                                    const float (&total)[R], scalar_t* out, float* lse) {
   for (int r = 0; r < R; ++r) {
     const float inv = 1.0f / total[r];
     for (int j = 0; j < V; ++j) acc[r][j] *= inv;
   }
-  write_rows<V, R>(s, s.heads * D, pair, n0, acc, 1.0f, out);
-  for (int r = 0; r < R && n0 + r < N; ++r) lse[pair * N + n0 + r] = top[r] + std::log(total[r]);
+  write_rows<V, R>(s, s.heads * V * kLanes, pair, n0, acc, 1.0f, out);
+  for (int r = 0; r < R && n0 + r < s.n; ++r) lse[pair * s.n + n0 + r] = top[r] + std::log(total[r]);
+}
+
+// The running maximum of a row's scores over the whole blocks of keys (a pass over the row saved).
+DDPS_INLINE inline void running_max(FloatV& highest, int64_t m, int64_t whole, FloatV x0, FloatV x1) {
+  if (m < whole) {
+    highest = x0 > highest ? x0 : highest;
+    highest = x1 > highest ? x1 : highest;
+  }
+}
+
+// A block of R query rows: scores against every key, softmax in place, out = softmax . v; out and
+// lse of each row.
+template <int V, typename scalar_t>
+DDPS_CLONES void forward_block(const Shape& s, const Heads<scalar_t>& q, const Heads<scalar_t>& v, const float* kt,
+                               float scale, int64_t pair, int64_t n0, float* scores, scalar_t* out, float* lse) {
+  constexpr int D = V * kLanes, R = rows_for(V);
+  const int64_t np = s.padded(), N = s.n, whole = N / kKeys * kKeys;
+  alignas(64) float qs[R][D];
+  load_rows<V, R>(q(pair), n0, N, scale, qs);
+  FloatV highest[R];
+  for (int r = 0; r < R; ++r) highest[r] = FloatV{} - std::numeric_limits<float>::infinity();
+  products<V, R>(qs, kt + pair * D * np, np, N, scores, [&](int r, int64_t m, FloatV x0, FloatV x1) DDPS_INLINE {
+    running_max(highest[r], m, whole, x0, x1);
+  });
+  float top[R], total[R];
+  exp_rows<R>(scores, np, N, highest, top, total);
+  FloatV acc[R][V];
+  weighted_rows<V, R>(scores, np, 1, v(pair), N, acc);
+  finish_rows<V, R>(s, pair, n0, acc, top, total, out, lse);
+}
+
+// The bfloat16 products (AVX512-BF16, cpu_bf16_dot): kp [pairs][D / 2][np][2] holds k's channels in
+// pairs, vp [pairs][np / 2][D][2] v's tokens in pairs, zero past N, as vdpbf16ps multiplies them.
+// The scores q . k sum pairs of channels per instruction (bfloat16 inputs' products are exact, so
+// only the order of the float sums differs from forward_block) and are scaled after; the softmax's
+// numerators are rounded once to bfloat16 (probs, rows of np) for their products with v, pairs of
+// keys per instruction; the totals and lse are the unrounded numerators'.
+template <int V>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void forward_block_bf16(
+    const Shape& s, const Heads<c10::BFloat16>& q, const c10::BFloat16* kp, const c10::BFloat16* vp, float scale,
+    int64_t pair, int64_t n0, float* scores, c10::BFloat16* probs, c10::BFloat16* out, float* lse) {
+  constexpr int D = V * kLanes, R = rows_for(V);
+  const int64_t np = s.padded(), N = s.n, whole = N / kKeys * kKeys;
+  kp += pair * D * np;
+  vp += pair * D * np;
+  int32_t qpairs[R][D / 2];
+  for (int r = 0; r < R; ++r) std::memcpy(qpairs[r], q(pair)(std::min(n0 + r, N - 1)), sizeof qpairs[r]);
+  FloatV highest[R];
+  for (int r = 0; r < R; ++r) highest[r] = FloatV{} - std::numeric_limits<float>::infinity();
+  for (int64_t m = 0; m < N; m += kKeys) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int i = 0; i < D / 2; ++i) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kp + (i * np + m) * 2);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kp + (i * np + m + kLanes) * 2);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(qpairs[r][i]);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const FloatV x0 = (FloatV)acc[r][0] * scale, x1 = (FloatV)acc[r][1] * scale;
+      store_lanes(scores + r * np + m, x0);
+      store_lanes(scores + r * np + m + kLanes, x1);
+      running_max(highest[r], m, whole, x0, x1);
+    }
+  }
+  float top[R], total[R];
+  exp_rows<R>(scores, np, N, highest, top, total);
+  for (int r = 0; r < R; ++r) {
+    for (int64_t m = 0; m < N; m += kLanes)
+      store_lanes(probs + r * np + m, load_lanes(scores + r * np + m), static_cast<int>(std::min<int64_t>(kLanes, N - m)));
+    probs[r * np + N] = c10::BFloat16(0.0f);  // an odd N's last pair
+  }
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t m = 0; m < N; m += 2) {
+    __m512bh b[V];
+    for (int j = 0; j < V; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + (m * D + 2 * j * kLanes));
+    for (int r = 0; r < R; ++r) {
+      int32_t p;
+      std::memcpy(&p, probs + r * np + m, sizeof p);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(p);
+      for (int j = 0; j < V; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  FloatV sums[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) sums[r][j] = (FloatV)acc[r][j];
+  finish_rows<V, R>(s, pair, n0, sums, top, total, out, lse);
+}
+
+// kp and vp of forward_block_bf16 for every (sample, head).
+std::pair<std::vector<c10::BFloat16>, std::vector<c10::BFloat16>> bf16_pairs(const Shape& s,
+                                                                              const Heads<c10::BFloat16>& k,
+                                                                              const Heads<c10::BFloat16>& v) {
+  const int64_t np = s.padded(), D = s.d;
+  std::vector<c10::BFloat16> kp(s.pairs() * D * np, c10::BFloat16(0.0f)), vp(kp.size(), c10::BFloat16(0.0f));
+  at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      c10::BFloat16 *kq = kp.data() + pair * D * np, *vq = vp.data() + pair * D * np;
+      const Rows<c10::BFloat16> kr = k(pair), vr = v(pair);
+      for (int64_t n = 0; n < s.n; ++n) {
+        for (int64_t d = 0; d < D; ++d) kq[(d / 2 * np + n) * 2 + d % 2] = kr(n)[d];
+        for (int64_t d = 0; d < D; ++d) vq[(n / 2 * D + d) * 2 + n % 2] = vr(n)[d];
+      }
+    }
+  });
+  return {std::move(kp), std::move(vp)};
 }
 
 // out in the inputs' dtype, lse in float32.
@@ -194,12 +298,26 @@ std::tuple<at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q, 
                                            const at::Tensor& v, double scale) {
   constexpr int R = rows_for(V);
   const int64_t np = s.padded(), blocks = (s.n + R - 1) / R;
-  const std::vector<float> kt = transposed(s, Heads<scalar_t>(k));
   at::Tensor out = at::empty({s.batch, s.n, s.heads * s.d}, q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.n}, q.options().dtype(at::kFloat));
-  const Heads<scalar_t> qh(q), vh(v);
+  const Heads<scalar_t> qh(q), kh(k), vh(v);
   scalar_t* po = out.data_ptr<scalar_t>();
   float* pl = lse.data_ptr<float>();
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (cpu_bf16_dot()) {
+      const auto operands = bf16_pairs(s, kh, vh);
+      const c10::BFloat16 *kp = operands.first.data(), *vp = operands.second.data();
+      at::parallel_for(0, s.pairs() * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(R * np);
+        std::vector<c10::BFloat16> probs(R * np);
+        for (int64_t item = begin; item < end; ++item)
+          forward_block_bf16<V>(s, qh, kp, vp, static_cast<float>(scale), item / blocks,
+                                item % blocks * R, scores.data(), probs.data(), po, pl);
+      });
+      return {out.transpose(1, 2), lse};
+    }
+  }
+  const std::vector<float> kt = transposed(s, kh);
   at::parallel_for(0, s.pairs() * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(R * np);
     for (int64_t item = begin; item < end; ++item)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -114,6 +115,17 @@ DDPS_INLINE inline HalfBitsV narrow_bf16(FloatV v) {
   std::memcpy(&bits, &v, sizeof bits);
   const UIntV rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   return __builtin_convertvector(v != v ? UIntV{} + 0x7FC0u : rounded, HalfBitsV);
+}
+
+// Whether this CPU has AVX512-BF16's dot products (cpuid) and DDPS_BF16_DOT is not 0: the condition
+// of the bfloat16 products (conv3x3, attention), read by Python (ddps/ops/conv3x3.py) and by the
+// kernels that take them.
+inline bool cpu_bf16_dot() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("DDPS_BF16_DOT");
+    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
 }
 
 // count values (count < kLanes only at the end of a row) of float, bfloat16 or half as float

@@ -178,16 +178,6 @@ DDPS_CLONES void products(const float* v, const float* u, float* m, int64_t cin,
   }
 }
 
-// Whether this CPU has AVX512-BF16's dot products (cpuid) and DDPS_BF16_DOT is not 0: the bfloat16
-// products' condition, read by Python (ddps/ops/conv3x3.py) and checked again here.
-bool cpu_bf16_dot() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("DDPS_BF16_DOT");
-    return __builtin_cpu_supports("avx512bf16") && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return enabled;
-}
-
 // products with bfloat16 operands: v as input_tiles writes it in bfloat16, rows of ld = 2 * pairs
 // values (zero beyond Cin); u [16, Cout_pad / 32, pairs, 64], each row of a panel the 32 columns'
 // (channel 2i, channel 2i + 1) pairs side by side, as vdpbf16ps multiplies them: lane j of an

@@ -1,11 +1,20 @@
 """Shared checks of the denoiser ops: a fused op against ddps.reference, forward and backward,
 with an fp64 run of the reference as the oracle."""
+import pytest
 import torch
 
 import ddps
+from ddps.ops.conv3x3 import bf16_dot
 
 # The backends with a fast path for the denoiser ops that can run here.
 DENOISER = [b for b in ("cpu", "triton") if ddps.backends()[b]["available"]]
+# The kernels' bfloat16 products (conv3x3, attention) run only where the CPU has AVX512-BF16.
+BF16_DOT = pytest.mark.skipif("cpu" not in DENOISER or not bf16_dot(), reason="needs a CPU with AVX512-BF16")
+
+
+def bf16_ulp(y: torch.Tensor) -> torch.Tensor:
+    """One bfloat16 step (8 significant bits) at each value of y, in float64."""
+    return 2.0 ** (torch.frexp(y.abs().clamp_min(1e-30))[1].double() - 8)
 
 
 def device_of(backend: str) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ddps.ops import conv3x3
 from ddps.ops.conv3x3 import bf16_dot, winograd_shape, winograd_weight
-from helpers.denoiser import DENOISER, assert_matches_reference
+from helpers.denoiser import BF16_DOT, DENOISER, assert_matches_reference, bf16_ulp
 from helpers.sampling import assert_thread_count_invariant
 
 CPU_KERNEL = pytest.mark.skipif("cpu" not in DENOISER, reason="needs the compiled extension")
@@ -175,13 +175,6 @@ def _winograd_emulated(x, weight, bias, round_v=True, round_u=True):
     return y + bias.double()[None, :, None, None]
 
 
-def _bf16_ulp(y):
-    return 2.0 ** (torch.frexp(y.abs().clamp_min(1e-30))[1].double() - 8)
-
-
-BF16_DOT = pytest.mark.skipif("cpu" not in DENOISER or not bf16_dot(), reason="needs a CPU with AVX512-BF16")
-
-
 @BF16_DOT
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_bf16_products_round_each_transform_once(shape):
@@ -191,13 +184,13 @@ def test_bf16_products_round_each_transform_once(shape):
     x, weight, bias = (t.bfloat16() for t in _inputs(*shape))
     out = conv3x3(x.contiguous(memory_format=CL), weight, bias, backend="cpu").double()
     exact = _winograd_emulated(x, weight, bias)
-    assert (out - exact).abs().max() <= 1.0001 * _bf16_ulp(exact).max()
-    assert ((out - exact).abs() <= _bf16_ulp(exact)).all()
+    assert (out - exact).abs().max() <= 1.0001 * bf16_ulp(exact).max()
+    assert ((out - exact).abs() <= bf16_ulp(exact)).all()
     assert (out != exact.bfloat16().double()).double().mean() <= 0.01
     # the same checks tell the roundings apart (but on one pixel, where V is x itself, rounding nothing)
     for unrounded in (dict(round_v=False), dict(round_u=False)) if min(shape[3:]) > 1 else ():
         other = _winograd_emulated(x, weight, bias, **unrounded)
-        assert not ((out - other).abs() <= _bf16_ulp(other)).all(), unrounded
+        assert not ((out - other).abs() <= bf16_ulp(other)).all(), unrounded
 
 
 @BF16_DOT

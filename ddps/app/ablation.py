@@ -4,8 +4,9 @@ is trained from that same frozen segmentor with the same budget, for each seed, 
 evaluated on the same held-out split. Finished variants are not trained again.
 
 Layout of OUT: ``segmentor/`` (its run, ``segmentor.safetensors``), ``<variant>/seed-<s>/`` (a
-run directory each; the inference variants hold an ``eval.json`` of a ``ddps`` run evaluated
-with other sampling), ``ablation.json`` and ``ablation.md``.
+run directory each; the inference variants hold an ``eval.json``: their source's run of that
+seed evaluated otherwise, ``ddps`` sampled without guidance or ``gss-ftw`` decoded by nearest
+colour), ``ablation.json`` and ``ablation.md``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .model import load_run
 # wide, 16 heads; FT-W 128 wide, 4 heads), and the demo's VQ prior (as configs/synthetic-gss.yaml;
 # the lengths and batches of the prior and decoder stages are the config's)
 GSS_DEMO = ["head.kind=gss", "head.gss.fusion_channels=[64,128,256]", "head.gss.swin=[4,2,7]", "head.gss.codes=512",
-            "head.gss.channels=16", "head.gss.decoder_swin=[32,2,1,7]"]
+            "head.gss.channels=32", "head.gss.decoder_swin=[32,2,1,7]"]
 # name -> (what it changes, training overrides); every one is a config a user can rerun
 TRAINED = {
     "ddps": ("the original recipe: first-prediction noise, uniform transition, free re-noising", []),
@@ -34,22 +35,24 @@ TRAINED = {
     "absorbing": ("absorbing [MASK] noise instead of uniform", ["head.transition=absorbing"]),
     "mask-and-replace": ("VQ-Diffusion mask-and-replace noise", ["head.transition=mask_and_replace"]),
     "refine": ("control: the same network as a plain refinement head, no diffusion", ["head.kind=refine"]),
-    "gss": ("GSS as published instead: its conditioning network on the backbone's levels, trained end to end "
-            "from the shared segmentor, a maskige VQ autoencoder (prior stage), nearest-colour decoding (GSS-FF)",
-            [*GSS_DEMO, "eval.use_ema=false"]),
-    "gss-ftw": ("gss with GSS-FT-W's decoder, trained after it on its predicted maskiges",
-                [*GSS_DEMO, "eval.use_ema=false", "head.gss.decoder=learned"]),
+    "gss-ftw": ("GSS as published instead: its conditioning network on the backbone's levels, trained end to end "
+                "from the shared segmentor, a maskige VQ autoencoder (prior stage), then GSS-FT-W's decoder "
+                "trained on its predicted maskiges", [*GSS_DEMO, "eval.use_ema=false", "head.gss.decoder=learned"]),
     "gss-frozen": ("gss's prior, but a small conditioning network on the frozen segmentor's features",
                    [*GSS_DEMO, "head.gss.conditioning=frozen-features"]),
 }
-# name -> (what it changes, evaluation overrides): the ddps runs, sampled otherwise
+# name -> (what it changes, the trained variant whose runs it evaluates, evaluation overrides)
 INFERRED = {
-    "renoise-g1": ("ddps heads, free re-noising without guidance", ["eval.guidance_scale=1.0"]),
-    "posterior-g1": ("ddps heads, posterior sampling without guidance, as the original's posterior loop",
+    "gss": ("the gss-ftw runs decoded by nearest colour (GSS-FF): the same model without FT-W's decoder",
+            "gss-ftw", ["head.gss.decoder=nearest"]),
+    "renoise-g1": ("ddps heads, free re-noising without guidance", "ddps", ["eval.guidance_scale=1.0"]),
+    "posterior-g1": ("ddps heads, posterior sampling without guidance, as the original's posterior loop", "ddps",
                      ["eval.sampling=posterior", "eval.guidance_scale=1.0"]),
 }
-DESCRIPTIONS = {name: what for name, (what, _) in {**TRAINED, **INFERRED}.items()}
-VARIANTS = tuple(DESCRIPTIONS)
+# the table's order: GSS's two decoders side by side
+VARIANTS = ("ddps", "gt-noise", "absorbing", "mask-and-replace", "refine", "gss", "gss-ftw", "gss-frozen",
+            "renoise-g1", "posterior-g1")
+DESCRIPTIONS = {name: {**TRAINED, **INFERRED}[name][0] for name in VARIANTS}
 
 
 def _same_config(cfg, out: Path) -> None:
@@ -249,10 +252,11 @@ def run(cfg, out: Path, only=None, seeds=(0, 1), command: str = "ddps ablate", m
         for seed in seeds:
             if name in TRAINED:
                 _train(cfg, [*shared, *TRAINED[name][1], f"seed={seed}"], out / name / f"seed-{seed}")
-            else:  # the ddps run of this seed, trained first if needed, sampled otherwise
-                source = out / "ddps" / f"seed-{seed}"
-                _train(cfg, [*shared, f"seed={seed}"], source)
-                _infer(source, INFERRED[name][1], out / name / f"seed-{seed}" / "eval.json")
+            else:  # its source's run of this seed, trained first if needed, evaluated otherwise
+                _, trained, overrides = INFERRED[name]
+                source = out / trained / f"seed-{seed}"
+                _train(cfg, [*shared, *TRAINED[trained][1], f"seed={seed}"], source)
+                _infer(source, overrides, out / name / f"seed-{seed}" / "eval.json")
     reports = finished(out)
     summary = {name: _summary(r) for name, r in reports.items()}
     # a resumed segmentor run logs the steps after its checkpoint again: the last record of a step counts

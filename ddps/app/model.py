@@ -37,6 +37,10 @@ def save_run(directory: Path, cfg, segmentor, head_state: dict, ema_state: dict)
 # every other key either shaped its weights (head.dim) or only says how it was trained (train.lr).
 TRAINED_RUN_FREE = ("eval.", "device", "seed", "head.backend", "data.root", "data.val_split", "data.workers")
 TRAINED_RUN_FREE_TEXT = ", ".join(key + "*" if key.endswith(".") else key for key in TRAINED_RUN_FREE)
+# Changes that leave a trained part unused instead of changing one: {key: (trained value, new value)}.
+# A GSS-FT-W run decoded by nearest colour is its GSS-FF, GSS's training-free decoder of the same model.
+TRAINED_RUN_DROPS = {"head.gss.decoder": ("learned", "nearest")}
+TRAINED_RUN_DROPS_TEXT = "head.gss.decoder from learned to nearest (a GSS-FT-W run decoded as its GSS-FF)"
 
 
 def run_config(directory: str | Path, overrides=()) -> config_mod.Config:
@@ -46,11 +50,13 @@ def run_config(directory: str | Path, overrides=()) -> config_mod.Config:
         raise FileNotFoundError(f"{directory} is not a ddps run directory (no config.yaml)")
     stored = config_mod.load(None, (), base=yaml.safe_load((directory / "config.yaml").read_text()), reads_data=False)
     cfg = config_mod.load(None, overrides, base=stored.to_dict())
-    fixed = [text for key, text in config_mod.changes(stored, cfg).items() if not key.startswith(TRAINED_RUN_FREE)]
+    before, after = config_mod.flatten(stored.to_dict()), config_mod.flatten(cfg.to_dict())
+    fixed = [text for key, text in config_mod.changes(stored, cfg).items() if not key.startswith(TRAINED_RUN_FREE)
+             and TRAINED_RUN_DROPS.get(key) != (before[key], after[key])]
     if fixed:
         raise config_mod.ConfigError(*(f"{text}: {directory} was trained with the old value, which its weights "
-                                       f"keep; an override of a trained run may change {TRAINED_RUN_FREE_TEXT}"
-                                       for text in fixed))
+                                       f"keep; an override of a trained run may change {TRAINED_RUN_FREE_TEXT}, "
+                                       f"and {TRAINED_RUN_DROPS_TEXT}" for text in fixed))
     return cfg
 
 

@@ -166,6 +166,14 @@ class GSSHead(MaskHead):
     def decoder_parameters(self) -> list:
         return [] if self.decoder is None else list(self.decoder.parameters())
 
+    def load_trained(self, state: dict) -> None:
+        """As ``MaskHead.load_trained``; without a decoder, a GSS-FT-W model's decoder weights are
+        left out: the model decoded by nearest colour is its GSS-FF (GSS's two decoders of one
+        model; FT-W's stage trains the decoder alone)."""
+        if self.decoder is None:
+            state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+        super().load_trained(state)
+
     def decoder_loss(self, cond, labels: torch.Tensor, base: torch.Tensor | None = None,
                      ignore_index: int = maskige.IGNORE_INDEX) -> torch.Tensor:
         """GSS-FT-W's loss: the decoder's logits on the maskige the frozen conditioning network

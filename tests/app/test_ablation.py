@@ -46,10 +46,15 @@ def test_every_variant_from_one_segmentor(ablated):
             kept = [k for k in segmentor if not (end_to_end and k.startswith("segmentor.features."))]
             assert all((weights[k] == segmentor[k]).all() for k in kept)
             assert end_to_end == any(not (weights[k] == v).all() for k, v in segmentor.items())
-    for name in ablation.INFERRED:
+    for name, (_, source, _) in ablation.INFERRED.items():
         for seed in (0, 1):
             report = json.loads((ablated / name / f"seed-{seed}" / "eval.json").read_text())
-            assert {"base", "ddps"} <= set(report)
+            trained = json.loads((ablated / source / f"seed-{seed}" / "eval.json").read_text())
+            assert set(report) == set(trained)
+            if source == "gss-ftw":  # the same model: the same prior, evaluated once more
+                assert report["prior"] == trained["prior"] and "base" not in report
+            else:
+                assert {"base", "ddps"} <= set(report) and report["base"] == trained["base"]
     refine = result["runs"]["refine"]["0"]
     assert refine["refine"]["steps"] == {} and "ddps" not in refine  # one refinement step, no diffusion steps
     for name in ("gss", "gss-ftw", "gss-frozen"):
@@ -133,6 +138,23 @@ def test_rerun_trains_nothing_finished(ablated, monkeypatch, capsys):
     assert f"{2 * n - 1} of the runs were finished before it" in out and f"{2 * n} runs of {n} variants" in out
     (rows,) = tables((ablated / "ablation.md").read_text())
     assert len(rows) == 1 + len(ablation.VARIANTS)
+
+
+def test_gss_is_the_gss_ftw_model_decoded_by_nearest_colour(ablated, monkeypatch):
+    # the gss row evaluates gss-ftw's runs without FT-W's decoder (this smoke model's labels are
+    # the same either way, so the head evaluated is what tells); nothing is trained for it
+    loaded, trained = [], []
+    real = ablation.load_run
+    monkeypatch.setattr(ablation, "load_run", lambda run, overrides: loaded.append((run, real(run, overrides))) or
+                        loaded[-1][1])
+    monkeypatch.setattr(trainer, "train", lambda cfg, out, **kw: trained.append(out))
+    (ablated / "gss" / "seed-1" / "eval.json").unlink()
+    assert main(["ablate", *SMOKE, "--out", str(ablated), "--only", "gss", *FAST]) == 0
+    ((run, (cfg, _, head)),) = loaded
+    assert run == ablated / "gss-ftw" / "seed-1" and trained == []
+    assert cfg.head.gss.decoder == "nearest" and head.decoder is None
+    assert json.loads((ablated / "gss" / "seed-1" / "eval.json").read_text())["prior"] == json.loads(
+        (run / "eval.json").read_text())["prior"]
 
 
 def test_bad_input_is_named(ablated, tmp_path, capsys):

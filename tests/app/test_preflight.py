@@ -9,9 +9,10 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from ddps.app import evaluation, preflight, trainer
+from ddps.app import config, evaluation, model, preflight, trainer
 from ddps.app.cli import main
 from ddps.app.runlock import RunLock
 from helpers.app import run_cli, start
@@ -194,6 +195,24 @@ def test_a_trained_run_keeps_what_shaped_it(capsys, tmp_path, run, nothing_works
     _refused(run_cli(capsys, "segment", "--run", run, "--out", tmp_path / "s", run.parent / "image.png",
                      "head.dim_mults=[1]"), "head.dim_mults: [1, 2] -> [1]")
     _refused(run_cli(capsys, "eval", "--run", run, "train.lr=0.1"), "train.lr: 0.0005 -> 0.1")
+
+
+def test_a_gss_ftw_run_may_be_decoded_by_nearest_colour_and_nothing_else(tmp_path):
+    def stored(decoder):
+        run = tmp_path / decoder
+        run.mkdir()
+        cfg = config.load(config.find("synthetic-smoke"), ["head.kind=gss", f"head.gss.decoder={decoder}",
+                                                            "eval.use_ema=false"])
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        return run
+
+    learned, nearest = stored("learned"), stored("nearest")
+    assert model.run_config(learned, ["head.gss.decoder=nearest"]).head.gss.decoder == "nearest"
+    with pytest.raises(config.ConfigError, match=f"head.gss.decoder: 'nearest' -> 'learned': {nearest} was trained"):
+        model.run_config(nearest, ["head.gss.decoder=learned"])
+    with pytest.raises(config.ConfigError, match="head.gss.codes: 256 -> 16: .* and head.gss.decoder from learned to "
+                                                 "nearest"):
+        model.run_config(learned, ["head.gss.decoder=nearest", "head.gss.codes=16"])
 
 
 def test_segment_reads_every_image_before_writing(capsys, tmp_path, run):

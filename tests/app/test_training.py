@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddps.app import checkpoint, config, trainer
+from ddps.app import checkpoint, config, evaluation, model, trainer
 from ddps.app.checkpoint import load_weights
 from ddps.app.cli import main
+from ddps.app.data import build_dataset
 from ddps.app.stages import STAGES
 from helpers.app import run_cli, start
 
@@ -362,10 +363,30 @@ def test_gss_recipe_trains_prior_head_with_backbone_then_decoder_and_resumes_exa
     # the decoder stage changes the decoder alone
     decoder = [k for k in final if k.startswith("head.decoder.")]
     assert decoder and not all(torch.equal(head_end[k], final[k]) for k in decoder if "running" not in k)
-    assert all(torch.equal(head_end[k], final[k]) for k in final if k.startswith(("segmentor.", "head.conditioning.")))
+    # (the moving average, unused with eval.use_ema=false, follows on)
+    assert all(torch.equal(head_end[k], final[k]) for k in final
+               if k.startswith(("segmentor.", "head.")) and not k.startswith("head.decoder."))
     # its evaluation as the run wrote it; the stale classifier is no baseline to evaluate alone
     assert main(["eval", "--run", str(straight), "--json", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text()) == report
+    # decoded by nearest colour, it is the model the head stage ended with (GSS-FF): evaluated here
+    # from that checkpoint's weights, in a nearest-colour run of the same config
+    assert main(["eval", "--run", str(straight), "head.gss.decoder=nearest", "--json", str(tmp_path / "ff.json")]) == 0
+    nearest = config.load(None, ["head.gss.decoder=nearest"], base=cfg.to_dict())
+    segmentor = model.build_segmentor(nearest)
+    segmentor.load_state_dict(checkpoint.unprefixed(head_end, "segmentor."))
+    head = model.build_head(nearest, segmentor.feature_channels, False, segmentor.level_channels)
+    head.load_state_dict({k: v for k, v in checkpoint.unprefixed(head_end, "head.").items() if not k.startswith("decoder.")})
+    expected = evaluation.evaluate(nearest, segmentor.eval(), head.eval(), build_dataset(nearest, "val"))
+    assert json.loads((tmp_path / "ff.json").read_text()) == json.loads(json.dumps(expected))
+    assert expected["prior"] == report["prior"]
+    # (this smoke model's labels are the same either way: its scores are not)
+    (_, _, ff), (_, segmentor, ftw) = model.load_run(straight, ["head.gss.decoder=nearest"]), model.load_run(straight)
+    levels = segmentor.levels(torch.rand(1, 3, 64, 64))
+    with torch.no_grad():
+        one_hot, logits = ff.sample(levels)[0], ftw.sample(levels)[0]
+    assert ff.decoder is None and set(one_hot.unique().tolist()) == {0.0, 1.0}
+    assert one_hot.shape == logits.shape and not torch.equal(one_hot, logits)
     assert main(["eval", "--run", str(straight), "--base-only"]) == 2
     # killed in the head stage, then in the decoder stage: resumed, the same weights
     for stage in ("head", "decoder"):

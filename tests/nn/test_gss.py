@@ -314,3 +314,25 @@ def test_decoder_loss_trains_the_decoder_alone_on_the_predicted_maskige():
     logits = F.interpolate(head.decoder(predicted), size=(16, 24), mode="bilinear", align_corners=False)
     terms = torch.where(labels == 255, 0.0, -logits.log_softmax(1).gather(1, labels.clamp(max=K - 1)[:, None])[:, 0])
     assert loss.item() == pytest.approx(terms.mean().item(), rel=1e-5)
+
+
+def test_a_gss_ftw_model_loads_without_its_decoder_as_gss_ff():
+    # GSS's two decoders of one model: the FT-W head's weights load into a nearest-colour head,
+    # which then samples as the nearest-colour head with those weights does; any other unknown
+    # weight is still refused
+    ftw = _head(FTWDecoder(K, dim=16, heads=2, window=4))
+    with torch.no_grad():  # other weights than a new head's
+        for p in ftw.parameters():
+            p.add_(torch.randn_like(p))
+    ff = _head()
+    ff.load_trained(ftw.state_dict())
+    kept = {k: v for k, v in ftw.state_dict().items() if not k.startswith("decoder.")}
+    assert kept.keys() == ff.state_dict().keys() and all(torch.equal(v, ff.state_dict()[k]) for k, v in kept.items())
+    cond = torch.randn(1, 8, 4, 6)
+    expected = _head()
+    expected.load_state_dict(kept)
+    assert torch.equal(ff.eval().sample(cond)[0], expected.eval().sample(cond)[0])
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        ff.load_trained({**ftw.state_dict(), "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"missing \['decoder\."):
+        ftw.load_trained(ff.state_dict())

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from .. import preflight
-from ..model import TRAINED_RUN_FREE_TEXT, run_config
+from ..model import TRAINED_RUN_DROPS_TEXT, TRAINED_RUN_FREE_TEXT, run_config
 
 
 def at_least(low: int):
@@ -24,8 +24,8 @@ def at_least(low: int):
 positive = at_least(1)
 
 
-TRAINED_RUN_OVERRIDES = (f"overrides of {TRAINED_RUN_FREE_TEXT}, e.g. eval.mode=slide (values are read as YAML; the "
-                         "other keys are the run's own)")
+TRAINED_RUN_OVERRIDES = (f"overrides of {TRAINED_RUN_FREE_TEXT}, e.g. eval.mode=slide, and {TRAINED_RUN_DROPS_TEXT} "
+                         "(values are read as YAML; the other keys are the run's own)")
 
 
 def add_overrides(p, help: str = "config overrides, e.g. train.iters=500 eval.mode=slide (values are read as "

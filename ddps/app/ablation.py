@@ -35,15 +35,15 @@ TRAINED = {
     "absorbing": ("absorbing [MASK] noise instead of uniform", ["head.transition=absorbing"]),
     "mask-and-replace": ("VQ-Diffusion mask-and-replace noise", ["head.transition=mask_and_replace"]),
     "refine": ("control: the same network as a plain refinement head, no diffusion", ["head.kind=refine"]),
-    "gss-ftw": ("GSS as published instead: its conditioning network on the backbone's levels, trained end to end "
-                "from the shared segmentor, a maskige VQ autoencoder (prior stage), then GSS-FT-W's decoder "
-                "trained on its predicted maskiges", [*GSS_DEMO, "eval.use_ema=false", "head.gss.decoder=learned"]),
+    "gss-ftw": ("GSS as published instead, GSS-FT-W: a maskige VQ autoencoder (prior stage), its conditioning "
+                "network on the backbone's levels, trained end to end from the shared segmentor, then FT-W's "
+                "decoder trained on its predicted maskiges", [*GSS_DEMO, "eval.use_ema=false", "head.gss.decoder=learned"]),
     "gss-frozen": ("gss's prior, but a small conditioning network on the frozen segmentor's features",
                    [*GSS_DEMO, "head.gss.conditioning=frozen-features"]),
 }
 # name -> (what it changes, the trained variant whose runs it evaluates, evaluation overrides)
 INFERRED = {
-    "gss": ("the gss-ftw runs decoded by nearest colour (GSS-FF): the same model without FT-W's decoder",
+    "gss": ("GSS as published instead, GSS-FF: the gss-ftw runs decoded by nearest colour, without FT-W's decoder",
             "gss-ftw", ["head.gss.decoder=nearest"]),
     "renoise-g1": ("ddps heads, free re-noising without guidance", "ddps", ["eval.guidance_scale=1.0"]),
     "posterior-g1": ("ddps heads, posterior sampling without guidance, as the original's posterior loop", "ddps",

@@ -26,6 +26,8 @@ def ablated(tmp_path_factory):
 def test_every_variant_from_one_segmentor(ablated):
     result = json.loads((ablated / "ablation.json").read_text())
     assert list(result["summary"]) == list(ablation.VARIANTS) and result["seeds"] == [0, 1]
+    # the table's order names every variant once (one left out would never run)
+    assert sorted(ablation.VARIANTS) == sorted({**ablation.TRAINED, **ablation.INFERRED})
     # the segmentor stopped where its validation mIoU was flat
     assert result["segmentor_steps"] == 4 and len(result["segmentor_val"]) == 2
     segmentor = checkpoint.load_weights(ablated / "segmentor" / "segmentor.safetensors")

@@ -10,6 +10,7 @@ import torch
 
 from ddps.kernels._layout import as_heads_like
 from ddps.ops import attention
+from helpers import ROOT
 from helpers.attention import AttentionOpChecks, as_token_major, cpu_kernel, qkv_inputs
 from helpers.denoiser import BF16_DOT, bf16_ulp
 from helpers.sampling import assert_thread_count_invariant
@@ -97,7 +98,7 @@ def test_bf16_products_same_bits_for_any_thread_count():
 
 
 @BF16_DOT
-def test_bf16_products_off_with_the_switch():
+def test_bf16_products_off_with_the_switch(tmp_path):
     # DDPS_BF16_DOT=0 (as a CPU without AVX512-BF16 looks to the kernels): float32 products, the
     # numerators unrounded
     script = ("import sys, torch\n"
@@ -106,13 +107,12 @@ def test_bf16_products_off_with_the_switch():
               "from ddps.ops import attention\n"
               "q, k, v = (t.bfloat16() for t in qkv_inputs((2, 1, 48, 37)))\n"
               "torch.save(attention(*as_token_major(q, k, v), 0.25, backend='cpu'), sys.argv[1])\n")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"attention-{os.getpid()}.pt")
+    path = tmp_path / "out.pt"
     env = {**os.environ, "DDPS_BF16_DOT": "0"}
-    done = subprocess.run([sys.executable, "-c", script, path], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     out = torch.load(path)
-    os.unlink(path)
     q, k, v = (t.bfloat16() for t in qkv_inputs((2, 1, 48, 37)))
     assert _agreement(out, q, k, v, 0.25, round_probabilities=False)[0] >= 0.99
     assert _agreement(out, q, k, v, 0.25)[0] < 0.95

@@ -231,7 +231,6 @@ def test_bf16_products_only_on_a_cpu_that_has_them():
     assert out.returncode == 0 and out.stdout.strip() == "refused", out.stderr
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_winograd_shape_is_the_transforms(dtype):
     # 32-column panels of Cout; under bfloat16 products, Cin in pairs of 64 interleaved columns
@@ -240,6 +239,7 @@ def test_winograd_shape_is_the_transforms(dtype):
         weight = torch.zeros(cout, cin, 3, 3, dtype=dtype)
         expected = (16, (cout + 31) // 32, (cin + 1) // 2, 64) if pairs else (16, (cout + 31) // 32, cin, 32)
         assert winograd_shape(weight) == expected == tuple(winograd_weight(weight).shape), (cout, cin)
+
 
 @BF16_DOT
 def test_bf16_weight_layout():

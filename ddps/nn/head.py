@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend, _checks, ops, reference
+from ..ops._common import compute_dtype
 from ..schedule import DiffusionSchedule
 from .mask_head import MaskHead
 from .unet import UNet
@@ -219,7 +220,11 @@ class DDPSHead(MaskHead):
         stem = self.unet.init_conv
         embedding = self.embed(mask).permute(0, 3, 1, 2)  # a channels-last view
         mask_share = F.conv2d(embedding, stem.weight[:, self.cond_channels:], None, padding=stem.padding)
-        return self.cls_seg(self.unet.trunk(cond_share + mask_share, t))
+        # Under autocast in its dtype, as the reference's init_conv returns it: the guidance branch's
+        # share (init_conv's float32 bias) would otherwise widen the trunk's first level to float32,
+        # and give its first Block's weight standardisation float32's eps.
+        x = cond_share + mask_share
+        return self.cls_seg(self.unet.trunk(x.to(compute_dtype(x)), t))
 
     def _step(self, cond: torch.Tensor):
         """The denoiser call of one inference step, guidance included: (mask, t) -> logits."""

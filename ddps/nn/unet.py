@@ -116,8 +116,19 @@ class LayerNorm(nn.Module):
         self.backend = _backend.check_module_backend(backend)
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.channel_layer_norm(x, self.g, backend=_backend.preferred("channel_layer_norm", self.backend))
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ops.channel_layer_norm(x, self.g, backend=_backend.preferred("channel_layer_norm", self.backend),
+                                      dtype=dtype)
+
+
+def _rounded_by_readers(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a fused block may return x in where every reader of it is a convolution, which
+    under autocast rounds it to autocast's dtype anyway: the same values in half the bytes,
+    without the float32 tensor and the readers' casts of it (None: keep x's). Only without
+    autograd: in training the readers' gradients would be summed in that dtype, not float32."""
+    if torch.is_grad_enabled() or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return compute_dtype(x)
 
 
 class PreNorm(nn.Module):
@@ -127,16 +138,21 @@ class PreNorm(nn.Module):
         self.norm = LayerNorm(dim, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
+        # fn (an attention block) reads the norm only through its qkv convolution.
+        return self.fn(self.norm(x, dtype=None if self.norm.backend == "reference" else _rounded_by_readers(x)))
 
 
 class Residual(nn.Module):
+    read_by_convolutions = False  # a fused UNet sets it where only convolutions read the sum
+
     def __init__(self, fn: nn.Module):
         super().__init__()
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x) + x
+        out = self.fn(x) + x
+        dtype = _rounded_by_readers(out) if self.read_by_convolutions else None
+        return out if dtype is None else out.to(dtype)
 
 
 class _QkvAttention(nn.Module):
@@ -296,6 +312,14 @@ class UNet(nn.Module):
         def attention(d, cls):
             return Residual(PreNorm(d, cls(d, backend=backend), backend=backend))
 
+        def up_attention(d):
+            # Read by the level's upsampling convolution only. A down level's is also the skip of
+            # the up level's first Block, whose weight standardisation takes its eps by the
+            # input's dtype (float32 there, as the reference's concatenation widens to it).
+            block = attention(d, LinearAttention)
+            block.read_by_convolutions = backend != "reference"
+            return block
+
         self.downs = nn.ModuleList()
         for ind, (d_in, d_out) in enumerate(in_out):
             is_last = ind == len(in_out) - 1
@@ -311,7 +335,7 @@ class UNet(nn.Module):
         for ind, (d_in, d_out) in enumerate(reversed(in_out)):
             is_last = ind == len(in_out) - 1
             self.ups.append(nn.ModuleList([
-                resnet(d_out + d_in, d_out), resnet(d_out + d_in, d_out), attention(d_out, LinearAttention),
+                resnet(d_out + d_in, d_out), resnet(d_out + d_in, d_out), up_attention(d_out),
                 Conv3x3(d_out, d_in, backend=backend) if is_last else _upsample(d_out, d_in, backend),
             ]))
         self.final_res_block = resnet(dim * 2, dim)

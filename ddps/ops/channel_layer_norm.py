@@ -26,9 +26,13 @@ IMPLEMENTED = _backend.implements("channel_layer_norm", ("cpu", "triton", "refer
 
 
 def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = None,
-                       backend: str | None = None) -> torch.Tensor:
+                       backend: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """(x - mean_c) / sqrt(var_c + eps) * g over dim 1: x [B, C, *spatial], g with C elements
-    ([1, C, 1, 1] as the module stores it). eps None: 1e-5 for float32, else 1e-3 (the original)."""
+    ([1, C, 1, 1] as the module stores it). eps None: 1e-5 for float32, else 1e-3 (the original).
+    dtype: the output's, the reference's result type rounded once to it (None: that type); for a
+    caller that rounds the output anyway, as a convolution under autocast does, which saves the
+    wider tensor (on the CPU, channels-last half-precision x is then normalised by torch's
+    mixed-precision layer_norm, float32 inside, with no float32 copy of x or of the output)."""
     _checks.floating(x, "x")
     _checks.floating(g, "g")
     if x.dim() < 2:
@@ -36,10 +40,21 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     if g.numel() != x.shape[1]:
         raise ValueError(f"g must have C={x.shape[1]} elements for x of shape {tuple(x.shape)}, got shape "
                          f"{tuple(g.shape)}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     chosen = _backend.resolve("channel_layer_norm", backend, x.device)
     if chosen == "reference":
-        return reference.channel_layer_norm(x, g, eps)
+        out = reference.channel_layer_norm(x, g, eps)
+        return out if dtype is None else out.to(dtype)
     eps = reference._norm_eps(x) if eps is None else eps
+    if chosen == "cpu" and dtype == x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.numel() > 0:
+        last = x.movedim(1, -1)
+        return F.layer_norm(last, (x.shape[1],), g.reshape(-1).float(), None, eps).movedim(-1, 1)
+    out = _result_type(x, g, eps, chosen)
+    return out if dtype is None else out.to(dtype)
+
+
+def _result_type(x: torch.Tensor, g: torch.Tensor, eps: float, chosen: str) -> torch.Tensor:
     # The reference's result type (a half-precision x with a float32 gain, under autocast:
     # float32), normalised from x in that type rather than rounded to x's first.
     x = x.to(torch.promote_types(x.dtype, g.dtype))

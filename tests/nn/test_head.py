@@ -176,6 +176,28 @@ def test_fused_step_matches_reference_step(official_heads, name, batch_guidance)
             assert _relative_error(fused_step(mask, t), ref_step(mask, t)) <= 1e-4
 
 
+@pytest.mark.parametrize("batch_guidance", [False, True], ids=["two_calls", "batched"])
+def test_fused_step_under_autocast_gives_the_trunk_its_dtype(official_heads, batch_guidance):
+    # The reference's init_conv returns autocast's dtype, and the first Block's weight
+    # standardisation takes eps by it (1e-3, where float32 takes 1e-5): the fused step's two shares
+    # (the guidance branch's is init_conv's float32 bias) are summed and rounded to it too.
+    golden = official_heads["head0"]  # guidance 0.4: two branches
+    ref, fused = _reference_and_fused(golden)
+    fused.batch_guidance = batch_guidance
+    cond = golden["cond"]
+    mask = torch.randint(0, ref.num_classes, cond.shape[:1] + cond.shape[2:], generator=torch.Generator().manual_seed(1))
+    t = torch.full([cond.shape[0]], 3)
+    dtypes = []
+    hook = fused.unet.downs[0][0].register_forward_pre_hook(lambda _m, args: dtypes.append(args[0].dtype))
+    with torch.no_grad():
+        expected = ref._step(cond)(mask, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_ref, low_fused = ref._step(cond)(mask, t).float(), fused._step(cond)(mask, t).float()
+    hook.remove()
+    assert dtypes == [torch.bfloat16] * (1 if batch_guidance else 2)
+    assert (low_fused - expected).abs().max() <= 2 * (low_ref - expected).abs().max()
+
+
 def test_fused_training_denoiser_gradients_match_reference(official_heads):
     golden = official_heads["head0"]
     ref, fused = _reference_and_fused(golden)  # eval: no dropout, gradients still flow

@@ -155,6 +155,57 @@ def test_fused_unet_under_cpu_autocast_bfloat16(cpu_dispatch):
     assert (low_fused - expected).abs().max() <= 2 * (low_ref - expected).abs().max() + 1e-2 * expected.abs().max()
 
 
+def _autocast_outputs(unet, x, t, modules, grad=False):
+    """unet(x, t) under bfloat16 autocast and the outputs of ``modules`` in that call."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out)) for m in modules]
+    try:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(x, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, seen
+
+
+def test_fused_unet_under_autocast_rounds_what_only_convolutions_read(cpu_dispatch):
+    # Without autograd, the up levels' attention blocks and every PreNorm's LayerNorm return
+    # autocast's dtype: only convolutions read them, which round them to it anyway, so the output
+    # is bit for bit the one of float32 sums (the blocks' flag off; the LayerNorms, computed by
+    # another kernel, are tested in test_channel_layer_norm).
+    ref, fused = (m.eval() for m in _pair(dim=16, out_dim=8, channels=5, dim_mults=(1, 2, 2)))
+    x, t = torch.randn(1, 5, 16, 16), torch.tensor([3])
+    # The reference computes as the original: its LayerNorms return float32.
+    ref_norms = [m.norm for m in ref.modules() if isinstance(m, ddps.nn.unet.PreNorm)]
+    assert {o.dtype for o in _autocast_outputs(ref, x, t, ref_norms)[1]} == {torch.float32}
+    ups = [level[2] for level in fused.ups]
+    norms = [m.norm for m in fused.modules() if isinstance(m, ddps.nn.unet.PreNorm)]
+    assert all(block.read_by_convolutions for block in ups)
+    assert not any(m.read_by_convolutions for m in fused.modules()
+                   if isinstance(m, ddps.nn.unet.Residual) and not any(m is b for b in ups))
+    rounded, seen = _autocast_outputs(fused, x, t, ups + norms)
+    assert [o.dtype for o in seen] == [torch.bfloat16] * len(seen)
+    for block in ups:
+        block.read_by_convolutions = False
+    wide, seen = _autocast_outputs(fused, x, t, ups)
+    assert [o.dtype for o in seen] == [torch.float32] * len(ups)
+    assert torch.equal(rounded, wide)
+    # The down levels' are not rounded: their skip reaches a Block whose weight standardisation
+    # takes eps by its input's dtype (1e-5 for the float32 the reference's concatenation gives).
+    for level in fused.downs:
+        level[2].read_by_convolutions = True
+    assert not torch.equal(_autocast_outputs(fused, x, t, [])[0], wide)
+
+
+def test_fused_unet_rounds_nothing_under_autograd():
+    # In training the readers' gradients would be summed in bfloat16: the float32 sums stay.
+    _, fused = _pair(dim=16, out_dim=8, channels=5, dim_mults=(1, 2))
+    norms = [m.norm for m in fused.modules() if isinstance(m, ddps.nn.unet.PreNorm)]
+    _, seen = _autocast_outputs(fused.train(), torch.randn(1, 5, 8, 8), torch.tensor([3]),
+                                [level[2] for level in fused.ups] + norms, grad=True)
+    assert [o.dtype for o in seen] == [torch.float32] * len(seen)
+
+
 def test_fused_unet_compiles_fullgraph():
     ref, fused = (m.eval() for m in _pair(dim=8, out_dim=8, channels=5, dim_mults=(1, 2)))
     x, t = torch.randn(1, 5, 8, 8), torch.tensor([1])

@@ -29,7 +29,7 @@ def test_channel_layer_norm(backend, shape, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", DENOISER)
-@pytest.mark.parametrize("shape", [(2, 5, 700), (1, 1, 3, 4, 5), (2, 4, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 700), (1, 1, 3, 4, 5), (2, 4, 1), (3, 5)], ids=str)
 def test_channel_layer_norm_other_ranks(backend, shape):
     # [B, C, *spatial] of any rank; C = 1 normalises every pixel to 0. (The reference's default
     # eps is float64's in the oracle: the float32 one is passed.)
@@ -75,6 +75,62 @@ def test_channel_layer_norm_kernel_runs_on_nchw_and_is_thread_count_invariant():
     assert_thread_count_invariant(draw)
 
 
+@pytest.mark.parametrize("backend", DENOISER + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+def test_channel_layer_norm_dtype_is_the_result_rounded_once(backend, dtype, layout):
+    # A half-precision x with the float32 gain gives float32 (the reference's result type, as under
+    # autocast); dtype= gives that result rounded once to dtype, as a convolution's autocast cast
+    # of it would be. The CPU's channels-last path computes it with torch's mixed-precision
+    # layer_norm (float32 inside, its own order of sums): one step of dtype off on a few elements
+    # (or float32's rounding of the largest value off, where x - mean cancels to near zero).
+    x, g = _randn(2, 64, 9, 7).to(dtype).contiguous(memory_format=layout), _randn(1, 64, 1, 1, seed=1)
+    x, g = on(backend, x, g)
+    wide = channel_layer_norm(x, g, backend=backend)
+    got = channel_layer_norm(x, g, backend=backend, dtype=dtype)
+    assert wide.dtype == torch.float32 and got.dtype == dtype and got.is_contiguous(memory_format=layout)
+    exact = wide.to(dtype)
+    if backend == "cpu" and layout == torch.channels_last:
+        bits = 8 if dtype == torch.bfloat16 else 11
+        step = 2.0 ** (torch.frexp(exact.float().abs().clamp_min(1e-30))[1].double() - bits)
+        float32_error = 2.0 ** -20 * wide.abs().max().item()
+        assert ((got.double() - exact.double()).abs() <= step.to(got.device) + float32_error).all()
+        assert (got != exact).double().mean() <= 1e-3
+    else:
+        assert torch.equal(got, exact)
+
+
+def test_channel_layer_norm_dtype_makes_no_float32_copy_on_the_cpu():
+    # The point of dtype= on the fused UNet's channels-last activations: no float32 x or output.
+    x = _randn(1, 64, 16, 16).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        channel_layer_norm(x, _randn(1, 64, 1, 1, seed=1), backend="cpu", dtype=torch.bfloat16)
+    assert not {"aten::_to_copy", "aten::copy_"} & {e.name for e in prof.events() if e.input_shapes[:1] == [[1, 64, 16, 16]]}
+    assert "aten::native_layer_norm" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("backend", DENOISER + ["reference"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+def test_channel_layer_norm_explicit_eps(backend, layout):
+    # A large eps, so that one taken by dtype instead (1e-5 here) would be far off.
+    x, g = _randn(2, 16, 5, 6), _randn(1, 16, 1, 1, seed=1)
+    for dtype in (None, torch.float32):
+        got = channel_layer_norm(*on(backend, x.contiguous(memory_format=layout), g), eps=0.5, backend=backend,
+                                 dtype=dtype)
+        torch.testing.assert_close(got.cpu(), reference.channel_layer_norm(x, g, 0.5))
+
+
+def test_channel_layer_norm_dtype_keeps_gradients():
+    # The channels-last half-precision path (torch's layer_norm) stays differentiable.
+    x = _randn(2, 16, 5, 6).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = _randn(1, 16, 1, 1, seed=1).requires_grad_()
+    grad = _randn(2, 16, 5, 6, seed=2)
+    expected = torch.autograd.grad((channel_layer_norm(x, g, backend="reference") * grad).sum(), (x, g))
+    got = torch.autograd.grad((channel_layer_norm(x, g, dtype=torch.bfloat16).float() * grad).sum(), (x, g))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.float().abs().max().item())
+
+
 @pytest.mark.skipif(not DENOISER, reason="needs the compiled extension")
 def test_channel_layer_norm_opcheck():
     x, g = _randn(2, 16, 5, 6).requires_grad_(), _randn(16).requires_grad_()
@@ -99,3 +155,7 @@ def test_bad_input_is_a_clear_error():
         channel_layer_norm(x.long(), torch.ones(1, 8, 1, 1))
     with pytest.raises(ValueError, match=r"x must be \[B, C, \*spatial\], got shape \(8,\)"):
         channel_layer_norm(torch.ones(8), torch.ones(8))
+    with pytest.raises(TypeError, match="g must be float32"):
+        channel_layer_norm(x, torch.ones(1, 8, 1, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype or None, got torch.int32"):
+        channel_layer_norm(x, torch.ones(1, 8, 1, 1), dtype=torch.int32)

@@ -7,6 +7,8 @@
 // Forward: a max pass over k, a context pass, an output pass. Backward: a d(context) pass and a
 // pass for dq, dk, dv. Sums over tokens are taken over fixed token ranges and combined in a fixed
 // order, so the results do not depend on the thread count.
+// On a CPU with AVX512-BF16 (cpu_bf16_dot), the forward of bfloat16 inputs takes bfloat16 products
+// (see context_sums_bf16); the backward keeps float32 products.
 // Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
 // bit for bit.
 #pragma GCC optimize("fp-contract=fast")
@@ -16,9 +18,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cstring>
 #include <iterator>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/heads.h"
@@ -99,19 +105,19 @@ DDPS_INLINE inline void mat_vec(const float* coef, const float* mat, FloatV (&ac
     for (int j = 0; j < V; ++j) acc[j] += coef[d] * load_lanes(mat + d * D + j * kLanes);
 }
 
-// Per (sample, head) sums over all tokens of outer_sums, from per-split partials summed in split
-// order: mats [pairs, D, D], sums [pairs, D].
-template <int V, typename CoefOf, typename ValsOf>
-void token_sums(const Shape& s, CoefOf coef_of, ValsOf vals_of, float* mats, float* sums) {
+// Per (sample, head) sums over all tokens, from per-split partials summed in split order:
+// partial(pair, n0, n1, out, sums) adds tokens [n0, n1) into out (D x D) and sums (D), as
+// outer_sums does; mats [pairs, D, D], sums [pairs, D].
+template <int V, typename Partial>
+void token_sums(const Shape& s, Partial partial_sums, float* mats, float* sums) {
   constexpr int D = V * kLanes;
   const int64_t splits = s.splits();
   std::vector<float> partial(s.pairs() * splits * (D * D + D), 0.0f);
   at::parallel_for(0, s.pairs() * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pair = item / splits, n0 = item % splits * kSplit;
-      auto coef = coef_of(pair);
       float* p = partial.data() + item * (D * D + D);
-      outer_sums<V>(coef, vals_of(pair), n0, std::min(n0 + kSplit, s.n), p, p + D * D);
+      partial_sums(pair, n0, std::min(n0 + kSplit, s.n), p, p + D * D);
     }
   });
   for (int64_t pair = 0; pair < s.pairs(); ++pair) {
@@ -126,21 +132,37 @@ void token_sums(const Shape& s, CoefOf coef_of, ValsOf vals_of, float* mats, flo
   }
 }
 
+// outer_sums over a range of tokens, for token_sums: coef_of(pair) gives the range's coefficients,
+// vals_of(pair) its rows.
+template <int V, typename CoefOf, typename ValsOf>
+auto outer_sums_of(CoefOf coef_of, ValsOf vals_of) {
+  return [coef_of, vals_of](int64_t pair, int64_t n0, int64_t n1, float* out, float* sums) {
+    auto coef = coef_of(pair);
+    outer_sums<V>(coef, vals_of(pair), n0, n1, out, sums);
+  };
+}
+
 template <typename F>
 DDPS_CLONES void token_range(F& f, int64_t pair, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) f(pair, n);
 }
 
-// Runs f(pair, n) for every token of every (sample, head), in parallel over token ranges.
+// Runs f(pair, n0, n1) over every (sample, head)'s tokens in ranges, in parallel.
 template <typename F>
-void for_each_token(const Shape& s, F f) {
+void for_each_range(const Shape& s, F f) {
   const int64_t splits = s.splits();
   at::parallel_for(0, s.pairs() * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n0 = item % splits * kSplit;
-      token_range(f, item / splits, n0, std::min(n0 + kSplit, s.n));
+      f(item / splits, n0, std::min(n0 + kSplit, s.n));
     }
   });
+}
+
+// Runs f(pair, n) for every token of every (sample, head), in parallel over token ranges.
+template <typename F>
+void for_each_token(const Shape& s, F f) {
+  for_each_range(s, [&](int64_t pair, int64_t n0, int64_t n1) { token_range(f, pair, n0, n1); });
 }
 
 Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -183,11 +205,117 @@ auto q_softmax(Heads<scalar_t> q) {
   };
 }
 
+using BF16 = c10::BFloat16;
+
+// The bfloat16 products (AVX512-BF16, cpu_bf16_dot) of bfloat16 q, k, v. vdpbf16ps sums pairs of
+// bfloat16 products into float lanes: lane i of dot(acc, a, b) adds a[2i] b[2i] + a[2i+1] b[2i+1].
+// The context takes pairs of tokens: each token's coefficients exp(k - kmax) rounded once to
+// bfloat16 (their sums, ksum, unrounded), times v's rows, which are exact. The output takes pairs
+// of the context's rows: the scaled context rounded once to bfloat16 (packed by pack_context),
+// times q's softmax over D rounded once. These are where the reference under autocast rounds too
+// (its matmuls' bfloat16 operands).
+#define DDPS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// 32 bfloat16: the 16 of a (a row of token t) and b (token t + 1) side by side per lane, zero for
+// a null row (past the range's end).
+alignas(64) constexpr int16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+DDPS_BF16_TARGET inline __m512bh interleave(const BF16* a, const BF16* b) {
+  const auto row = [](const BF16* r) DDPS_BF16_TARGET {
+    return _mm512_castsi256_si512(r ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)) : _mm256_setzero_si256());
+  };
+  return (__m512bh)_mm512_permutex2var_epi16(row(a), _mm512_load_si512(kInterleave), row(b));
+}
+
+// outer_sums of k's coefficients and v over tokens [n0, n1), four tokens (two pairs) per update of out.
+template <int V>
+DDPS_BF16_TARGET void context_sums_bf16(Rows<BF16> kr, const float* kmax, Rows<BF16> vr, int64_t n0, int64_t n1,
+                                        float* out, float* sums) {
+  constexpr int D = V * kLanes, kBlock = 4;
+  FloatV total[V] = {};
+  for (int64_t n = n0; n < n1; n += kBlock) {
+    alignas(64) BF16 c[kBlock][D];
+    __m512bh vals[kBlock / 2][V];
+    for (int t = 0; t < kBlock; ++t)
+      for (int j = 0; j < V; ++j) {
+        FloatV e{};
+        if (n + t < n1) {
+          e = exp_lanes(load_lanes(kr(n + t) + j * kLanes) - load_lanes(kmax + j * kLanes));
+          total[j] += e;
+        }
+        store_lanes(c[t] + j * kLanes, e);
+      }
+    for (int p = 0; p < kBlock / 2; ++p)
+      for (int j = 0; j < V; ++j) {
+        const int64_t a = n + 2 * p, b = a + 1;
+        vals[p][j] = interleave(a < n1 ? vr(a) + j * kLanes : nullptr, b < n1 ? vr(b) + j * kLanes : nullptr);
+      }
+    for (int d = 0; d < D; ++d) {
+      __m512bh coef[kBlock / 2];
+      for (int p = 0; p < kBlock / 2; ++p) {
+        uint16_t pair[2];
+        std::memcpy(&pair[0], &c[2 * p][d], 2);
+        std::memcpy(&pair[1], &c[2 * p + 1][d], 2);
+        int32_t word;
+        std::memcpy(&word, pair, 4);
+        coef[p] = (__m512bh)_mm512_set1_epi32(word);
+      }
+      for (int j = 0; j < V; ++j) {
+        float* o = out + d * D + j * kLanes;
+        __m512 acc = _mm512_loadu_ps(o);
+        for (int p = 0; p < kBlock / 2; ++p) acc = _mm512_dpbf16_ps(acc, coef[p], vals[p][j]);
+        _mm512_storeu_ps(o, acc);
+      }
+    }
+  }
+  for (int j = 0; j < V; ++j) store_lanes(sums + j * kLanes, load_lanes(sums + j * kLanes) + total[j]);
+}
+
+// The scaled context [pairs][D][D] rounded to bfloat16, rows in pairs: [pairs][D / 2][D][2].
+std::vector<BF16> pack_context(const Shape& s, const float* context) {
+  const int64_t D = s.d;
+  std::vector<BF16> packed(s.pairs() * D * D);
+  for (int64_t pair = 0; pair < s.pairs(); ++pair)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t e = 0; e < D; ++e)
+        packed[(pair * D + d / 2 * 2) * D + 2 * e + d % 2] = BF16(context[(pair * D + d) * D + e]);
+  return packed;
+}
+
+// Output rows of tokens [n0, n1) of one (sample, head): q's softmax rounded to bfloat16 times the
+// packed context, a pair of its rows per instruction.
+template <int V>
+DDPS_BF16_TARGET void output_bf16(const Shape& s, Rows<BF16> qr, const BF16* packed, int64_t pair, int64_t n0,
+                                  int64_t n1, BF16* out) {
+  constexpr int D = V * kLanes;
+  const int64_t b = pair / s.heads, h = pair % s.heads;
+  packed += pair * D * D;
+  for (int64_t n = n0; n < n1; ++n) {
+    FloatV sq[V];
+    softmax_row(qr(n), sq);
+    alignas(64) BF16 rounded[D];
+    for (int j = 0; j < V; ++j) store_lanes(rounded + j * kLanes, sq[j]);
+    __m512 acc[V];
+    for (int j = 0; j < V; ++j) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < D / 2; ++i) {
+      int32_t word;
+      std::memcpy(&word, rounded + 2 * i, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(word);
+      for (int j = 0; j < V; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], a, (__m512bh)_mm512_loadu_si512(packed + (i * D + j * kLanes) * 2));
+    }
+    for (int j = 0; j < V; ++j) store_lanes(out + (b * s.n + n) * s.heads * D + h * D + j * kLanes, (FloatV)acc[j]);
+  }
+}
+
 template <int V, typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& s, const at::Tensor& q,
                                                                    const at::Tensor& k, const at::Tensor& v,
                                                                    double scale) {
   constexpr int D = V * kLanes;
+  constexpr bool bf16 = std::is_same_v<scalar_t, BF16>;
+  const bool products_bf16 = bf16 && cpu_bf16_dot();
   auto opts = q.options().dtype(at::kFloat);
   at::Tensor kmax = at::empty({s.batch, s.heads, D}, opts), ksum = at::empty({s.batch, s.heads, D}, opts);
   at::Tensor context = at::empty({s.batch, s.heads, D, D}, opts);
@@ -196,7 +324,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& 
   at::parallel_for(0, s.pairs(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) channel_max<V>(kh(pair), s.n, pm + pair * D);
   });
-  token_sums<V>(s, k_exp(s, kh, pm), vh, pc, ps);
+  if constexpr (bf16) {
+    if (products_bf16)
+      token_sums<V>(s, [&](int64_t pair, int64_t n0, int64_t n1, float* out, float* sums) {
+        context_sums_bf16<V>(kh(pair), pm + pair * D, vh(pair), n0, n1, out, sums);
+      }, pc, ps);
+  }
+  if (!products_bf16) token_sums<V>(s, outer_sums_of<V>(k_exp(s, kh, pm), vh), pc, ps);
   // context[d][e] = sum_n softmax_n(k)[d] v[e] / N * scale: the reference's v / N, q * scale.
   for (int64_t pair = 0; pair < s.pairs(); ++pair)
     for (int d = 0; d < D; ++d) {
@@ -206,6 +340,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& 
   // out [B, N, heads * D] in memory, returned as [B, heads * D, N] (what the output conv reads).
   at::Tensor out = at::empty({s.batch, s.n, s.heads * D}, q.options());
   scalar_t* po = out.data_ptr<scalar_t>();
+  if constexpr (bf16) {
+    if (products_bf16) {
+      const std::vector<BF16> packed = pack_context(s, pc);
+      for_each_range(s, [&](int64_t pair, int64_t n0, int64_t n1) {
+        output_bf16<V>(s, qh(pair), packed.data(), pair, n0, n1, po);
+      });
+      return {out.transpose(1, 2), context, kmax, ksum};
+    }
+  }
   for_each_token(s, [&](int64_t pair, int64_t n) DDPS_INLINE {
     const int64_t b = pair / s.heads, h = pair % s.heads;
     FloatV sq[V], acc[V];
@@ -228,7 +371,7 @@ std::vector<at::Tensor> backward(const Shape& s, const at::Tensor& grad, const a
   const Heads<scalar_t> gh(grad.data_ptr<scalar_t>(), grad.stride(0), D, grad.stride(2), s.heads), qh(q), kh(k),
       vh(v);
   std::vector<float> dctx(s.pairs() * D * D), unused(s.pairs() * D);
-  token_sums<V>(s, q_softmax(qh), gh, dctx.data(), unused.data());
+  token_sums<V>(s, outer_sums_of<V>(q_softmax(qh), gh), dctx.data(), unused.data());
   // With C the saved context: dv = sk G, dsk = G v, dk = sk (dsk - r), r = rowsum(dC * C), where
   // G = dC * scale / N and sk = softmax_n(k); dq = sq (dsq - <sq, dsq>), dsq = C grad.
   const float* pc = context.data_ptr<float>();

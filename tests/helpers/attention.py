@@ -1,12 +1,17 @@
 """What the tests of attention and linear_attention share: inputs, token-major views as a
 channels-last qkv convolution gives them, and the checks both ops pass (``AttentionOpChecks``,
 which each op's test module subclasses with its op)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from ddps import reference
 from ddps.ops.attention import kernel_takes, token_major
-from helpers.denoiser import DENOISER, assert_matches_reference, device_of, on
+from helpers import ROOT
+from helpers.denoiser import BF16_DOT, DENOISER, assert_matches_reference, bf16_ulp, device_of, on
 from helpers.sampling import assert_thread_count_invariant
 
 SHAPES = [(2, 4, 32, 64), (1, 1, 32, 1), (2, 4, 32, 77), (1, 4, 8, 130)]  # [B, heads, d, N]
@@ -35,6 +40,31 @@ def as_token_major(q, k, v):
     return views
 
 
+def bf16_agreement(out, emulated):
+    """(the share of outputs that are the float64 emulation's rounded to bfloat16, the largest
+    error against it in units of one bfloat16 step of the terms' size): emulated = (exact, terms)."""
+    exact, terms = emulated
+    out = out.double()
+    same = (out == exact.bfloat16().double()).double().mean().item()
+    return same, ((out - exact).abs() / bf16_ulp(terms)).max().item()
+
+
+def without_bf16_dot(op: str, shape, scale, tmp_path):
+    """ddps.ops.<op> of qkv_inputs(shape) in bfloat16, token-major, computed by a process with
+    DDPS_BF16_DOT=0 (as a CPU without AVX512-BF16 looks to the kernels)."""
+    script = ("import sys, torch\n"
+              "sys.path.insert(0, 'tests')\n"
+              "from helpers.attention import as_token_major, qkv_inputs\n"
+              "from ddps import ops\n"
+              f"q, k, v = (t.bfloat16() for t in qkv_inputs({tuple(shape)}))\n"
+              f"torch.save(ops.{op}(*as_token_major(q, k, v), {scale}, backend='cpu'), sys.argv[1])\n")
+    path = tmp_path / "out.pt"
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env={**os.environ, "DDPS_BF16_DOT": "0"},
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return torch.load(path)
+
+
 # The C++ kernels of attention and linear_attention (cpu backend: token-major views, d = 16k <= 64),
 # tested on any CPU: the backend dispatches to them only where torch reports AVX-512.
 def cpu_kernel(test):
@@ -44,9 +74,12 @@ def cpu_kernel(test):
 
 class AttentionOpChecks:
     """``op`` against ``reference.<op name>`` on every backend, forward and backward; the C++
-    kernel over ``KERNEL_SHAPES`` (both sides of its blocks) and at ``THREADS_N`` tokens."""
+    kernel over ``KERNEL_SHAPES`` (both sides of its blocks) and at ``THREADS_N`` tokens; its
+    bfloat16 products against ``emulated(q, k, v, scale, rounded)``, the op in float64 with their
+    roundings (or none), giving (output, size of its summed terms)."""
 
     op = None
+    emulated = None
     KERNEL_SHAPES: list = []
     THREADS_N = 0
 
@@ -154,3 +187,33 @@ class AttentionOpChecks:
             out.backward(torch.ones_like(out))
             return torch.cat([t.flatten() for t in (out.detach(), *(x.grad for x in views))])
         assert_thread_count_invariant(draw)
+
+    @BF16_DOT
+    @cpu_kernel
+    def test_bf16_products_round_once(self):
+        # With bfloat16 inputs the products take bfloat16 operands, rounded where emulated rounds
+        # them: the output is the emulation's rounded to bfloat16 but where float32's sums moved it
+        # across a rounding boundary, and within one bfloat16 step of the terms (measured figures
+        # in the ops' emulated); without the roundings the share falls well below.
+        for shape in self.KERNEL_SHAPES:
+            q, k, v = (t.bfloat16() for t in qkv_inputs(shape))
+            scale = shape[2] ** -0.5
+            out = self.op(*as_token_major(q, k, v), scale, backend="cpu")
+            same, error = bf16_agreement(out, self.emulated(q, k, v, scale))
+            assert same >= 0.99 and error <= 1.0, shape
+            assert bf16_agreement(out, self.emulated(q, k, v, scale, rounded=False))[0] < 0.95, shape
+
+    @BF16_DOT
+    @cpu_kernel
+    def test_bf16_products_same_bits_for_any_thread_count(self):
+        q, k, v = as_token_major(*(t.bfloat16() for t in qkv_inputs((2, 4, 32, self.THREADS_N))))
+        assert_thread_count_invariant(lambda: self.op(q, k, v, 0.2, backend="cpu"))
+
+    @BF16_DOT
+    def test_bf16_products_off_with_the_switch(self, tmp_path):
+        # DDPS_BF16_DOT=0 (as a CPU without AVX512-BF16 looks to the kernels): float32 products of
+        # unrounded operands, the output rounded once.
+        out = without_bf16_dot(self.op.__name__, (2, 1, 48, 37), 0.25, tmp_path)
+        q, k, v = (t.bfloat16() for t in qkv_inputs((2, 1, 48, 37)))
+        assert bf16_agreement(out, self.emulated(q, k, v, 0.25, rounded=False))[0] >= 0.99
+        assert bf16_agreement(out, self.emulated(q, k, v, 0.25))[0] < 0.95

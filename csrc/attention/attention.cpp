@@ -217,7 +217,7 @@ DDPS_CLONES void forward_block(const Shape& s, const Heads<scalar_t>& q, const H
 // numerators are rounded once to bfloat16 (probs, rows of np) for their products with v, pairs of
 // keys per instruction; the totals and lse are the unrounded numerators'.
 template <int V>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void forward_block_bf16(
+DDPS_BF16_TARGET void forward_block_bf16(
     const Shape& s, const Heads<c10::BFloat16>& q, const c10::BFloat16* kp, const c10::BFloat16* vp, float scale,
     int64_t pair, int64_t n0, float* scores, c10::BFloat16* probs, c10::BFloat16* out, float* lse) {
   constexpr int D = V * kLanes, R = rows_for(V);

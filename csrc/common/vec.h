@@ -117,9 +117,13 @@ DDPS_INLINE inline HalfBitsV narrow_bf16(FloatV v) {
   return __builtin_convertvector(v != v ? UIntV{} + 0x7FC0u : rounded, HalfBitsV);
 }
 
+// The target of the functions that take bfloat16 products (vdpbf16ps), called only where
+// cpu_bf16_dot().
+#define DDPS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
 // Whether this CPU has AVX512-BF16's dot products (cpuid) and DDPS_BF16_DOT is not 0: the condition
-// of the bfloat16 products (conv3x3, attention), read by Python (ddps/ops/conv3x3.py) and by the
-// kernels that take them.
+// of the bfloat16 products (conv3x3, attention, linear_attention), read by Python
+// (ddps/ops/conv3x3.py) and by the kernels that take them.
 inline bool cpu_bf16_dot() {
   static const bool enabled = [] {
     const char* env = std::getenv("DDPS_BF16_DOT");

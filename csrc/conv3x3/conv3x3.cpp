@@ -12,6 +12,8 @@
 // ddps/ops/conv3x3.py asks cpu_bf16_dot about), the products take bfloat16 operands: V is
 // transformed in float and rounded once to bfloat16, and vdpbf16ps sums pairs of input channels
 // into float accumulators, 32 multiply-adds per instruction where an FMA does 16.
+// The weight gradient of bfloat16 activations there likewise: V and the output gradient's
+// transform rounded once to bfloat16, vdpbf16ps summing pairs of tiles.
 //
 // Tiles (i, j), th x tw = ceil(H/2) x ceil(W/2) per sample, are numbered (b * th + i) * tw + j.
 // A chunk's V and M hold a row of C values per (position k, tile).
@@ -183,9 +185,8 @@ DDPS_CLONES void products(const float* v, const float* u, float* m, int64_t cin,
 // (channel 2i, channel 2i + 1) pairs side by side, as vdpbf16ps multiplies them: lane j of an
 // accumulator gains v[2i] u[2i][j] + v[2i + 1] u[2i + 1][j] per instruction. A register block of
 // kRows x 32 float accumulators per pass over the pairs, as products' AVX-512 one.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void products_bf16(const c10::BFloat16* v, const c10::BFloat16* u,
-                                                                            float* m, int64_t pairs, int64_t cout_pad,
-                                                                            int64_t rows, int64_t stride) {
+DDPS_BF16_TARGET void products_bf16(const c10::BFloat16* v, const c10::BFloat16* u, float* m, int64_t pairs,
+                                   int64_t cout_pad, int64_t rows, int64_t stride) {
   const int64_t panels = cout_pad / 32, ld = 2 * pairs;
   for (int k = 0; k < kPositions; ++k) {
     const c10::BFloat16* vk = v + k * stride * ld;
@@ -307,6 +308,57 @@ DDPS_CLONES void weight_products(const float* v, const float* m, float* du, int6
   }
 }
 
+// The weight gradient's products with bfloat16 operands sum over pairs of tiles: rows t and t + 1
+// (n values each, of the count rows at in) rounded once to bfloat16 and side by side,
+// out[((t / 2) * n + c) * 2 + t % 2], the partner of an odd count's last row zero.
+DDPS_BF16_TARGET void tile_pairs(const float* in, c10::BFloat16* out, int64_t n, int64_t count) {
+  static const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                     22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t t = 0; t < count; t += 2) {
+    const float *a = in + t * n, *b = in + (t + 1) * n;
+    for (int64_t c = 0; c < n; c += kLanes) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - c));
+      const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
+      const __m512 first = _mm512_maskz_loadu_ps(mask, a + c);
+      const __m512 second = t + 1 < count ? _mm512_maskz_loadu_ps(mask, b + c) : _mm512_setzero_ps();
+      // cvtne2ps: the first operand's 16 values into the upper half; then lane i of each side by side.
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(second, first);
+      const __mmask32 pairs = lanes == kLanes ? ~0u : static_cast<__mmask32>((1ull << (2 * lanes)) - 1);
+      _mm512_mask_storeu_epi16(out + (t / 2 * n + c) * 2, pairs, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+
+// weight_products with bfloat16 operands, v and m in tile pairs (tile_pairs; pstride tile pairs per
+// position or panel): a kRows x 32 register block of du per pass over the chunk's pairs of tiles,
+// lane j gaining v[t][ci] m[t][j] + v[t + 1][ci] m[t + 1][j] per instruction.
+DDPS_BF16_TARGET void weight_products_bf16(const c10::BFloat16* v, const c10::BFloat16* m, float* du, int64_t cin_pad,
+                                           int64_t cout_pad, int64_t pairs, int64_t pstride, int64_t item) {
+  const int64_t panels = cout_pad / 32, k = item / panels, p = item % panels;
+  const c10::BFloat16* vk = v + k * pstride * cin_pad * 2;
+  const c10::BFloat16* mk = m + item * pstride * 64;
+  float* dk = du + k * cin_pad * cout_pad + p * 32;
+  for (int64_t ci = 0; ci < cin_pad; ci += kRows) {
+    __m512 acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < pairs; ++t) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(mk + t * 64), b1 = (__m512bh)_mm512_loadu_si512(mk + t * 64 + 32);
+      for (int r = 0; r < kRows; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, vk + (t * cin_pad + ci + r) * 2, sizeof pair);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      float* row = dk + (ci + r) * cout_pad;
+      _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), acc[r][0]));
+      _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), acc[r][1]));
+    }
+  }
+}
+
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
                        const std::optional<at::Tensor>& bias) {
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -389,22 +441,37 @@ at::Tensor weight_grad_cpu(const at::Tensor& grad, const at::Tensor& x) {
   const Dims d{x.size(0), x.size(2), x.size(3), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
   at::Tensor du = at::zeros({kPositions, cin_pad, cout_pad}, x.options().dtype(at::kFloat));
   if (cin > 0 && cout > 0) {
+    // bfloat16 activations on a CPU with AVX512-BF16: V and M rounded once to bfloat16 (as the
+    // forward's V and U), in pairs of tiles, products summed in float.
+    const bool dot = x.scalar_type() == at::kBFloat16 && cpu_bf16_dot();
+    const int64_t panels = cout_pad / 32, pstride = kWeightChunk / 2;
     dispatch_activations(x.scalar_type(), "conv3x3_weight_grad", [&](auto zero) {
       using scalar_t = decltype(zero);
       const scalar_t *xp = x.data_ptr<scalar_t>(), *gp = grad.data_ptr<scalar_t>();
       float* dp = du.data_ptr<float>();
       // Zero-filled once: the padding columns are never written.
       std::vector<float> v(kPositions * kWeightChunk * cin_pad, 0.0f), m(kPositions * kWeightChunk * cout_pad, 0.0f);
+      std::vector<c10::BFloat16> vb(dot ? v.size() : 0), mb(dot ? m.size() : 0);
       for (int64_t first = 0; first < d.tiles(); first += kWeightChunk) {
         const int64_t n = std::min(kWeightChunk, d.tiles() - first);
         at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t begin, int64_t end) {
-          const int64_t t0 = begin * kRows, count = std::min(end * kRows, n) - t0;
+          const int64_t t0 = begin * kRows, count = std::min(end * kRows, n) - t0;  // t0 even
           input_tiles(xp, v.data() + t0 * cin_pad, d, cin, cin_pad, first + t0, count, kWeightChunk);
-          grad_tiles(gp, m.data() + t0 * 32, d, cout, cout_pad / 32, first + t0, count, kWeightChunk);
+          grad_tiles(gp, m.data() + t0 * 32, d, cout, panels, first + t0, count, kWeightChunk);
+          if (!dot) return;
+          for (int k = 0; k < kPositions; ++k)
+            tile_pairs(v.data() + (k * kWeightChunk + t0) * cin_pad, vb.data() + (k * pstride + t0 / 2) * cin_pad * 2,
+                       cin_pad, count);
+          for (int64_t item = 0; item < kPositions * panels; ++item)
+            tile_pairs(m.data() + (item * kWeightChunk + t0) * 32, mb.data() + (item * pstride + t0 / 2) * 64, 32, count);
         });
-        at::parallel_for(0, kPositions * (cout_pad / 32), 1, [&](int64_t begin, int64_t end) {
-          for (int64_t item = begin; item < end; ++item)
-            weight_products(v.data(), m.data(), dp, cin_pad, cout_pad, n, kWeightChunk, item);
+        at::parallel_for(0, kPositions * panels, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t item = begin; item < end; ++item) {
+            if (dot)
+              weight_products_bf16(vb.data(), mb.data(), dp, cin_pad, cout_pad, (n + 1) / 2, pstride, item);
+            else
+              weight_products(v.data(), m.data(), dp, cin_pad, cout_pad, n, kWeightChunk, item);
+          }
         });
       }
     });

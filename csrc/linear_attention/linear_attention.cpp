@@ -214,8 +214,6 @@ using BF16 = c10::BFloat16;
 // of the context's rows: the scaled context rounded once to bfloat16 (packed by pack_context),
 // times q's softmax over D rounded once. These are where the reference under autocast rounds too
 // (its matmuls' bfloat16 operands).
-#define DDPS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
 // 32 bfloat16: the 16 of a (a row of token t) and b (token t + 1) side by side per lane, zero for
 // a null row (past the range's end).
 alignas(64) constexpr int16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,

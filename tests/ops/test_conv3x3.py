@@ -193,11 +193,44 @@ def test_bf16_products_round_each_transform_once(shape):
         assert not ((out - other).abs() <= bf16_ulp(other)).all(), unrounded
 
 
+def _weight_grad_emulated(x, grad, rounded=True):
+    """conv3x3_weight_grad's dU [16, Cin, Cout] in float64: the sum over tiles of V[k]^T M[k], V =
+    B^T d B and M = A g A^T (g a 2 x 2 block of grad) each rounded to bfloat16 (or not); and the
+    size of the terms summed."""
+    bt, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _AT))
+    b, c, h, w = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    v = bt @ F.pad(x.double(), (1, 2 * tw - w + 1, 1, 2 * th - h + 1)).unfold(2, 4, 2).unfold(3, 4, 2) @ bt.T
+    m = at.T @ F.pad(grad.double(), (0, 2 * tw - w, 0, 2 * th - h)).unfold(2, 2, 2).unfold(3, 2, 2) @ at
+    if rounded:
+        v, m = v.bfloat16().double(), m.bfloat16().double()
+    du = torch.einsum("bcijuv,bkijuv->uvck", v, m).reshape(16, c, -1)
+    return du, torch.einsum("bcijuv,bkijuv->uvck", v.abs(), m.abs()).reshape(16, c, -1)
+
+
+@BF16_DOT
+@pytest.mark.parametrize("shape", [(1, 32, 40, 6, 10), (1, 16, 33, 30, 30), (2, 24, 20, 7, 9)], ids=str)
+def test_bf16_weight_gradient_rounds_each_transform_once(shape):
+    # bfloat16 activations: the weight gradient's products take V and M each rounded once to
+    # bfloat16, pairs of tiles per instruction, summed in float32 (225 tiles: two chunks, the
+    # second of an odd count). Against the emulation: within float32's sums (measured 2^-23.3 of
+    # the terms' size); without the roundings it is 2^-10 to 2^-8 off.
+    x = _inputs(*shape)[0].bfloat16().contiguous(memory_format=CL)
+    grad = _randn(shape[0], shape[2], *shape[3:], seed=5).bfloat16().contiguous(memory_format=CL)
+    du = torch.ops.ddps.conv3x3_weight_grad(grad, x).double()
+    exact, terms = _weight_grad_emulated(x, grad)
+    assert ((du - exact).abs() <= 2.0 ** -20 * terms).all()
+    exact, terms = _weight_grad_emulated(x, grad, rounded=False)
+    assert not ((du - exact).abs() <= 2.0 ** -20 * terms).all()
+
+
 @BF16_DOT
 def test_bf16_products_same_bits_for_any_thread_count():
     x, weight, bias = (t.bfloat16() for t in _inputs(2, 32, 40, 30, 26))
     x = x.contiguous(memory_format=CL)
-    assert_thread_count_invariant(lambda: conv3x3(x, weight, bias, backend="cpu"))
+    grad = _randn(2, 40, 30, 26, seed=3).bfloat16().contiguous(memory_format=CL)
+    assert_thread_count_invariant(lambda: torch.cat([conv3x3(x, weight, bias, backend="cpu").flatten().float(),
+                                                     torch.ops.ddps.conv3x3_weight_grad(grad, x).flatten()]))
 
 
 def _cpu_flags() -> set:

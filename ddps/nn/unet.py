@@ -152,7 +152,7 @@ class Residual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fn(x) + x
         dtype = _rounded_by_readers(out) if self.read_by_convolutions else None
-        return out if dtype is None else out.to(dtype)
+        return out.to(dtype) if dtype else out
 
 
 class _QkvAttention(nn.Module):
@@ -313,9 +313,8 @@ class UNet(nn.Module):
             return Residual(PreNorm(d, cls(d, backend=backend), backend=backend))
 
         def up_attention(d):
-            # Read by the level's upsampling convolution only. A down level's is also the skip of
-            # the up level's first Block, whose weight standardisation takes its eps by the
-            # input's dtype (float32 there, as the reference's concatenation widens to it).
+            # Read by the level's upsampling convolution only (a down level's also reaches a Block
+            # whose weight standardisation takes eps by its input's dtype: float32's there).
             block = attention(d, LinearAttention)
             block.read_by_convolutions = backend != "reference"
             return block

@@ -11,7 +11,9 @@ package's reference CPU). Channel-major input (NCHW: a user's own model's) of fl
 or float16 goes to the C++ kernel (csrc/channel_layer_norm/: per tile of pixels, one pass over
 the channels' rows for the statistics and one for y; backward likewise): layer_norm would need
 the channels-last view copied in and its output copied back, and the same math in torch ops over
-dim 1 makes five passes. float64 and empty inputs take layer_norm.
+dim 1 makes five passes. float64 and empty inputs take layer_norm. Channels-last half-precision
+x asked for in its own dtype (``dtype=``, as the fused UNet asks under autocast) takes torch's
+mixed-precision layer_norm: float32 inside, no float32 copy of x or of the output.
 """
 from __future__ import annotations
 
@@ -50,11 +52,11 @@ def channel_layer_norm(x: torch.Tensor, g: torch.Tensor, eps: float | None = Non
     if chosen == "cpu" and dtype == x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and x.numel() > 0:
         last = x.movedim(1, -1)
         return F.layer_norm(last, (x.shape[1],), g.reshape(-1).float(), None, eps).movedim(-1, 1)
-    out = _result_type(x, g, eps, chosen)
+    out = _in_result_type(x, g, eps, chosen)
     return out if dtype is None else out.to(dtype)
 
 
-def _result_type(x: torch.Tensor, g: torch.Tensor, eps: float, chosen: str) -> torch.Tensor:
+def _in_result_type(x: torch.Tensor, g: torch.Tensor, eps: float, chosen: str) -> torch.Tensor:
     # The reference's result type (a half-precision x with a float32 gain, under autocast:
     # float32), normalised from x in that type rather than rounded to x's first.
     x = x.to(torch.promote_types(x.dtype, g.dtype))

@@ -29,7 +29,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = _read(fd)
+            holder = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise ConfigError(f"{self.folder} is in use by {holder or 'another process'}: one process at a time "
@@ -53,3 +53,12 @@ class RunLock:
 
 def _read(fd: int) -> str:
     return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+
+
+def _holder(fd: int) -> str:
+    """The line of the process holding the lock. One that has just taken it writes its line right
+    after (two commands started together), so an empty file is read again for up to a second."""
+    deadline = time.monotonic() + 1.0
+    while not (line := _read(fd)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return line

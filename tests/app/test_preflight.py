@@ -2,9 +2,11 @@
 the device, pretrained sources, every file of the splits it reads and every path it writes. Each
 problem is one line naming the key or the file, exit status 2, no traceback, nothing written; a
 run folder belongs to one process (ddps.app.runlock)."""
+import fcntl
 import json
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -248,6 +250,20 @@ def test_a_killed_holder_is_named_and_its_folder_taken_over(capsys, tmp_path, ru
     assert f"{run}/.lock names ddps train (pid 999999 on elsewhere, since then), which no longer holds it" \
         in result.stderr
     assert (run / ".lock").read_text() == ""
+
+
+def test_a_holder_is_named_though_it_had_not_written_its_line_yet(tmp_path):
+    # Two commands started together: the second can find the lock taken before the first has
+    # written its line into it.
+    tmp_path.joinpath("r").mkdir()
+    fd = os.open(tmp_path / "r" / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        threading.Timer(0.2, os.pwrite, (fd, b"ddps train (pid 1 on here, since now)", 0)).start()
+        with pytest.raises(config.ConfigError, match=r"r is in use by ddps train \(pid 1 on here"):
+            RunLock(tmp_path / "r", "ddps eval").__enter__()
+    finally:
+        os.close(fd)
 
 
 def test_two_trainings_started_together_into_one_folder(tmp_path):

@@ -1,5 +1,5 @@
-"""Why conv3x3 stays at Winograd F(2x2, 3x3): the float32 error of F(m x m, 3x3) for several
-transform points, against a float64 convolution, as a multiple of F.conv2d's own error.
+"""Why conv3x3 stays at Winograd F(2x2, 3x3): the float32 error of F(m x m, 3x3) (m = 2, 3, 4) for
+several transform points, against a float64 convolution, as a multiple of F.conv2d's own error.
 
 Each variant is emulated as csrc/conv3x3 computes: the input and weight transforms in float32, the
 products summed over input channels one at a time in float32 (the kernel's register
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 # (name, output tile m, finite points)
 VARIANTS = [("F(2x2) {0, 1, -1}", 2, (0, 1, -1)),
+            ("F(3x3) {0, 1, -1, 2}", 3, (0, 1, -1, 2)),
+            ("F(3x3) {0, 1, -1, 1/2}", 3, (0, 1, -1, Fraction(1, 2))),
             ("F(4x4) {0, 1, -1, 2, -2}", 4, (0, 1, -1, 2, -2)),
             ("F(4x4) {0, 1, -1, 1/2, -1/2}", 4, (0, 1, -1, Fraction(1, 2), Fraction(-1, 2))),
             ("F(4x4) {0, 1, -1, 1/2, -2}", 4, (0, 1, -1, Fraction(1, 2), -2))]
@@ -53,11 +55,14 @@ def transforms(m: int, points) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def emulate(x: torch.Tensor, w: torch.Tensor, m: int, points, block: int | None = None) -> torch.Tensor:
-    """F(m x m, 3x3) of x [C, H, W] (H, W multiples of m) by w [K, C, 3, 3] in float32."""
+    """F(m x m, 3x3) of x [C, H, W] by w [K, C, 3, 3] in float32."""
     a_t, g, b_t = (t.float() for t in transforms(m, points))
     n = m + 2
     c, h, width = x.shape
-    tiles = F.pad(x, (1, 1, 1, 1)).unfold(1, n, m).unfold(2, n, m)  # [C, th, tw, n, n]
+    # Zeros past the bottom and right edges up to whole tiles are the convolution's own padding
+    # for the outputs kept.
+    th, tw = -(-h // m), -(-width // m)
+    tiles = F.pad(x, (1, 1 + tw * m - width, 1, 1 + th * m - h)).unfold(1, n, m).unfold(2, n, m)  # [C, th, tw, n, n]
     v = b_t @ tiles @ b_t.T
     u = g @ w @ g.T  # [K, C, n, n]
     total = torch.zeros(u.shape[0], *v.shape[1:])
@@ -67,13 +72,13 @@ def emulate(x: torch.Tensor, w: torch.Tensor, m: int, points, block: int | None 
         if block and (ci + 1) % block == 0:
             total, part = total + part, torch.zeros_like(part)
     y = a_t @ (total + part) @ a_t.T  # [K, th, tw, m, m]
-    return y.permute(0, 1, 3, 2, 4).reshape(u.shape[0], h, width)
+    return y.permute(0, 1, 3, 2, 4).reshape(u.shape[0], th * m, tw * m)[:, :h, :width]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--size", type=int, default=32, help="image side, a multiple of 4")
+    parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args(argv)
     print(f"max |error| against float64 / F.conv2d's own (float32), {args.channels} -> {args.channels} channels, "

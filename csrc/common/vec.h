@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 // The vector helpers are inlined into each clone: no vector crosses a call boundary, so GCC's
 // note that such calls would have another ABI without AVX-512 does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -120,6 +122,14 @@ DDPS_INLINE inline HalfBitsV narrow_bf16(FloatV v) {
 // The target of the functions that take bfloat16 products (vdpbf16ps), called only where
 // cpu_bf16_dot().
 #define DDPS_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Two rows of 16 bfloat16 (the low halves of a and b) side by side, a[0] b[0] a[1] b[1] ...: the
+// pairs vdpbf16ps multiplies (lane i of its product adds a[i] x[2i] + b[i] x[2i + 1]).
+alignas(64) inline constexpr int16_t kPairIndex[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+DDPS_BF16_TARGET inline __m512i side_by_side(__m512i a, __m512i b) {
+  return _mm512_permutex2var_epi16(a, _mm512_load_si512(kPairIndex), b);
+}
 
 // Whether this CPU has AVX512-BF16's dot products (cpuid) and DDPS_BF16_DOT is not 0: the condition
 // of the bfloat16 products (conv3x3, attention, linear_attention), read by Python

@@ -312,8 +312,7 @@ DDPS_CLONES void weight_products(const float* v, const float* m, float* du, int6
 // (n values each, of the count rows at in) rounded once to bfloat16 and side by side,
 // out[((t / 2) * n + c) * 2 + t % 2], the partner of an odd count's last row zero.
 DDPS_BF16_TARGET void tile_pairs(const float* in, c10::BFloat16* out, int64_t n, int64_t count) {
-  static const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                     22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const auto rounded = [](__m512 x) DDPS_BF16_TARGET { return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(x)); };
   for (int64_t t = 0; t < count; t += 2) {
     const float *a = in + t * n, *b = in + (t + 1) * n;
     for (int64_t c = 0; c < n; c += kLanes) {
@@ -321,10 +320,8 @@ DDPS_BF16_TARGET void tile_pairs(const float* in, c10::BFloat16* out, int64_t n,
       const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
       const __m512 first = _mm512_maskz_loadu_ps(mask, a + c);
       const __m512 second = t + 1 < count ? _mm512_maskz_loadu_ps(mask, b + c) : _mm512_setzero_ps();
-      // cvtne2ps: the first operand's 16 values into the upper half; then lane i of each side by side.
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(second, first);
       const __mmask32 pairs = lanes == kLanes ? ~0u : static_cast<__mmask32>((1ull << (2 * lanes)) - 1);
-      _mm512_mask_storeu_epi16(out + (t / 2 * n + c) * 2, pairs, _mm512_permutexvar_epi16(interleave, both));
+      _mm512_mask_storeu_epi16(out + (t / 2 * n + c) * 2, pairs, side_by_side(rounded(first), rounded(second)));
     }
   }
 }

@@ -214,16 +214,13 @@ using BF16 = c10::BFloat16;
 // of the context's rows: the scaled context rounded once to bfloat16 (packed by pack_context),
 // times q's softmax over D rounded once. These are where the reference under autocast rounds too
 // (its matmuls' bfloat16 operands).
-// 32 bfloat16: the 16 of a (a row of token t) and b (token t + 1) side by side per lane, zero for
-// a null row (past the range's end).
-alignas(64) constexpr int16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-
+// The 16 bfloat16 of a (a row of token t) and b (token t + 1) side by side (side_by_side), zero
+// for a null row (past the range's end).
 DDPS_BF16_TARGET inline __m512bh interleave(const BF16* a, const BF16* b) {
   const auto row = [](const BF16* r) DDPS_BF16_TARGET {
     return _mm512_castsi256_si512(r ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r)) : _mm256_setzero_si256());
   };
-  return (__m512bh)_mm512_permutex2var_epi16(row(a), _mm512_load_si512(kInterleave), row(b));
+  return (__m512bh)side_by_side(row(a), row(b));
 }
 
 // outer_sums of k's coefficients and v over tokens [n0, n1), four tokens (two pairs) per update of out.

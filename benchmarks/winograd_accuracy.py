@@ -75,11 +75,21 @@ def emulate(x: torch.Tensor, w: torch.Tensor, m: int, points, block: int | None 
     return y.permute(0, 1, 3, 2, 4).reshape(u.shape[0], th * m, tw * m)[:, :h, :width]
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--size", type=int, default=32, help="image side")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--channels", type=_positive, default=256)
+    parser.add_argument("--size", type=_positive, default=32, help="image side")
+    parser.add_argument("--seeds", type=_positive, default=2)
     args = parser.parse_args(argv)
     print(f"max |error| against float64 / F.conv2d's own (float32), {args.channels} -> {args.channels} channels, "
           f"{args.size} x {args.size}, weights N(0, 1 / (9 Cin)), seeds 0..{args.seeds - 1}")

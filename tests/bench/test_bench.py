@@ -317,6 +317,14 @@ def _winograd_accuracy():
     return module
 
 
+@pytest.mark.parametrize("option, value", [("--size", "0"), ("--channels", "-1"), ("--seeds", "0"), ("--size", "x")])
+def test_winograd_accuracy_refuses_what_is_not_a_positive_integer(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _winograd_accuracy().main([option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be a positive integer, got '{value}'" in capsys.readouterr().err
+
+
 def test_winograd_accuracy_transforms_convolve():
     # Each variant's Toom-Cook transforms compute the 3-tap correlation y_i = sum_k d_{i+k} g_k, in
     # one dimension and (emulated in float32) in two, against F.conv2d in float64

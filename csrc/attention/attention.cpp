@@ -261,9 +261,7 @@ DDPS_BF16_TARGET void forward_block_bf16(
     __m512bh b[V];
     for (int j = 0; j < V; ++j) b[j] = (__m512bh)_mm512_loadu_si512(vp + (m * D + 2 * j * kLanes));
     for (int r = 0; r < R; ++r) {
-      int32_t p;
-      std::memcpy(&p, probs + r * np + m, sizeof p);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(p);
+      const __m512bh a = broadcast_pair(probs + r * np + m);
       for (int j = 0; j < V; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
     }
   }

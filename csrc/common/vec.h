@@ -131,6 +131,13 @@ DDPS_BF16_TARGET inline __m512i side_by_side(__m512i a, __m512i b) {
   return _mm512_permutex2var_epi16(a, _mm512_load_si512(kPairIndex), b);
 }
 
+// The two bfloat16 at p in every lane: the other operand of a row of pairs in vdpbf16ps.
+DDPS_BF16_TARGET inline __m512bh broadcast_pair(const c10::BFloat16* p) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof word);
+  return (__m512bh)_mm512_set1_epi32(word);
+}
+
 // Whether this CPU has AVX512-BF16's dot products (cpuid) and DDPS_BF16_DOT is not 0: the condition
 // of the bfloat16 products (conv3x3, attention, linear_attention), read by Python
 // (ddps/ops/conv3x3.py) and by the kernels that take them.

@@ -200,9 +200,7 @@ DDPS_BF16_TARGET void products_bf16(const c10::BFloat16* v, const c10::BFloat16*
           const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + i * 64);
           const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + i * 64 + 32);
           for (int r = 0; r < kRows; ++r) {
-            int32_t pair;
-            std::memcpy(&pair, vk + (t + r) * ld + 2 * i, sizeof pair);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            const __m512bh a = broadcast_pair(vk + (t + r) * ld + 2 * i);
             acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
           }
@@ -341,9 +339,7 @@ DDPS_BF16_TARGET void weight_products_bf16(const c10::BFloat16* v, const c10::BF
     for (int64_t t = 0; t < pairs; ++t) {
       const __m512bh b0 = (__m512bh)_mm512_loadu_si512(mk + t * 64), b1 = (__m512bh)_mm512_loadu_si512(mk + t * 64 + 32);
       for (int r = 0; r < kRows; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, vk + (t * cin_pad + ci + r) * 2, sizeof pair);
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        const __m512bh a = broadcast_pair(vk + (t * cin_pad + ci + r) * 2);
         acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
         acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
       }

@@ -8,7 +8,7 @@
 // pass for dq, dk, dv. Sums over tokens are taken over fixed token ranges and combined in a fixed
 // order, so the results do not depend on the thread count.
 // On a CPU with AVX512-BF16 (cpu_bf16_dot), the forward of bfloat16 inputs takes bfloat16 products
-// (see context_sums_bf16); the backward keeps float32 products.
+// (see outer_sums_bf16); the backward keeps float32 products.
 // Fused multiply-adds, as in group_norm_film_silu.cpp: nothing here must match another backend
 // bit for bit.
 #pragma GCC optimize("fp-contract=fast")
@@ -223,24 +223,23 @@ DDPS_BF16_TARGET inline __m512bh interleave(const BF16* a, const BF16* b) {
   return (__m512bh)side_by_side(row(a), row(b));
 }
 
-// outer_sums of k's coefficients and v over tokens [n0, n1), four tokens (two pairs) per update of out.
-template <int V>
-DDPS_BF16_TARGET void context_sums_bf16(Rows<BF16> kr, const float* kmax, Rows<BF16> vr, int64_t n0, int64_t n1,
-                                        float* out, float* sums) {
+// outer_sums with bfloat16 products: each token's coefficients rounded once to bfloat16 (their
+// sums unrounded), four tokens (two pairs) per update of out.
+template <int V, typename Coef>
+DDPS_BF16_TARGET void outer_sums_bf16(Coef& coef, Rows<BF16> vr, int64_t n0, int64_t n1, float* out, float* sums) {
   constexpr int D = V * kLanes, kBlock = 4;
   FloatV total[V] = {};
   for (int64_t n = n0; n < n1; n += kBlock) {
     alignas(64) BF16 c[kBlock][D];
     __m512bh vals[kBlock / 2][V];
-    for (int t = 0; t < kBlock; ++t)
+    for (int t = 0; t < kBlock; ++t) {
+      FloatV cv[V] = {};
+      if (n + t < n1) coef(n + t, cv);
       for (int j = 0; j < V; ++j) {
-        FloatV e{};
-        if (n + t < n1) {
-          e = exp_lanes(load_lanes(kr(n + t) + j * kLanes) - load_lanes(kmax + j * kLanes));
-          total[j] += e;
-        }
-        store_lanes(c[t] + j * kLanes, e);
+        store_lanes(c[t] + j * kLanes, cv[j]);
+        total[j] += cv[j];
       }
+    }
     for (int p = 0; p < kBlock / 2; ++p)
       for (int j = 0; j < V; ++j) {
         const int64_t a = n + 2 * p, b = a + 1;
@@ -294,9 +293,7 @@ DDPS_BF16_TARGET void output_bf16(const Shape& s, Rows<BF16> qr, const BF16* pac
     __m512 acc[V];
     for (int j = 0; j < V; ++j) acc[j] = _mm512_setzero_ps();
     for (int i = 0; i < D / 2; ++i) {
-      int32_t word;
-      std::memcpy(&word, rounded + 2 * i, 4);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(word);
+      const __m512bh a = broadcast_pair(rounded + 2 * i);
       for (int j = 0; j < V; ++j)
         acc[j] = _mm512_dpbf16_ps(acc[j], a, (__m512bh)_mm512_loadu_si512(packed + (i * D + j * kLanes) * 2));
     }
@@ -322,7 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const Shape& 
   if constexpr (bf16) {
     if (products_bf16)
       token_sums<V>(s, [&](int64_t pair, int64_t n0, int64_t n1, float* out, float* sums) {
-        context_sums_bf16<V>(kh(pair), pm + pair * D, vh(pair), n0, n1, out, sums);
+        auto coef = k_exp(s, kh, pm)(pair);
+        outer_sums_bf16<V>(coef, vh(pair), n0, n1, out, sums);
       }, pc, ps);
   }
   if (!products_bf16) token_sums<V>(s, outer_sums_of<V>(k_exp(s, kh, pm), vh), pc, ps);
